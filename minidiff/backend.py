@@ -1,0 +1,104 @@
+"""Array backend: NumPy on the CPU, CuPy on one NVIDIA GPU.
+
+This is the only module in minidiff that imports CuPy. Every op picks its array module
+from its inputs (`xp = get_array_module(x)`), so the same code runs on both backends.
+There is no global dtype: callers pass float32 (the default everywhere) or float64.
+
+Shape legend: none; this module moves whole arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_CUPY = None  # the imported cupy module, once import_cupy() succeeded
+_CUPY_ERROR = None  # why it failed, to repeat in the error message
+
+GPU_HINT = (
+    "install CuPy for your CUDA version (pip install 'minidiff[gpu]', or cupy-cuda12x / "
+    "cupy-cuda13x) on a machine with an NVIDIA GPU, or use --device cpu"
+)
+
+
+class BackendError(RuntimeError):
+    """Raised when a GPU is asked for and CuPy or the GPU is missing."""
+
+
+def import_cupy():
+    """Return the cupy module, or raise BackendError with a one-line hint on how to fix it."""
+    global _CUPY, _CUPY_ERROR
+    if _CUPY is not None:
+        return _CUPY
+    try:
+        import cupy  # noqa: PLC0415  (the one CuPy import of the package)
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise BackendError("CuPy found no CUDA device")
+    except Exception as err:  # ImportError, CUDARuntimeError, BackendError
+        _CUPY_ERROR = err
+        raise BackendError(f"device 'gpu' is not available ({err}); {GPU_HINT}") from None
+    _CUPY = cupy
+    return cupy
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    try:
+        import_cupy()
+    except BackendError:
+        return False
+    return True
+
+
+def is_cupy_array(x) -> bool:
+    """True for a cupy.ndarray, checked without importing CuPy."""
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def get_array_module(*arrays):
+    """Return cupy if any argument is a CuPy array, else numpy (None and scalars are ignored)."""
+    for a in arrays:
+        if is_cupy_array(a):
+            return import_cupy()
+    return np
+
+
+def to_numpy(x):
+    """Copy a CuPy array to the host; NumPy arrays and scalars come back as np.ndarray."""
+    if is_cupy_array(x):
+        return x.get()
+    return np.asarray(x)
+
+
+def check_device(device: str) -> str:
+    """Validate a device name: 'cpu' or 'gpu'."""
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    if device == "gpu":
+        import_cupy()
+    return device
+
+
+def xp_for(device: str):
+    """The array module for a device name: numpy for 'cpu', cupy for 'gpu'."""
+    return import_cupy() if check_device(device) == "gpu" else np
+
+
+def to_device(x, device: str):
+    """Move an array (or a dict of arrays, recursively) to 'cpu' (NumPy) or 'gpu' (CuPy)."""
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if check_device(device) == "cpu":
+        return to_numpy(x)
+    return import_cupy().asarray(x)
+
+
+def device_of(x) -> str:
+    """'gpu' for a CuPy array, 'cpu' otherwise."""
+    return "gpu" if is_cupy_array(x) else "cpu"
+
+
+def synchronize(x=None) -> None:
+    """Wait for queued GPU work (a no-op on NumPy). Used by timers, never in hot loops."""
+    if _CUPY is not None and (x is None or is_cupy_array(x)):
+        _CUPY.cuda.get_current_stream().synchronize()

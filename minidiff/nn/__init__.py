@@ -1,0 +1,32 @@
+"""Stateless layer ops, each a forward/backward pair of free functions.
+
+    y, cache = <op>_forward(x, params..., options...)
+    grads    = <op>_backward(dy, cache)          # fresh arrays; dy and cache are never mutated
+
+Layouts are PyTorch's: NCHW images, conv weight (C_out, C_in, kh, kw), linear weight (out, in).
+"""
+
+from .activations import silu_backward, silu_forward
+from .attention import mha_backward, mha_forward, sdpa_backward, sdpa_forward
+from .conv2d import conv2d_backward, conv2d_forward, conv2d_naive_backward, conv2d_naive_forward
+from .dropout import dropout_backward, dropout_forward
+from .embedding import (
+    embedding_backward,
+    embedding_forward,
+    timestep_embedding,
+    timestep_embedding_backward,
+    timestep_embedding_forward,
+)
+from .groupnorm import groupnorm_backward, groupnorm_forward
+from .linear import linear_backward, linear_forward
+from .mse import mse_backward, mse_forward
+from .resample import (
+    avgpool2x2_backward,
+    avgpool2x2_forward,
+    downsample_backward,
+    downsample_forward,
+    upsample_nearest2x_backward,
+    upsample_nearest2x_forward,
+)
+
+__all__ = [name for name in dir() if name.endswith(("_forward", "_backward")) or name == "timestep_embedding"]

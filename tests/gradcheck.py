@@ -1,0 +1,71 @@
+"""Centered finite differences in float64, projected through a random upstream gradient.
+
+For an op y = f(inputs) and a random upstream g, the scalar L = sum(g * y) has
+dL/dinput = the op's backward applied to g. Each checked coordinate i of an input
+is perturbed by +-h and compared with (L(x + h e_i) - L(x - h e_i)) / (2h).
+
+    rel_error(a, b) = max|a - b| / max(max|a|, max|b|, tiny)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minidiff.backend import to_numpy
+
+
+def rel_error(a, b) -> float:
+    """max|a - b| / max(|a|, |b|), the norm used by every gradient check."""
+    a, b = np.asarray(to_numpy(a), np.float64), np.asarray(to_numpy(b), np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    scale = max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0), 1e-300)
+    return float(np.abs(a - b).max(initial=0.0) / scale)
+
+
+def numeric_grad(loss, x: np.ndarray, h: float = 1e-6, max_coords: int | None = 200, seed: int = 0):
+    """Centered differences of the scalar loss() with respect to x (perturbed in place, restored).
+
+    Returns (idx, g): the flat indices that were checked and the numeric gradient there.
+    When x has more than max_coords entries, a seeded random subset is checked.
+    """
+    flat = x.reshape(-1)
+    n = flat.size
+    if max_coords is None or n <= max_coords:
+        idx = np.arange(n)
+    else:
+        idx = np.random.default_rng(seed).choice(n, size=max_coords, replace=False)
+    g = np.empty(idx.size)
+    for j, i in enumerate(idx):
+        old = flat[i]
+        flat[i] = old + h
+        lp = loss()
+        flat[i] = old - h
+        lm = loss()
+        flat[i] = old
+        g[j] = (lp - lm) / (2 * h)
+    return idx, g
+
+
+def check_grads(forward, inputs: dict, backward_grads, seed: int = 0, h: float = 1e-6,
+                max_coords: int | None = 200, tol: float = 1e-7) -> dict:
+    """Check analytic gradients against centered differences.
+
+    forward(**inputs) -> y (array). backward_grads(g) -> dict name -> analytic dL/d(name)
+    for L = sum(g * y). Every name in that dict is checked; returns name -> rel error.
+    Inputs must be float64 NumPy arrays (they are perturbed in place and restored).
+    """
+    rng = np.random.default_rng(seed)
+    y = forward(**inputs)
+    g = rng.standard_normal(np.shape(y))
+    analytic = backward_grads(g)
+    errors = {}
+    for name, ga in analytic.items():
+        x = inputs[name]
+        assert x.dtype == np.float64, f"{name} must be float64 for a gradient check"
+        ga = np.asarray(to_numpy(ga), np.float64)
+        assert ga.shape == x.shape, f"grad of {name}: {ga.shape} != {x.shape}"
+        idx, gn = numeric_grad(lambda: float(np.sum(g * to_numpy(forward(**inputs)))), x, h, max_coords, seed)
+        err = rel_error(ga.reshape(-1)[idx], gn)
+        errors[name] = err
+        assert err < tol, f"gradient of {name}: relative error {err:.3e} >= {tol:.0e}"
+    return errors
