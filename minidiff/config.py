@@ -1,0 +1,120 @@
+"""The training and sampling configs: one visible dataclass each, commented defaults.
+
+The command-line flags are generated from these fields (`add_dataclass_args`), so a flag
+and its config field always share a name (`--batch-size` is `batch_size`), a type and a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    # --- data and model ---
+    data: str = "shapes16"           # built-in name (shapes16, shapes32) or a path: image folder, MNIST dir, CIFAR-10 dir, .npz
+    out: str = "runs/shapes16"       # run directory: config, checkpoints, log, images
+    preset: str = "small"            # U-Net preset: tiny, small, ddpm-cifar10
+    conditioning: str = "auto"       # text | class | none | auto (text if captions, else class if labels, else none)
+    max_prompt_len: int = 4          # tokens per prompt (padding id 0)
+    # --- diffusion ---
+    num_train_timesteps: int = 1000  # T
+    beta_schedule: str = "linear"    # linear, scaled_linear, squaredcos_cap_v2, sigmoid
+    prediction_type: str = "epsilon" # epsilon, sample, v_prediction
+    snr_gamma: float = 0.0           # min-SNR-gamma loss weighting; 0 = off
+    p_uncond: float = 0.1            # probability of dropping the condition (classifier-free guidance training)
+    # --- optimisation (DDPM: Adam 2e-4, warm-up 5000, clip 1, EMA 0.9999) ---
+    steps: int = 1200                # optimizer steps in total
+    batch_size: int = 64
+    optimizer: str = "adamw"         # adam | adamw
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100          # linear learning-rate warm-up
+    grad_clip: float = 1.0           # global-norm clip; 0 = off
+    ema_decay: float = 0.995         # EMA of the weights, used for sampling
+    ema_warmup: bool = True          # decay_t = min(ema_decay, (1 + t) / (10 + t))
+    hflip: bool = False              # random horizontal flips
+    dropout: float = -1.0            # U-Net dropout; -1 = the preset's
+    # --- checkpoints, images, logging ---
+    save_every: int = 400            # checkpoint every N steps (and at the end)
+    sample_every: int = 400          # EMA sample grid every N steps (and at the end); 0 = only at the end
+    sample_steps: int = 25           # DDIM steps for the preview grids
+    guidance_scale: float = 3.0      # classifier-free guidance scale of the preview grids
+    log_every: int = 10              # JSONL log line every N steps
+    # --- run ---
+    seed: int = 0
+    device: str = "cpu"              # cpu | gpu (CuPy)
+    dtype: str = "float32"           # float32 | float64
+    resume: bool = False             # continue the run in --out from its latest checkpoint
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = ""             # a run directory or a checkpoint .npz
+    out: str = "samples"             # output directory for the PNG grid and the .npz of samples
+    prompt: str = ""                 # text prompt(s), separated by ';' (text-conditioned models)
+    class_id: int = -1               # class label (class-conditioned models); -1 = every class in turn
+    guidance_scale: float = 3.0      # s: eps = eps_uncond + s (eps_cond - eps_uncond); 1 = plain conditional
+    guidance_rescale: float = 0.0    # Lin et al. 2023 rescale phi
+    sampler: str = "ddim"            # ddpm | ddim
+    steps: int = 50                  # number of inference steps
+    eta: float = 0.0                 # DDIM eta (0 = deterministic)
+    n: int = 16                      # number of samples
+    classifier: str = ""             # classifier checkpoint for classifier guidance
+    classifier_scale: float = 0.0    # classifier guidance scale
+    no_ema: bool = False             # sample with the raw weights instead of the EMA
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, exclude=(), renames=None) -> None:
+    """Add one flag per dataclass field: --field-name, typed, defaulting to the field's default."""
+    renames = renames or {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        flag = renames.get(f.name, _flag(f.name))
+        typ = hints[f.name]
+        if typ is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, dest=f.name, type=typ, default=f.default, metavar=typ.__name__.upper(),
+                                help=f"(default: {f.default!r})")
+
+
+def dataclass_from_args(cls, args: argparse.Namespace):
+    """Build the dataclass from parsed args (fields missing from args keep their defaults)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def check_choice(name: str, value, allowed) -> None:
+    """Raise ValueError naming the argument unless value is one of allowed."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    """Clear errors for bad training options, each naming the flag."""
+    check_choice("--conditioning", cfg.conditioning, {"text", "class", "none", "auto"})
+    check_choice("--optimizer", cfg.optimizer, {"adam", "adamw"})
+    check_choice("--device", cfg.device, {"cpu", "gpu"})
+    check_choice("--dtype", cfg.dtype, {"float32", "float64"})
+    for name in ("steps", "batch_size", "max_prompt_len", "sample_steps", "log_every", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.p_uncond < 1.0:
+        raise ValueError(f"--p-uncond must be in [0, 1), got {cfg.p_uncond}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.lr <= 0:
+        raise ValueError(f"--lr must be > 0, got {cfg.lr}")

@@ -1,0 +1,115 @@
+"""What a user sees: a progress bar, PNG sample grids with their prompts, a PNG loss curve.
+
+Pillow only (no matplotlib). Shape legend: N images, C channels (1 or 3), H W pixels.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .backend import to_numpy
+
+
+def to_uint8(x) -> np.ndarray:
+    """Map model-space images in [-1, 1], (N, C, H, W), to uint8 (N, H, W, C): u = round((x + 1) * 127.5)."""
+    x = to_numpy(x).astype(np.float64)
+    u = np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return u.transpose(0, 2, 3, 1)
+
+
+def save_grid(images, path, labels=None, ncol: int = 8, scale: int = 0) -> None:
+    """Save images (N, C, H, W) in [-1, 1] as one PNG grid, each tile captioned with labels[i].
+
+    Tiles are enlarged by an integer factor (default: to about 64 px) so small images stay readable.
+    """
+    u = to_uint8(images)
+    n, h, w, c = u.shape
+    if c == 1:
+        u = np.repeat(u, 3, axis=3)
+    scale = scale or max(1, 64 // max(h, w))
+    th, tw = h * scale, w * scale
+    label_h = 12 if labels is not None else 0
+    ncol = max(1, min(ncol, n))
+    nrow = (n + ncol - 1) // ncol
+    pad = 2
+    canvas = Image.new("RGB", (ncol * (tw + pad) + pad, nrow * (th + label_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        x0, y0 = pad + col * (tw + pad), pad + r * (th + label_h + pad)
+        tile = Image.fromarray(u[i]).resize((tw, th), Image.NEAREST)
+        canvas.paste(tile, (x0, y0 + label_h))
+        if labels is not None:
+            draw.text((x0 + 1, y0), str(labels[i])[: max(4, tw // 6)], fill=(0, 0, 0))
+    canvas.save(path)
+
+
+def save_loss_curve(steps, losses, path, width: int = 480, height: int = 240) -> None:
+    """Plot loss against step as a PNG (raw values in light grey, a running mean in blue)."""
+    steps = np.asarray(steps, np.float64)
+    losses = np.asarray(losses, np.float64)
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    m = 30  # margin for the axis labels
+    draw.rectangle([m, 5, width - 5, height - m], outline=(0, 0, 0))
+    ok = np.isfinite(losses)
+    if ok.sum() >= 2:
+        s, l = steps[ok], losses[ok]
+        k = max(1, len(l) // 50)
+        smooth = np.convolve(l, np.ones(k) / k, mode="valid")
+        lo, hi = float(min(l.min(), smooth.min())), float(np.percentile(l, 99))
+        hi = hi if hi > lo else lo + 1e-12
+        sx = lambda v: m + (v - s[0]) / max(s[-1] - s[0], 1e-12) * (width - 5 - m)  # noqa: E731
+        sy = lambda v: height - m - (min(v, hi) - lo) / (hi - lo) * (height - m - 5)  # noqa: E731
+        draw.line([(sx(a), sy(b)) for a, b in zip(s, l)], fill=(190, 190, 190))
+        draw.line([(sx(a), sy(b)) for a, b in zip(s[k - 1:], smooth)], fill=(30, 80, 200), width=2)
+        draw.text((2, 5), f"{hi:.3g}", fill=(0, 0, 0))
+        draw.text((2, height - m - 10), f"{lo:.3g}", fill=(0, 0, 0))
+        draw.text((m, height - m + 4), f"step {int(s[0])}", fill=(0, 0, 0))
+        draw.text((width - 80, height - m + 4), f"step {int(s[-1])}", fill=(0, 0, 0))
+    draw.text((m + 5, height - 14), "training loss", fill=(0, 0, 0))
+    img.save(path)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    mnt, s = divmod(rem, 60)
+    return f"{h}:{mnt:02d}:{s:02d}" if h else f"{mnt}:{s:02d}"
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr: step, loss, images/s and ETA (redrawn at most 10x a second)."""
+
+    def __init__(self, total: int, start: int = 0, width: int = 24, stream=None, unit: str = "img"):
+        self.total, self.start, self.width, self.unit = total, start, width, unit
+        self.stream = stream or sys.stderr
+        self.t0 = time.perf_counter()
+        self.last_draw = 0.0
+        self.items = 0
+
+    def update(self, step: int, items: int = 0, force: bool = False, **fields) -> None:
+        """Record that `step` is done (items processed since the last call) and redraw."""
+        self.items += items
+        now = time.perf_counter()
+        if not force and now - self.last_draw < 0.1 and step < self.total:
+            return
+        self.last_draw = now
+        elapsed = now - self.t0
+        done = step - self.start
+        rate = self.items / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) * elapsed / done if done > 0 else 0.0
+        frac = step / max(self.total, 1)
+        bar = "#" * int(frac * self.width) + "." * (self.width - int(frac * self.width))
+        extra = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+        line = f"\rstep {step}/{self.total} [{bar}] {extra} | {rate:.1f} {self.unit}/s | ETA {_fmt_time(eta)} "
+        self.stream.write(line)
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
