@@ -1,0 +1,140 @@
+"""A trained model as one object: U-Net config and weights, schedule, and how it is conditioned.
+
+The train loop writes checkpoints; `minidiff sample`, `minidiff eval` and the preview grids read
+them back through `load_bundle`. The condition of a batch is one array:
+    text   token ids int64 (N, L), id 0 = padding; the all-padding row is the empty prompt (unconditional)
+    class  labels int64 (N,); the extra id num_classes is the null class (unconditional)
+    none   None
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .backend import to_device
+from .checkpoint import load_checkpoint
+from .data.tokenizer import Tokenizer
+from .schedule import make_schedule
+from .unet import unet_forward
+from .unet_config import UNetConfig, get_preset
+
+CONDITIONINGS = ("text", "class", "none")
+TEXT_WIDTH = 64  # width of the prompt-token embeddings (cross_attention_dim) for text models
+
+
+def choose_conditioning(requested: str, dataset) -> str:
+    """'auto' -> text when the data has captions, class when it has labels, else none."""
+    has_text = bool(getattr(dataset, "all_captions", None))
+    has_labels = bool(getattr(dataset, "num_classes", 0))
+    if requested == "auto":
+        return "text" if has_text else ("class" if has_labels else "none")
+    if requested == "text" and not has_text:
+        raise ValueError(f"--conditioning text needs captions or class names, and {dataset.name} has none")
+    if requested == "class" and not has_labels:
+        raise ValueError(f"--conditioning class needs labels, and {dataset.name} has none")
+    return requested
+
+
+def build_unet_config(preset: str, dataset, conditioning: str, vocab_size: int = 0,
+                      dropout: float = -1.0) -> UNetConfig:
+    """The preset, resized to the data (sample_size, channels) and given its conditioning inputs."""
+    base = get_preset(preset)
+    changes = dict(sample_size=dataset.image_size, in_channels=dataset.channels, out_channels=dataset.channels)
+    if conditioning == "class":
+        changes["num_class_embeds"] = dataset.num_classes + 1  # + the null class
+    if conditioning == "text":
+        changes.update(cross_attention_dim=TEXT_WIDTH, context_vocab_size=vocab_size)
+    if dropout >= 0:
+        changes["dropout"] = dropout
+    try:
+        return dataclasses.replace(base, **changes)
+    except ValueError as err:
+        raise ValueError(f"preset {preset!r} does not fit data {dataset.name!r}: {err}") from None
+
+
+@dataclass
+class Bundle:
+    """Everything needed to sample: weights, U-Net config, schedule and conditioning."""
+
+    params: dict
+    config: UNetConfig
+    schedule: object
+    conditioning: str
+    prediction_type: str = "epsilon"
+    tokenizer: Tokenizer | None = None
+    num_classes: int = 0
+    class_names: list | None = None
+    image_size: int = 16
+
+    def model_fn(self, x_t, t, cond):
+        """model_fn(x_t (N, C, H, W), t (N,), cond) -> model output (N, C, H, W), for the samplers."""
+        labels = cond if self.conditioning == "class" else None
+        context = cond if self.conditioning == "text" else None
+        out, _ = unet_forward(self.params, self.config, x_t, t, class_labels=labels, context=context)
+        return out
+
+    @property
+    def null_condition(self):
+        """The unconditional condition: the empty prompt (all padding) or the null class id."""
+        if self.conditioning == "text":
+            return np.zeros(self.tokenizer.max_len, np.int64)
+        if self.conditioning == "class":
+            return np.int64(self.num_classes)
+        return None
+
+    def encode(self, prompts=None, class_ids=None, n: int = 1):
+        """Host condition array for n samples from prompts (text) or class ids (class)."""
+        if self.conditioning == "text":
+            prompts = [""] * n if prompts is None else list(prompts)
+            return self.tokenizer.encode(prompts)
+        if self.conditioning == "class":
+            ids = np.asarray(class_ids if class_ids is not None else np.arange(n) % self.num_classes, np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= self.num_classes):
+                raise ValueError(f"--class-id must be in [0, {self.num_classes}), got {ids.min()}..{ids.max()}")
+            return ids
+        return None
+
+    def default_prompts(self, n: int) -> list:
+        """Labels for a preview grid: each class caption (or class id) in turn, n in all."""
+        if self.conditioning == "text":
+            names = self.class_names or [""]
+            return [" ".join(str(names[i % len(names)]).replace("_", " ").lower().split()) for i in range(n)]
+        if self.conditioning == "class":
+            return [i % self.num_classes for i in range(n)]
+        return [""] * n
+
+
+def bundle_from_meta(arrays: dict, meta: dict, use_ema: bool = True, device: str = "cpu",
+                     dtype: str = "float32") -> Bundle:
+    """Rebuild a Bundle from a training checkpoint's arrays and metadata."""
+    cfg = UNetConfig.from_dict(meta["model_config"])
+    t = meta["train_config"]
+    schedule = make_schedule(t["num_train_timesteps"], t["beta_schedule"])
+    src = arrays["ema"] if use_ema and "ema" in arrays else arrays["params"]
+    params = {k: to_device(np.asarray(v, dtype=dtype), device) for k, v in src.items()}
+    tok = Tokenizer.from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
+    return Bundle(params, cfg, schedule, meta["conditioning"], t["prediction_type"], tok,
+                  meta.get("num_classes", 0), meta.get("class_names"), cfg.sample_size)
+
+
+def resolve_checkpoint(path) -> Path:
+    """A run directory -> its latest checkpoint; a file -> itself. Clear errors when missing."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "checkpoints" / "latest.npz"
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist; pass a run directory or a .npz "
+                                "written by minidiff train")
+    return p
+
+
+def load_bundle(path, use_ema: bool = True, device: str = "cpu", dtype: str = "float32") -> Bundle:
+    """Load a run directory or checkpoint file for sampling."""
+    arrays, meta = load_checkpoint(resolve_checkpoint(path))
+    if "model_config" not in meta or "train_config" not in meta:
+        raise ValueError(f"{path} is not a diffusion-model checkpoint written by minidiff train")
+    return bundle_from_meta(arrays, meta, use_ema, device, dtype)

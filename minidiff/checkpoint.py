@@ -1,0 +1,162 @@
+"""Training checkpoints: one .npz of arrays plus JSON metadata, written atomically, read without pickle.
+
+Shape legend: none; arrays keep their own shapes. Arrays come back as NumPy (move them with
+backend.to_device).
+
+Layout of the file (np.savez, every member a plain .npy, loaded with allow_pickle=False):
+    "params/<state-dict name>"            model weights
+    "ema/<name>"                          EMA weights
+    "opt/exp_avg/<name>", ...             any nesting: nested dicts are joined with "/"
+    "__meta__"                            0-d unicode array holding json.dumps(meta)
+meta holds the rest: configs, step, rng state (rng_state), tokenizer vocab, loss history, ...
+
+Atomic write: the bytes go to "<path>.tmp-<pid>" in the same folder, are flushed and fsync'ed, and
+only then os.replace(tmp, path) swaps the name, which is atomic on POSIX and Windows. A crash or
+kill at any moment leaves either the old complete file or the new complete file at path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .backend import to_numpy
+
+META_KEY = "__meta__"
+FORMAT = 1  # meta["checkpoint_format"]; bump when the layout changes
+SEP = "/"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"params": {"w": a}, "opt": {"exp_avg": {"w": m}}} -> {"params/w": a, "opt/exp_avg/w": m}."""
+    flat = {}
+    for k, v in tree.items():
+        if not isinstance(k, str) or not k or SEP in k or k == META_KEY:
+            raise ValueError(f"array names must be non-empty strings without {SEP!r} and not "
+                             f"{META_KEY!r}, got {k!r}")
+        if isinstance(v, dict):
+            flat.update(flatten(v, prefix + k + SEP))
+        else:
+            flat[prefix + k] = v
+    return flat
+
+
+def unflatten(flat: dict) -> dict:
+    """Inverse of flatten."""
+    tree = {}
+    for key, v in flat.items():
+        *groups, leaf = key.split(SEP)
+        node = tree
+        for g in groups:
+            node = node.setdefault(g, {})
+        node[leaf] = v
+    return tree
+
+
+def _json_default(obj):
+    """Let numpy scalars and small arrays into the metadata."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON-serializable")
+
+
+def save_checkpoint(path, arrays: dict, meta: dict | None = None) -> Path:
+    """Write arrays (a nested dict of NumPy/CuPy arrays) and meta (JSON-able) atomically to path."""
+    path = Path(path)
+    flat = {k: np.ascontiguousarray(to_numpy(v)) for k, v in flatten(arrays).items()}
+    for k, v in flat.items():
+        if v.dtype.hasobject:
+            raise ValueError(f"array {k!r} has dtype object, which cannot be saved without pickle")
+    meta = dict(meta or {}, checkpoint_format=FORMAT)
+    try:
+        text = json.dumps(meta, default=_json_default)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"meta must be JSON-serializable: {err}") from None
+    flat[META_KEY] = np.array(text)  # 0-d unicode array
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **flat)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)  # atomic swap: old file or new file, never half of one
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path) -> tuple[dict, dict]:
+    """(arrays as a nested dict of NumPy arrays, meta dict) from a file written by save_checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; check the path (or drop --resume)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            flat = {k: z[k] for k in z.files}  # read every member now, so a bad one fails here
+        meta = json.loads(str(flat.pop(META_KEY)[()]))
+        if not isinstance(meta, dict):
+            raise ValueError("metadata is not a JSON object")
+    except (zipfile.BadZipFile, ValueError, EOFError, KeyError, OSError) as err:
+        raise ValueError(f"checkpoint {str(path)!r} is corrupt or truncated ({type(err).__name__}: {err}); "
+                         "delete it and resume from an earlier checkpoint, or start a new run") from None
+    if meta.get("checkpoint_format") != FORMAT:
+        raise ValueError(f"checkpoint {str(path)!r} has format {meta.get('checkpoint_format')!r}, this "
+                         f"minidiff reads format {FORMAT}; use the minidiff version that wrote it")
+    return unflatten(flat), meta
+
+
+def check_config(saved: dict, expected: dict, what: str = "model config", path=None) -> None:
+    """Raise ValueError naming the first field where a checkpoint's config differs from this run's."""
+    where = f"checkpoint {str(path)!r}" if path is not None else "the checkpoint"
+    for key in sorted(set(saved) | set(expected), key=str):
+        if key not in saved or key not in expected or saved[key] != expected[key]:
+            has = saved.get(key, "<missing>")
+            want = expected.get(key, "<missing>")
+            raise ValueError(f"{where} was made with {what} {key}={has!r}, but this run has {key}={want!r}; "
+                             "use the same settings, or start a new run in a new --out folder")
+
+
+def rng_state(rng: np.random.Generator) -> dict:
+    """A JSON-serializable copy of rng's bit-generator state (arrays become lists)."""
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    return json.loads(json.dumps(rng.bit_generator.state, default=_json_default))
+
+
+_BIT_GENERATORS = {"PCG64": np.random.PCG64, "PCG64DXSM": np.random.PCG64DXSM, "Philox": np.random.Philox,
+                   "SFC64": np.random.SFC64, "MT19937": np.random.MT19937}
+
+
+def rng_from_state(state: dict) -> np.random.Generator:
+    """A Generator that continues exactly where the one that gave rng_state(...) stopped."""
+    name = state.get("bit_generator") if isinstance(state, dict) else None
+    if name not in _BIT_GENERATORS:
+        raise ValueError(f"rng state must name a bit generator in {sorted(_BIT_GENERATORS)}, got {name!r}")
+    bit_gen = _BIT_GENERATORS[name]()
+    if name == "MT19937":  # its 'key' must be a uint32 array again
+        state = dict(state, state=dict(state["state"], key=np.asarray(state["state"]["key"], np.uint32)))
+    bit_gen.state = state
+    return np.random.Generator(bit_gen)

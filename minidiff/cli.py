@@ -1,0 +1,133 @@
+"""The `minidiff` command: train, sample, eval, info (and python -m minidiff).
+
+Flags of `train` and `sample` are generated from TrainConfig / SampleConfig (minidiff/config.py),
+so each flag, its type and its default are written once, next to a comment saying what it does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .backend import BackendError
+from .config import SampleConfig, TrainConfig, add_dataclass_args, dataclass_from_args
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    train(dataclass_from_args(TrainConfig, args))
+    return 0
+
+
+def _conditions(bundle, cfg: SampleConfig):
+    """(host condition array, labels for the grid) for `minidiff sample`."""
+    n = cfg.n
+    if bundle.conditioning == "text":
+        prompts = [p.strip() for p in cfg.prompt.split(";")] if cfg.prompt else bundle.default_prompts(n)
+        prompts = [prompts[i % len(prompts)] for i in range(n)]
+        return bundle.encode(prompts=prompts), prompts
+    if bundle.conditioning == "class":
+        ids = [cfg.class_id] * n if cfg.class_id >= 0 else bundle.default_prompts(n)
+        names = bundle.class_names or [str(i) for i in range(bundle.num_classes)]
+        cond = bundle.encode(class_ids=ids, n=n)
+        return cond, [names[i] for i in ids]
+    if cfg.prompt or cfg.class_id >= 0:
+        raise ValueError("this model is unconditional: drop --prompt and --class-id")
+    return None, None
+
+
+def cmd_sample(args) -> int:
+    from .bundle import load_bundle
+    from .report import ProgressBar, save_grid
+    from .sample import generate
+
+    cfg = dataclass_from_args(SampleConfig, args)
+    if not cfg.checkpoint:
+        raise ValueError("--checkpoint is required: a run directory or a checkpoint .npz")
+    bundle = load_bundle(cfg.checkpoint, use_ema=not cfg.no_ema, device=cfg.device, dtype=cfg.dtype)
+    cond, labels = _conditions(bundle, cfg)
+    grad_fn = None
+    if cfg.classifier:
+        from .classifier import load_classifier
+
+        clf = load_classifier(cfg.classifier, device=cfg.device, dtype=cfg.dtype)
+        targets = clf.targets_for(bundle, cond, labels, cfg)
+        grad_fn = clf.make_grad_fn(targets)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = ProgressBar(cfg.steps, unit="step")
+    x = generate(bundle, cond, cfg.n, cfg.guidance_scale, cfg.sampler, cfg.steps, cfg.eta, cfg.seed,
+                 cfg.guidance_rescale, grad_fn, cfg.classifier_scale, cfg.device, cfg.dtype,
+                 callback=lambda i, t, x, x0: bar.update(i + 1, 1))
+    bar.close()
+    from .backend import to_numpy
+
+    stem = f"samples_{cfg.sampler}{cfg.steps}_s{cfg.guidance_scale:g}_seed{cfg.seed}"
+    save_grid(x, out / f"{stem}.png", labels=labels)
+    np.savez(out / f"{stem}.npz", images=to_numpy(x))
+    print(f"wrote {cfg.n} samples to {out / (stem + '.png')} and {out / (stem + '.npz')}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate
+
+    evaluate(args.checkpoint, n_per_class=args.n_per_class, scales=args.scales, steps=args.steps,
+             sampler=args.sampler, seed=args.seed, device=args.device, dtype=args.dtype, out=args.out)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from . import __version__
+    from .backend import gpu_available
+    from .unet import print_param_counts
+
+    print(f"minidiff {__version__}, numpy {np.__version__}, GPU (CuPy) available: {gpu_available()}")
+    print("U-Net presets (parameters):")
+    print_param_counts()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minidiff", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a diffusion model (default: the built-in shapes data)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_args(t, TrainConfig)
+    t.set_defaults(func=cmd_train)
+    s = sub.add_parser("sample", help="sample a PNG grid from a trained model")
+    add_dataclass_args(s, SampleConfig, renames={"class_id": "--class"})
+    s.set_defaults(func=cmd_sample)
+    e = sub.add_parser("eval", help="prompt accuracy of samples on the built-in shapes data")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--n-per-class", type=int, default=10)
+    e.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 3.0])
+    e.add_argument("--steps", type=int, default=50)
+    e.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    e.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    e.add_argument("--out", default="", help="write eval.json and a grid per scale here (default: the run dir)")
+    e.set_defaults(func=cmd_eval)
+    i = sub.add_parser("info", help="version, GPU availability and parameter counts of the presets")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; the latest checkpoint is kept (continue with --resume)", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, BackendError) as err:
+        print(f"minidiff {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # TrainingDiverged and friends
+        print(f"minidiff {args.command}: error: {err}", file=sys.stderr)
+        return 1

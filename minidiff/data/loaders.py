@@ -1,0 +1,245 @@
+"""Loaders for real data, and load_dataset(spec) which picks one from the spec.
+
+Shape legend: N images, C channels (1 gray or 3 RGB), H W stored size, S = image side after loading.
+
+    spec                                         dataset
+    None, "", "shapes16", "shapes32", "shapes"   ShapesDataset, drawn fresh (no download)
+    DIR with one subfolder per class             folder of images (PIL), labels = sorted subfolders
+    DIR with images and no subfolders            folder of images, unlabelled
+    DIR or FILE train-images-idx3-ubyte[.gz]     MNIST / Fashion-MNIST IDX (labels file beside it)
+    DIR cifar-10-batches-py (data_batch_1..5)    CIFAR-10 python batches, parsed without unpickling
+    FILE.npz with images [, labels]              arrays, read with allow_pickle=False
+
+Every image ends as uint8 (N, C, S, S) and is scaled to [-1, 1] per batch: x = u8 / 127.5 - 1.
+With image_size given, each image is center-cropped to a square and resized to S x S (PIL, bicubic).
+
+IDX format (big-endian): magic = 0x00 0x00 type ndim, then ndim int32 dims, then the data;
+type 0x08 is uint8. Images have ndim 3 (N, H, W), labels ndim 1 (N,).
+"""
+
+from __future__ import annotations
+
+import gzip
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .cifar import read_cifar_batch, read_cifar_label_names
+from .dataset import ArrayDataset, ShapesDataset
+
+BUILTIN = {"shapes16": 16, "shapes32": 32, "shapes": None}
+DEFAULT_DATA = "shapes16"
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+FASHION_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                 "ankle boot"]
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+KINDS = "a built-in name (shapes16, shapes32), a folder of class subfolders, MNIST IDX files, " \
+        "a cifar-10-batches-py folder, or an .npz"
+
+
+def resize_u8(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, C, H, W) -> (N, C, S, S): center crop to min(H, W), then bicubic resize (PIL)."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    if h == w == size:
+        return images
+    m = min(h, w)
+    top, left = (h - m) // 2, (w - m) // 2
+    crop = images[:, :, top:top + m, left:left + m]
+    out = np.empty((n, c, size, size), np.uint8)
+    for i in range(n):
+        for ch in range(c):  # PIL resizes one 8-bit plane at a time ('L' mode)
+            plane = Image.fromarray(np.ascontiguousarray(crop[i, ch]))
+            out[i, ch] = np.asarray(plane.resize((size, size), Image.BICUBIC))
+    return out
+
+
+def _finish(images_u8, labels, class_names, name, image_size):
+    """Resize if asked, check squareness, wrap in an ArrayDataset."""
+    if image_size is not None:
+        images_u8 = resize_u8(images_u8, image_size)
+    elif images_u8.shape[2] != images_u8.shape[3]:
+        raise ValueError(f"{name}: images are {images_u8.shape[2]}x{images_u8.shape[3]}, not square; "
+                         "pass image_size (--image-size S) to crop and resize them")
+    return ArrayDataset(images_u8, labels, class_names, name=name)
+
+
+# ----------------------------------------------------------------------------- folder of images
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def load_folder(path, image_size=None) -> ArrayDataset:
+    """One subfolder per class (labels in sorted name order), or a flat folder of images (no labels)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    groups = [(i, _list_images(d)) for i, d in enumerate(classes)] if classes else [(None, _list_images(path))]
+    files = [(lab, f) for lab, fs in groups for f in fs]
+    if not files:
+        raise ValueError(f"no images found in {path}; expected one subfolder per class holding "
+                         f"{'/'.join(sorted(IMAGE_EXTS))} files")
+    pics = []
+    for _, f in files:
+        try:
+            with Image.open(f) as im:
+                pics.append(im.convert("L") if im.mode in ("1", "L", "I;16", "I") else im.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise ValueError(f"cannot read image {f} ({err}); remove or replace the file") from None
+    if len({p.mode for p in pics}) > 1:  # some gray, some color: make all RGB
+        pics = [p.convert("RGB") for p in pics]
+    sizes = {p.size for p in pics}
+    if len(sizes) > 1 and image_size is None:
+        raise ValueError(f"images in {path} have mixed sizes {sorted(sizes)[:4]}; "
+                         "pass image_size (--image-size S) to resize them all to S x S")
+    arrays = []
+    for p in pics:
+        a = np.asarray(p, np.uint8)
+        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (H, W[, 3]) -> (C, H, W)
+        arrays.append(resize_u8(a[None], image_size)[0] if image_size is not None else a)
+    labels = None if classes == [] else np.array([lab for lab, _ in files], np.int64)
+    names = [d.name for d in classes] if classes else None
+    if labels is not None and len(set(labels.tolist())) < len(classes):
+        empty = [d.name for i, d in enumerate(classes) if i not in set(labels.tolist())]
+        raise ValueError(f"class folders {empty} in {path} hold no images; add images or remove them")
+    return _finish(np.stack(arrays), labels, names, path.name, image_size)
+
+
+# ----------------------------------------------------------------------------- MNIST IDX
+
+
+def read_idx(path) -> np.ndarray:
+    """An IDX file (gzipped or raw) -> uint8 array of its dims."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise ValueError(f"cannot read IDX file {path} ({err}); re-download it") from None
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise ValueError(f"{path} is not a uint8 IDX file (magic {raw[:4].hex()}, want 000008nn)")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, ">i4", count=ndim, offset=4) if len(raw) >= 4 + 4 * ndim else None
+    if dims is None or len(raw) != 4 + 4 * ndim + int(np.prod(dims)):
+        raise ValueError(f"IDX file {path} is truncated or has extra bytes; re-download it")
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims.tolist()).copy()
+
+
+def _idx_partner(images_file: Path) -> Path | None:
+    """The labels file beside an images file: '...images-idx3-ubyte' -> '...labels-idx1-ubyte'."""
+    base = images_file.name.replace("images", "labels").replace("idx3", "idx1")
+    for name in (base, base[:-3] if base.endswith(".gz") else base + ".gz"):
+        if (images_file.parent / name).is_file():
+            return images_file.parent / name
+    return None
+
+
+def load_idx(path, image_size=None) -> ArrayDataset:
+    """MNIST / Fashion-MNIST: a folder with train-images-idx3-ubyte[.gz] (+ labels), or that file."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("train-images*idx3-ubyte*")) or sorted(path.glob("*idx3-ubyte*"))
+        if not found:
+            raise ValueError(f"no *idx3-ubyte[.gz] images file in {path}")
+        path = found[0]
+    images = read_idx(path)
+    if images.ndim != 3:
+        raise ValueError(f"IDX images file {path} must have 3 dims (N, H, W), got {images.shape}")
+    partner = _idx_partner(path)
+    labels = None if partner is None else read_idx(partner).astype(np.int64)
+    if labels is not None and labels.shape != (images.shape[0],):
+        raise ValueError(f"labels {partner} hold {labels.shape} entries for {images.shape[0]} images")
+    fashion = "fashion" in str(path).lower()
+    names = FASHION_NAMES if fashion else [str(i) for i in range(10)]
+    if labels is not None and labels.size and labels.max() >= 10:
+        names = None
+    return _finish(images[:, None], labels, names, "fashion-mnist" if fashion else "mnist", image_size)
+
+
+# ----------------------------------------------------------------------------- CIFAR-10, npz
+
+
+def load_cifar10(path, image_size=None) -> ArrayDataset:
+    """CIFAR-10 python batches data_batch_1..5 in path (or in path/cifar-10-batches-py)."""
+    path = Path(path)
+    if path.is_dir() and (path / "cifar-10-batches-py").is_dir():
+        path = path / "cifar-10-batches-py"
+    files = [path] if path.is_file() else sorted(path.glob("data_batch_[0-9]*"))
+    if not files:
+        raise ValueError(f"no data_batch_1..5 files in {path}")
+    parts = [read_cifar_batch(f) for f in files]
+    images = np.concatenate([p[0] for p in parts])  # (N, 3, 32, 32)
+    labels = np.concatenate([p[1] for p in parts])
+    names = read_cifar_label_names(path.parent / "batches.meta" if path.is_file() else path / "batches.meta")
+    if names is None or len(names) <= labels.max(initial=0):
+        names = CIFAR10_NAMES if labels.max(initial=0) < 10 else None
+    return _finish(images, labels, names, "cifar10", image_size)
+
+
+def load_npz(path, image_size=None) -> ArrayDataset:
+    """An .npz holding images uint8 (N, H, W) or (N, H, W, C), C in {1, 3}, and optional labels (N,) int."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"cannot read {path} as an .npz without pickle ({err}); save it with "
+                         "np.savez(path, images=uint8 array, labels=int array)") from None
+    extra = set(arrays) - {"images", "labels"}
+    if "images" not in arrays or extra:
+        raise ValueError(f"{path} must hold the key 'images' and optionally 'labels', got keys {sorted(arrays)}")
+    images, labels = arrays["images"], arrays.get("labels")
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+        raise ValueError(f"{path}: images must be uint8 (N, H, W) or (N, H, W, C) with C 1 or 3, got "
+                         f"{images.dtype} {images.shape}")
+    if labels is not None and (labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer)):
+        raise ValueError(f"{path}: labels must be integers of shape (N,) = ({images.shape[0]},), got "
+                         f"{labels.dtype} {labels.shape}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{path} holds no images")
+    images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)  # (N, C, H, W)
+    return _finish(images, labels, None, path.stem, image_size)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def load_dataset(spec=None, image_size=None):
+    """Return the dataset that spec names (see the module docstring for the table)."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer))
+                                   or image_size < 1):
+        raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
+    spec = DEFAULT_DATA if spec in (None, "") else spec
+    if isinstance(spec, str) and spec in BUILTIN:
+        native = BUILTIN[spec]
+        if native is not None and image_size is not None and image_size != native:
+            raise ValueError(f"data {spec!r} is {native}x{native}; drop image_size or use 'shapes{image_size}'")
+        return ShapesDataset(native or image_size or 16)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data path {str(path)!r} does not exist; pass {KINDS}")
+    if path.is_file():
+        name = path.name.lower()
+        if name.endswith(".npz"):
+            return load_npz(path, image_size)
+        if "idx3-ubyte" in name or "idx3_ubyte" in name:
+            return load_idx(path, image_size)
+        if name.startswith("data_batch"):
+            return load_cifar10(path, image_size)
+        raise ValueError(f"cannot tell what kind of data file {path} is; pass {KINDS}")
+    try:
+        entries = list(path.iterdir())
+    except OSError as err:
+        raise ValueError(f"cannot read the folder {path} ({err}); check its permissions") from None
+    names = {p.name for p in entries}
+    if "cifar-10-batches-py" in names or any(n.startswith("data_batch_") for n in names):
+        return load_cifar10(path, image_size)
+    if any("idx3-ubyte" in n for n in names):
+        return load_idx(path, image_size)
+    return load_folder(path, image_size)

@@ -1,0 +1,46 @@
+"""Sampling from a trained model: classifier-free guidance, classifier guidance, DDPM or DDIM.
+
+Shape legend: N samples, C channels, H = W = image side, L prompt tokens.
+
+    eps = eps_uncond + s (eps_cond - eps_uncond)                     (classifier-free guidance)
+    eps^ = eps - sqrt(1 - abar_t) * scale * grad_x log p(y | x_t)    (classifier guidance)
+"""
+
+from __future__ import annotations
+
+from .backend import to_device, xp_for
+from .guidance import make_classifier_guided_model_fn, make_guided_model_fn
+from .sampler import sample
+
+
+def generate(bundle, cond=None, n: int = 16, guidance_scale: float = 3.0, sampler: str = "ddim",
+             steps: int = 50, eta: float = 0.0, seed: int = 0, guidance_rescale: float = 0.0,
+             grad_fn=None, classifier_scale: float = 0.0, device: str = "cpu", dtype: str = "float32",
+             callback=None):
+    """Draw n images (N, C, H, W) in [-1, 1] (clipped) from bundle with condition cond (host array or None).
+
+    guidance_scale s applies when the model is conditioned and s != 1 (s = 1: one conditional
+    call per step; s = 0 gives the same samples as the unconditional model). grad_fn(x_t, t, y) ->
+    grad_x log p(y | x_t), when given, adds classifier guidance with classifier_scale (the target
+    labels are closed over by grad_fn; see classifier.make_grad_fn).
+    """
+    xp = xp_for(device)
+    c = bundle.config
+    shape = (n, c.in_channels, c.sample_size, c.sample_size)
+    model_fn = bundle.model_fn
+    if bundle.conditioning != "none":
+        if cond is None or len(cond) != n:
+            raise ValueError(f"cond must hold one condition per sample (n = {n})")
+        cond = to_device(cond, device)
+        if guidance_scale != 1.0:
+            model_fn = make_guided_model_fn(model_fn, guidance_scale, xp.asarray(bundle.null_condition),
+                                            guidance_rescale)
+    else:
+        cond = None
+    if grad_fn is not None and classifier_scale != 0.0:
+        model_fn = make_classifier_guided_model_fn(model_fn, bundle.schedule, grad_fn, classifier_scale,
+                                                   bundle.prediction_type)
+    x = sample(model_fn, shape, bundle.schedule, sampler=sampler, num_inference_steps=steps, eta=eta,
+               prediction_type=bundle.prediction_type, clip_sample=True, cond=cond, seed=seed,
+               device=device, dtype=dtype, callback=callback)
+    return xp.clip(x, -1.0, 1.0)

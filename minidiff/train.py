@@ -1,0 +1,221 @@
+"""The training loop of DDPM (Ho et al. 2020, Algorithm 1) with condition dropout for CFG.
+
+    repeat:
+        x_0 ~ q(x_0), c ~ data;  c = null with probability p_uncond     (Ho & Salimans 2022, Alg. 1)
+        t ~ U{0, ..., T-1},  eps ~ N(0, I)
+        x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps                    (add_noise)
+        L = || target - model(x_t, t, c) ||^2                            (diffusion_loss)
+        theta <- Adam(theta, clip(grad L)),  ema <- EMA(theta)
+
+Every random draw of a step comes from ONE host generator (data, flips, dropout of conditions,
+t, eps, network dropout), whose state is saved in each checkpoint, so an interrupted and
+resumed run repeats the uninterrupted run's losses exactly.
+
+Run directory: config.json, log.jsonl, loss.png, samples/step_XXXXXX.png, checkpoints/latest.npz.
+Shape legend: B batch, C channels, S image side, L prompt tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .backend import to_device, to_numpy, xp_for
+from .bundle import Bundle, build_unet_config, choose_conditioning
+from .checkpoint import check_config, load_checkpoint, rng_from_state, rng_state, save_checkpoint
+from .config import TrainConfig, validate_train_config
+from .data import load_dataset
+from .data.tokenizer import Tokenizer
+from .loss import diffusion_loss, drop_condition, sample_timesteps
+from .optim import EMA, Adam, AdamW, clip_grad_norm, warmup_lr
+from .report import ProgressBar, save_grid, save_loss_curve
+from .sample import generate
+from .schedule import add_noise, make_schedule
+from .unet import count_params, init_params, unet_backward, unet_forward
+
+# the settings a resumed run must share with the run it continues
+RESUME_FIELDS = ("data", "preset", "conditioning", "max_prompt_len", "num_train_timesteps", "beta_schedule",
+                 "prediction_type", "batch_size", "optimizer", "seed", "dtype", "dropout")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the message names the step."""
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """Create the run directory; refuse to reuse one that holds an earlier run unless --resume."""
+    out = Path(cfg.out).expanduser()
+    latest = out / "checkpoints" / "latest.npz"
+    if cfg.resume:
+        if not latest.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {latest}; start a new run without --resume")
+    elif out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {str(out)!r} already holds a run; pass --resume to continue it or choose "
+                              "a new --out (nothing was overwritten)")
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out / "samples").mkdir(exist_ok=True)
+    return out
+
+
+def make_condition(rng, conditioning, labels, captions, tokenizer, num_classes, p_uncond):
+    """The batch's condition array (host) after condition dropout, or None."""
+    if conditioning == "text":
+        ids = tokenizer.encode(captions)  # (B, L)
+        return drop_condition(rng, ids, np.zeros(ids.shape[1], np.int64), p_uncond)[1]
+    if conditioning == "class":
+        return drop_condition(rng, labels, np.int64(num_classes), p_uncond)[1]  # null class = num_classes
+    return None
+
+
+class Trainer:
+    """Holds the state of one run: data, model, optimizer, EMA, rng, step and losses."""
+
+    def __init__(self, cfg: TrainConfig, log=print):
+        validate_train_config(cfg)
+        self.cfg, self.log = cfg, log
+        self.xp = xp_for(cfg.device)
+        self.dtype = np.dtype(cfg.dtype)
+        self.out = prepare_run_dir(cfg)
+        self.dataset = load_dataset(cfg.data)
+        self.conditioning = choose_conditioning(cfg.conditioning, self.dataset)
+        self.tokenizer = None
+        if self.conditioning == "text":
+            self.tokenizer = Tokenizer.from_captions(self.dataset.all_captions, cfg.max_prompt_len)
+        vocab = self.tokenizer.vocab_size if self.tokenizer else 0
+        self.model_config = build_unet_config(cfg.preset, self.dataset, self.conditioning, vocab, cfg.dropout)
+        self.schedule = make_schedule(cfg.num_train_timesteps, cfg.beta_schedule)
+        host = init_params(self.model_config, seed=cfg.seed, dtype=self.dtype)
+        self.params = to_device(host, cfg.device)
+        opt_cls = AdamW if cfg.optimizer == "adamw" else Adam
+        self.opt = opt_cls(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_warmup)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.step, self.losses = 0, []
+        if cfg.resume:
+            self._load(self.out / "checkpoints" / "latest.npz")
+        else:
+            (self.out / "config.json").write_text(json.dumps(self.meta(), indent=2))
+
+    # ------------------------------------------------------------------ checkpoints
+    def meta(self) -> dict:
+        return {"train_config": dataclasses.asdict(self.cfg), "model_config": self.model_config.to_dict(),
+                "conditioning": self.conditioning, "num_classes": self.dataset.num_classes,
+                "class_names": self.dataset.class_names,
+                "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None}
+
+    def save(self) -> Path:
+        """Write checkpoints/latest.npz atomically: weights, EMA, Adam moments, rng state, step, losses."""
+        opt = self.opt.state_dict()
+        meta = self.meta() | {"step": self.step, "losses": self.losses, "rng": rng_state(self.rng),
+                              "ema_num_updates": self.ema.num_updates, "opt_step": opt["step"]}
+        arrays = {"params": self.params, "ema": self.ema.shadow,
+                  "opt": {"exp_avg": opt["exp_avg"], "exp_avg_sq": opt["exp_avg_sq"]}}
+        return save_checkpoint(self.out / "checkpoints" / "latest.npz", arrays, meta)
+
+    def _load(self, path: Path) -> None:
+        arrays, meta = load_checkpoint(path)
+        saved = meta["train_config"]
+        check_config({k: saved.get(k) for k in RESUME_FIELDS},
+                     {k: getattr(self.cfg, k) for k in RESUME_FIELDS}, "training config", path)
+        check_config(meta["model_config"], self.model_config.to_dict(), "model config", path)
+        for k, v in arrays["params"].items():
+            self.params[k][...] = self.xp.asarray(v, dtype=self.dtype)
+        self.ema.load_state_dict({"shadow": arrays["ema"], "num_updates": meta["ema_num_updates"]})
+        self.opt.load_state_dict({"step": meta["opt_step"], **arrays["opt"]})
+        self.rng = rng_from_state(meta["rng"])
+        self.step, self.losses = int(meta["step"]), list(meta["losses"])
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> float:
+        """One optimizer step of Algorithm 1; returns the loss (a host float)."""
+        cfg, rng, xp = self.cfg, self.rng, self.xp
+        x0, labels, captions = self.dataset.batch(rng, cfg.batch_size)              # (B, C, S, S)
+        if cfg.hflip:
+            flip = rng.random(cfg.batch_size) < 0.5
+            x0 = np.where(flip[:, None, None, None], x0[..., ::-1], x0)
+        cond = make_condition(rng, self.conditioning, labels, captions, self.tokenizer,
+                              self.dataset.num_classes, cfg.p_uncond)
+        t = sample_timesteps(rng, cfg.batch_size, cfg.num_train_timesteps)           # (B,)
+        noise = rng.standard_normal(x0.shape)                                        # eps ~ N(0, I)
+        x0, noise, t = (xp.asarray(a, dtype=d) for a, d in ((x0, self.dtype), (noise, self.dtype), (t, np.int64)))
+        cond = None if cond is None else xp.asarray(cond)
+        x_t = add_noise(self.schedule, x0, noise, t)
+        out, cache = unet_forward(self.params, self.model_config, x_t, t,
+                                  class_labels=cond if self.conditioning == "class" else None,
+                                  context=cond if self.conditioning == "text" else None,
+                                  train=True, rng=rng)
+        loss, dout = diffusion_loss(self.schedule, out, x0, noise, t, cfg.prediction_type,
+                                    cfg.snr_gamma or None)
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss} at step {self.step + 1}; training stopped, the last good "
+                                   f"checkpoint ({self.out / 'checkpoints' / 'latest.npz'}) is kept. "
+                                   "Try a lower --lr or --grad-clip")
+        grads, _ = unet_backward(dout, cache)
+        if cfg.grad_clip > 0:
+            clip_grad_norm(grads, cfg.grad_clip)
+        self.opt.step(self.params, grads, lr=warmup_lr(self.step, cfg.lr, cfg.warmup_steps))
+        self.ema.update(self.params)
+        self.step += 1
+        self.losses.append(loss)
+        return loss
+
+    # ------------------------------------------------------------------ pictures
+    def bundle(self, use_ema: bool = True) -> Bundle:
+        return Bundle(self.ema.shadow if use_ema else self.params, self.model_config, self.schedule,
+                      self.conditioning, self.cfg.prediction_type, self.tokenizer, self.dataset.num_classes,
+                      self.dataset.class_names, self.dataset.image_size)
+
+    def sample_grid(self, n: int = 18) -> Path:
+        b = self.bundle()
+        labels = b.default_prompts(n)
+        cond = b.encode(prompts=labels, class_ids=labels if b.conditioning == "class" else None, n=n)
+        x = generate(b, cond, n, self.cfg.guidance_scale, "ddim", self.cfg.sample_steps, seed=self.cfg.seed,
+                     device=self.cfg.device, dtype=self.cfg.dtype)
+        path = self.out / "samples" / f"step_{self.step:06d}.png"
+        save_grid(x, path, labels=[str(s) for s in labels], ncol=9)
+        return path
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, stop_after: int | None = None) -> dict:
+        """Train until cfg.steps (or stop_after more steps, to simulate an interruption)."""
+        cfg = self.cfg
+        end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
+        self.log(f"minidiff train: {self.dataset.name} ({self.conditioning}), preset {cfg.preset}, "
+                 f"{count_params(self.params):,} params, {cfg.device} {cfg.dtype}, steps {self.step}->{end}")
+        bar = ProgressBar(cfg.steps, start=self.step)
+        t0, log_path = time.perf_counter(), self.out / "log.jsonl"
+        with open(log_path, "a") as logf:
+            while self.step < end:
+                loss = self.train_step()
+                bar.update(self.step, cfg.batch_size, loss=loss)
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    rec = {"step": self.step, "loss": loss, "lr": warmup_lr(self.step - 1, cfg.lr, cfg.warmup_steps),
+                           "images_per_s": round(bar.items / max(time.perf_counter() - t0, 1e-9), 2),
+                           "elapsed_s": round(time.perf_counter() - t0, 2)}
+                    logf.write(json.dumps(rec) + "\n")
+                    logf.flush()
+                if self.step % cfg.save_every == 0 or self.step == end:
+                    self.save()
+                if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == cfg.steps:
+                    self.sample_grid()
+        bar.close()
+        save_loss_curve(np.arange(1, len(self.losses) + 1), self.losses, self.out / "loss.png")
+        elapsed = time.perf_counter() - t0
+        return {"steps": self.step, "seconds": elapsed, "final_loss": self.losses[-1] if self.losses else None}
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None, log=print) -> dict:
+    """Run (or resume) training; print a one-line summary of where the files are."""
+    trainer = Trainer(cfg, log)
+    summary = trainer.run(stop_after)
+    out = trainer.out
+    log(f"done: {summary['steps']} steps in {summary['seconds']:.0f}s, final loss {summary['final_loss']:.4f}; "
+        f"checkpoint {out / 'checkpoints' / 'latest.npz'}, samples {out / 'samples'}, "
+        f"log {out / 'log.jsonl'}, loss curve {out / 'loss.png'}")
+    return summary | {"out": str(out), "losses": trainer.losses}
