@@ -69,7 +69,7 @@ def _json_default(obj):
 def save_checkpoint(path, arrays: dict, meta: dict | None = None) -> Path:
     """Write arrays (a nested dict of NumPy/CuPy arrays) and meta (JSON-able) atomically to path."""
     path = Path(path)
-    flat = {k: np.ascontiguousarray(to_numpy(v)) for k, v in flatten(arrays).items()}
+    flat = {k: np.asarray(to_numpy(v)) for k, v in flatten(arrays).items()}  # 0-d stays 0-d
     for k, v in flat.items():
         if v.dtype.hasobject:
             raise ValueError(f"array {k!r} has dtype object, which cannot be saved without pickle")
@@ -108,6 +108,10 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class _NotCheckpoint(Exception):
+    """A readable .npz that save_checkpoint did not write."""
+
+
 def load_checkpoint(path) -> tuple[dict, dict]:
     """(arrays as a nested dict of NumPy arrays, meta dict) from a file written by save_checkpoint."""
     path = Path(path)
@@ -116,9 +120,14 @@ def load_checkpoint(path) -> tuple[dict, dict]:
     try:
         with np.load(path, allow_pickle=False) as z:
             flat = {k: z[k] for k in z.files}  # read every member now, so a bad one fails here
+        if META_KEY not in flat:
+            raise _NotCheckpoint(f"{str(path)!r} is an .npz but not a minidiff checkpoint (no {META_KEY!r} "
+                                 "entry); pass a checkpoint written by minidiff train")
         meta = json.loads(str(flat.pop(META_KEY)[()]))
         if not isinstance(meta, dict):
             raise ValueError("metadata is not a JSON object")
+    except _NotCheckpoint as err:
+        raise ValueError(str(err)) from None
     except (zipfile.BadZipFile, ValueError, EOFError, KeyError, OSError) as err:
         raise ValueError(f"checkpoint {str(path)!r} is corrupt or truncated ({type(err).__name__}: {err}); "
                          "delete it and resume from an earlier checkpoint, or start a new run") from None

@@ -20,8 +20,9 @@ The checker (classify_shape_images) reads pixels only, never a network, and is d
   1. background bg = median of the border pixels; foreground = pixels farther than 60 from bg
   2. color = the PALETTE entry nearest the mean core-foreground color (None if farther than 100)
   3. soft coverage a = clip((p - bg).(c - bg) / |c - bg|^2, 0, 1) near the foreground
-  4. for each shape, the template with the same area and centroid as a is rendered; the shape
-     whose template has the highest soft IoU  sum(min(a, T)) / sum(max(a, T))  wins (None if < 0.5).
+  4. for each shape, the template T with the same area and centroid as a is rendered (sharp, and
+     softened by a [1,2,1]/4 or [1,1,1]/3 blur, as samples are often soft); the shape whose
+     template has the highest soft IoU  sum(min(a, T)) / sum(max(a, T))  wins (None if < 0.5).
 The area/centroid fit uses  A = pi r^2 | 4 r^2 | 2 r^2,  centroid (cx, cy) | (cx, cy) | (cx, cy + r/3).
 """
 
@@ -48,6 +49,7 @@ FG_THRESHOLD = 60.0  # |p - bg| (0..255 units) above which a pixel is foreground
 COLOR_TOL = 100.0  # farthest a mean color may be from its palette entry
 IOU_MIN = 0.5  # lowest template IoU that still names a shape
 MIN_AREA = 3.0  # fewer foreground pixels than this: no shape
+BLUR_121, BLUR_BOX = (0.25, 0.5, 0.25), (1 / 3, 1 / 3, 1 / 3)  # template softenings tried
 
 
 def check_size(size) -> int:
@@ -63,6 +65,8 @@ def render_coverage(kind, cx, cy, r, size: int, ss: int = SUPERSAMPLE) -> np.nda
     kind (N,) int shape index, cx cy r (N,) float pixel units, returns (N, S, S) float32 in [0, 1].
     """
     kind, cx, cy, r = (np.asarray(a) for a in (kind, cx, cy, r))
+    if not 1 <= ss <= 15:
+        raise ValueError(f"ss must be an integer in [1, 15] (uint8 sub-pixel counts), got {ss}")
     n = kind.shape[0]
     sub = (np.arange(size * ss) + 0.5) / ss  # (S*s,) sub-pixel centre coordinates
     inside = np.zeros((n, size * ss, size * ss), bool)  # (N, S*s, S*s)
@@ -79,8 +83,10 @@ def render_coverage(kind, cx, cy, r, size: int, ss: int = SUPERSAMPLE) -> np.nda
             inside[sel] = (np.abs(du) <= rr) & (np.abs(dv) <= rr)
         else:  # triangle, apex (cx, cy - r), base from (cx - r, cy + r) to (cx + r, cy + r)
             inside[sel] = (dv <= rr) & (np.abs(du) <= (dv + rr) / 2)
-    cover = inside.reshape(n, size, ss, size, ss).sum((2, 4), dtype=np.float32)
-    return cover / np.float32(ss * ss)  # (N, S, S)
+    sub_px = inside.view(np.uint8).reshape(n, size, ss, size, ss)  # (N, S, s, S, s)
+    rows = sum(sub_px[:, :, i] for i in range(ss))  # (N, S, S, s) uint8; slice sums beat .sum(axis)
+    cover = sum(rows[..., j] for j in range(ss))  # (N, S, S) uint8, at most s*s <= 255
+    return cover.astype(np.float32) / np.float32(ss * ss)  # (N, S, S)
 
 
 def sample_shapes(rng: np.random.Generator, n: int, size: int = 16) -> dict:
@@ -155,6 +161,13 @@ def _dilate(mask):
     return out
 
 
+def _blur(t, k):
+    """Separable blur of (N, H, W) with the 1-D kernel k (length 3), zero padding (dark border)."""
+    p = np.pad(t, ((0, 0), (1, 1), (1, 1)))
+    rows = k[0] * p[:, :-2] + k[1] * p[:, 1:-1] + k[2] * p[:, 2:]  # (N, H, W + 2)
+    return k[0] * rows[:, :, :-2] + k[1] * rows[:, :, 1:-1] + k[2] * rows[:, :, 2:]
+
+
 def _classify_chunk(p):
     """p (N, H, W, 3) float 0..255 -> (shape idx (N,), color idx (N,)), -1 meaning None."""
     n, h = p.shape[:2]  # square images, H = W = h
@@ -180,7 +193,9 @@ def _classify_chunk(p):
     for k, (area_per_r2, dy) in enumerate(((np.pi, 0.0), (4.0, 0.0), (2.0, 1.0 / 3.0))):
         r = np.sqrt(area / area_per_r2)  # A = area_per_r2 r^2
         t = render_coverage(np.full(n, k), mx, my - dy * r, r, h)  # (N, H, W) template
-        ious[k] = np.minimum(a, t).sum((1, 2)) / np.maximum(np.maximum(a, t).sum((1, 2)), 1e-9)
+        for tb in (t, _blur(t, BLUR_121), _blur(t, BLUR_BOX)):  # sharp, or as soft as a sample
+            iou = np.minimum(a, tb).sum((1, 2)) / np.maximum(np.maximum(a, tb).sum((1, 2)), 1e-9)
+            ious[k] = iou if tb is t else np.maximum(ious[k], iou)
     shape = np.where((area >= MIN_AREA) & (ious.max(0) >= IOU_MIN), ious.argmax(0), -1)
     return shape, color
 

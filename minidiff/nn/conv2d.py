@@ -68,35 +68,40 @@ def _pad(x, pads):
 
 
 def _im2col(x_pad, kh, kw, s, Ho, Wo):
-    """cols[n, c, i, j, oh, ow] = x_pad[n, c, s*oh + i, s*ow + j], returned as (N, K, L).
+    """cols[c, i, j, n, oh, ow] = x_pad[n, c, s*oh + i, s*ow + j], returned as (K, N*L).
 
-    One strided copy per kernel offset (i, j): kh*kw slices, each a whole (N, C_in, Ho, Wo) block.
+    One strided copy per kernel offset (i, j). The batch sits inside the column index, so the
+    whole convolution is ONE 2-D BLAS matmul (K, N*L) instead of N small ones.
     """
     xp = get_array_module(x_pad)
     N, C = x_pad.shape[:2]
-    cols = xp.empty((N, C, kh, kw, Ho, Wo), dtype=x_pad.dtype)
+    xc = x_pad.transpose(1, 0, 2, 3)  # (C, N, Hp, Wp) view
+    cols = xp.empty((C, kh, kw, N, Ho, Wo), dtype=x_pad.dtype)
     for i in range(kh):
         for j in range(kw):
-            cols[:, :, i, j] = x_pad[:, :, i:i + s * Ho:s, j:j + s * Wo:s]
-    return cols.reshape(N, C * kh * kw, Ho * Wo)
+            cols[:, i, j] = xc[:, :, i:i + s * Ho:s, j:j + s * Wo:s]
+    return cols.reshape(C * kh * kw, N * Ho * Wo)
 
 
 def conv2d_forward(x, w, b=None, stride=1, padding=0):
     """y[n, o, oh, ow] = b[o] + sum_{c, i, j} w[o, c, i, j] * x_pad[n, c, s*oh + i, s*ow + j]
 
-    computed as y = w_col @ cols with cols = im2col(x_pad) (N, K, L) and w_col = w (C_out, K).
+    computed as y = w_col @ cols with cols = im2col(x_pad) (K, N*L) and w_col = w (C_out, K).
 
     Inputs:  x (N, C_in, H, W), w (C_out, C_in, kh, kw), b (C_out,) or None, one float dtype;
              stride int >= 1; padding int p >= 0 (all sides) or (top, bottom, left, right).
     Returns: y (N, C_out, Ho, Wo) in x's dtype, and the cache for conv2d_backward.
     """
     s, pads, Ho, Wo = _setup(x, w, b, stride, padding)
+    xp = get_array_module(x)
+    N = x.shape[0]
     C_out, _, kh, kw = w.shape
-    cols = _im2col(_pad(x, pads), kh, kw, s, Ho, Wo)  # (N, K, L)
-    y = w.reshape(C_out, -1) @ cols  # (C_out, K) @ (N, K, L) -> (N, C_out, L)
-    y = y.reshape(x.shape[0], C_out, Ho, Wo)  # (N, C_out, Ho, Wo)
+    w_col = w.reshape(C_out, -1)  # (C_out, K)
+    cols = _im2col(_pad(x, pads), kh, kw, s, Ho, Wo)  # (K, N*L)
+    y = (w_col @ cols).reshape(C_out, N, Ho, Wo).transpose(1, 0, 2, 3)  # (N, C_out, Ho, Wo)
     if b is not None:
         y = y + b[:, None, None]  # (N, C_out, Ho, Wo)
+    y = xp.ascontiguousarray(y)
     cache = (
         x,  # (N, C_in, H, W) the input, not its columns: cols are kh*kw times bigger, so
             # backward rebuilds them (one strided copy) instead of holding them across the net
@@ -109,9 +114,10 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
 
 
 def conv2d_backward(dy, cache):
-    """dw = sum_n dy_n cols_n^T,   dcols = w_col^T dy,   dx = col2im(dcols),   db = sum_{n,oh,ow} dy
+    """dw = dy_col cols^T,   dcols = w_col^T dy_col,   dx = col2im(dcols),   db = sum_{n,oh,ow} dy
 
-    col2im scatters each patch entry back to the pixel it was copied from, summing overlaps.
+    with dy_col = dy as (C_out, N*L). col2im scatters each patch entry back to the pixel it was
+    copied from, summing overlaps.
 
     Inputs:  dy (N, C_out, Ho, Wo) upstream gradient; cache from conv2d_forward.
     Returns: dx (N, C_in, H, W), dw (C_out, C_in, kh, kw), db (C_out,) or None.
@@ -123,23 +129,25 @@ def conv2d_backward(dy, cache):
     pt, pb, pl, pr = pads
     Ho, Wo = (H + pt + pb - kh) // s + 1, (W + pl + pr - kw) // s + 1
     check_shape("dy", dy, (N, C_out, Ho, Wo), "(N, C_out, Ho, Wo)")
-    dy_cols = dy.reshape(N, C_out, Ho * Wo)  # (N, C_out, L)
+    w_col = w.reshape(C_out, -1)  # (C_out, K)
 
     # forward: y = y + b[:, None, None]
     db = dy.sum(axis=(0, 2, 3)) if has_bias else None  # (C_out,)
-    # forward: y = w.reshape(C_out, -1) @ cols
-    cols = _im2col(_pad(x, pads), kh, kw, s, Ho, Wo)  # (N, K, L), rebuilt (see the cache note)
-    dw = xp.tensordot(dy_cols, cols, axes=([0, 2], [0, 2])).reshape(w.shape)  # (C_out, C_in, kh, kw)
-    dcols = w.reshape(C_out, -1).T @ dy_cols  # (K, C_out) @ (N, C_out, L) -> (N, K, L)
-    dcols = dcols.reshape(N, C_in, kh, kw, Ho, Wo)
+    # forward: y = (w_col @ cols) as (N, C_out, Ho, Wo)
+    dy_col = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(C_out, N * Ho * Wo)  # (C_out, N*L)
+    cols = _im2col(_pad(x, pads), kh, kw, s, Ho, Wo)  # (K, N*L), rebuilt (see the cache note)
+    # dw = dy_col @ cols^T, evaluated as (cols @ dy_col^T)^T: same numbers, but OpenBLAS is several
+    # times faster when the long N*L axis is the inner dimension of a row-major (K, N*L) operand
+    dw = (cols @ dy_col.T).T.reshape(w.shape)  # (C_out, C_in, kh, kw)
+    dcols = (w_col.T @ dy_col).reshape(C_in, kh, kw, N, Ho, Wo)  # (K, N*L) as patches
 
-    # forward: cols[:, :, i, j] = x_pad[:, :, i:i + s * Ho:s, j:j + s * Wo:s]   (col2im, overlaps summed)
-    dx_pad = xp.zeros((N, C_in, H + pt + pb, W + pl + pr), dtype=dcols.dtype)
+    # forward: cols[:, i, j] = x_pad[:, :, i:i + s * Ho:s, j:j + s * Wo:s]   (col2im, overlaps summed)
+    dx_pad = xp.zeros((C_in, N, H + pt + pb, W + pl + pr), dtype=dcols.dtype)  # channel-major, like cols
     for i in range(kh):
         for j in range(kw):
-            dx_pad[:, :, i:i + s * Ho:s, j:j + s * Wo:s] += dcols[:, :, i, j]
+            dx_pad[:, :, i:i + s * Ho:s, j:j + s * Wo:s] += dcols[:, i, j]
     # forward: x_pad = pad(x, pads)   (slice by explicit ends: x[p:-p] would be empty for p = 0)
-    dx = xp.ascontiguousarray(dx_pad[:, :, pt:pt + H, pl:pl + W])  # (N, C_in, H, W)
+    dx = xp.ascontiguousarray(dx_pad[:, :, pt:pt + H, pl:pl + W].transpose(1, 0, 2, 3))  # (N, C_in, H, W)
     return dx, dw, db
 
 

@@ -5,10 +5,10 @@ Shape legend: N batch, dim embedding width, half = dim // 2 frequencies,
 V vocabulary (number of labels), D embedding width of the table, ... any index shape.
 
 Two conventions exist for the sinusoidal embedding, and diffusers exposes both:
-  DDPM / improved-diffusion: [sin, cos], f_k = exp(-ln(max_period) k / (half - 1))
-      = flip_sin_to_cos=False, downscale_freq_shift=1   (diffusers' defaults)
-  UNet2DModel's default ("positional"): [cos, sin], f_k = exp(-ln(max_period) k / half)
-      = flip_sin_to_cos=True, downscale_freq_shift=0
+  DDPM (Ho et al.'s get_timestep_embedding): [sin, cos], f_k = exp(-ln(max_period) k / (half - 1))
+      = flip_sin_to_cos=False, downscale_freq_shift=1   (get_timestep_embedding's defaults)
+  improved-/guided-diffusion timestep_embedding, and diffusers UNet2DModel's default:
+      [cos, sin], f_k = exp(-ln(max_period) k / half) = flip_sin_to_cos=True, downscale_freq_shift=0
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ def timestep_embedding_forward(t, dim, flip_sin_to_cos=False, downscale_freq_shi
 
     exponent = -log_max_period * xp.arange(half, dtype=dt)  # (half,)
     exponent = exponent / (half - shift)  # (half,)
-    # f_k = exp(exponent) rounded once from float64: PyTorch's float32 exp is correctly rounded on
-    # these inputs, NumPy's is 1 ulp off for some k, and at a ~ 1000 one ulp of f_k moves sin by 1e-4
+    # f_k = exp(exponent) evaluated in float64 and rounded once to dt: the float32 exp of NumPy,
+    # PyTorch and CUDA are each up to 1 ulp off (at different k), and at a ~ 1000 one ulp of f_k
+    # moves sin(a) by ~1e-4; this way every backend gets the nearest float32 to f_k
     freqs = xp.exp(exponent.astype(np.float64)).astype(dt, copy=False)  # (half,) f_k
     tf = t.astype(dt)  # (N,) as diffusers' timesteps.float()
     a = scale * (tf[:, None] * freqs[None, :])  # (N, half)

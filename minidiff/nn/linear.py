@@ -6,7 +6,6 @@ Layout is PyTorch's nn.Linear: weight (out, in), bias (out,).
 
 from __future__ import annotations
 
-from ..backend import get_array_module
 from ._check import check_float, check_ndim, check_same_backend, check_shape
 
 
