@@ -475,3 +475,31 @@ def test_bad_input_raises_value_error_naming_the_argument(rng):
         call(mask=np.ones((2, 3), bool))  # (N, L) given for a context of S = 5 keys
     with pytest.raises(ValueError, match="^mask must keep at least one key"):
         call(mask=np.zeros((2, 5), bool))
+    with pytest.raises(ValueError, match="^context must hold at least one token"):
+        call(context=ctx[:, :0])
+
+
+# ---------------------------------------------------------------- NumPy vs CuPy
+
+
+@pytest.mark.gpu
+def test_numpy_and_cupy_agree():
+    pytest.importorskip("cupy")
+    from minidiff.backend import gpu_available, to_device
+
+    if not gpu_available():
+        pytest.skip("CuPy is installed but no CUDA GPU is visible")
+    case = mha_case(n=2, l=3, c=3, heads=2, d=2, c_out=3, cross=True, s=4, cc=2, mask="random",
+                    biases=(True,) * 4, seed=11)
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-5)):
+        a, mask = mha_arrays(case, dtype)
+        y, cache = mha_call(a, case, mask)
+        dy = np.random.default_rng(0).standard_normal(y.shape).astype(dtype)
+        a_gpu = {key: None if v is None else to_device(v, "gpu") for key, v in a.items()}
+        y_gpu, cache_gpu = mha_call(a_gpu, case, to_device(mask, "gpu"))
+        assert y_gpu.dtype == dtype and rel_error(y_gpu, y) < tol
+        for name, g, g_gpu in zip(MHA_NAMES, mha_backward(dy, cache), mha_backward(to_device(dy, "gpu"), cache_gpu)):
+            if g is not None and name != "bk":  # dbk is zero up to rounding
+                assert g_gpu.dtype == dtype and rel_error(g_gpu, g) < tol, name
+    with pytest.raises(ValueError, match="^mask must keep at least one key"):  # validated on the host
+        mha_call(a_gpu, case, to_device(np.zeros((2, 4), bool), "gpu"))

@@ -141,6 +141,9 @@ def _check_mha(x, wq, bq, wk, bk, wv, bv, wo, bo, heads, context, mask) -> None:
         if context.shape[0] != x.shape[0]:
             raise ValueError(f"context must have the batch size of x ({x.shape[0]}), got shape "
                              f"{tuple(context.shape)}")
+    if ctx.shape[1] < 1:
+        raise ValueError(f"{'x' if context is None else 'context'} must hold at least one token, "
+                         f"got shape {tuple(ctx.shape)}")
     check_ndim("wq", wq, 2, "(inner, C)")
     inner = wq.shape[0]
     check_shape("wq", wq, (inner, x.shape[2]), "(inner, C)")

@@ -1,0 +1,121 @@
+"""The main job end to end on tiny settings: exact resume, no overwrites, NaN stop, CLI errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from minidiff import train as train_mod
+from minidiff.cli import main
+from minidiff.config import TrainConfig
+from minidiff.train import Trainer, TrainingDiverged, train
+
+
+def tiny_cfg(out, **kw):
+    base = dict(out=str(out), preset="tiny", steps=6, batch_size=4, save_every=2, sample_every=0, sample_steps=2,
+                log_every=1, warmup_steps=2, lr=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def quiet(*a, **k):
+    pass
+
+
+@pytest.mark.parametrize("conditioning", ["text", "class"])
+def test_interrupted_and_resumed_run_repeats_the_losses(tmp_path, conditioning):
+    full = train(tiny_cfg(tmp_path / "a", conditioning=conditioning, dropout=0.1), log=quiet)
+    part = train(tiny_cfg(tmp_path / "b", conditioning=conditioning, dropout=0.1), stop_after=3, log=quiet)
+    assert part["steps"] == 3
+    rest = train(tiny_cfg(tmp_path / "b", conditioning=conditioning, dropout=0.1, resume=True), log=quiet)
+    assert rest["steps"] == 6
+    assert len(full["losses"]) == 6
+    assert rest["losses"] == full["losses"]  # bit-identical, not approximately equal
+    # and the final weights agree too
+    from minidiff.checkpoint import load_checkpoint
+
+    a, _ = load_checkpoint(tmp_path / "a" / "checkpoints" / "latest.npz")
+    b, _ = load_checkpoint(tmp_path / "b" / "checkpoints" / "latest.npz")
+    for k in a["params"]:
+        np.testing.assert_array_equal(a["params"][k], b["params"][k])
+        np.testing.assert_array_equal(a["ema"][k], b["ema"][k])
+
+
+def test_run_directory_files_and_log(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(out, sample_every=3), log=quiet)
+    assert (out / "config.json").exists() and (out / "loss.png").exists()
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000003.png", "step_000006.png"]
+    lines = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in lines)
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(out, steps=2), log=quiet)
+    before = (out / "checkpoints" / "latest.npz").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(tiny_cfg(out, steps=2), log=quiet)
+    assert (out / "checkpoints" / "latest.npz").read_bytes() == before
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = train_mod.diffusion_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss, d = real(*a, **k)
+        return (loss * np.nan if calls["n"] == 3 else loss), d
+
+    monkeypatch.setattr(train_mod, "diffusion_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="step 3"):
+        train(tiny_cfg(out), log=quiet)
+    from minidiff.checkpoint import load_checkpoint
+
+    _, meta = load_checkpoint(out / "checkpoints" / "latest.npz")
+    assert meta["step"] == 2 and all(np.isfinite(meta["losses"]))
+
+
+def test_resume_with_another_config_names_the_field(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(out, steps=2), log=quiet)
+    with pytest.raises(ValueError, match="batch_size"):
+        Trainer(tiny_cfg(out, steps=4, batch_size=8, resume=True), log=quiet)
+
+
+def test_cli_train_then_sample_with_prompt_and_guidance(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--preset", "tiny", "--steps", "2", "--batch-size", "2",
+            "--sample-every", "0", "--sample-steps", "2"]
+    assert main(args) == 0
+    assert "done: 2 steps" in capsys.readouterr().out
+    sdir = tmp_path / "s"
+    assert main(["sample", "--checkpoint", str(out), "--out", str(sdir), "--prompt", "red circle;small blue square",
+                 "--guidance-scale", "3", "--steps", "3", "--n", "4"]) == 0
+    pngs = list(sdir.glob("*.png"))
+    assert len(pngs) == 1
+    x = np.load(next(sdir.glob("*.npz")), allow_pickle=False)["images"]
+    assert x.shape == (4, 3, 16, 16) and np.all(np.abs(x) <= 1)
+    # bad input: one clear line each
+    assert main(["sample", "--checkpoint", str(out), "--out", str(sdir), "--prompt", "purple hexagon"]) == 2
+    assert "purple" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(tmp_path / "nothing.npz")]) == 2
+    bad = tmp_path / "corrupt.npz"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    assert main(["sample", "--checkpoint", str(bad)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_cli_class_conditioned_sample_rejects_a_class_out_of_range(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--preset", "tiny", "--steps", "1", "--batch-size", "2",
+                 "--conditioning", "class", "--sample-every", "0", "--sample-steps", "2"]) == 0
+    assert main(["sample", "--checkpoint", str(out), "--out", str(tmp_path / "s"), "--class", "9"]) == 2
+    assert "class" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(out), "--out", str(tmp_path / "s"), "--class", "7", "--n", "2",
+                 "--steps", "2"]) == 0
