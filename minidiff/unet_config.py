@@ -131,8 +131,10 @@ def validate_config(c: UNetConfig) -> None:
         raise ValueError(f"flip_sin_to_cos must be a bool, got {c.flip_sin_to_cos!r}")
     if not _is_number(c.norm_eps) or not c.norm_eps > 0:
         raise ValueError(f"norm_eps must be a positive number, got {c.norm_eps!r}")
-    if not _is_number(c.freq_shift):
-        raise ValueError(f"freq_shift must be a number, got {c.freq_shift!r}")
+    if not _is_number(c.freq_shift) or c.freq_shift == c.block_out_channels[0] // 2:
+        raise ValueError(f"freq_shift must be a number other than block_out_channels[0] // 2 = "
+                         f"{c.block_out_channels[0] // 2} (the frequencies divide by their difference), "
+                         f"got {c.freq_shift!r}")
     if c.downsample_padding not in (0, 1) or isinstance(c.downsample_padding, bool):
         raise ValueError(f"downsample_padding must be 0 or 1, got {c.downsample_padding!r}")
     if not _is_number(c.dropout) or not 0 <= c.dropout < 1:

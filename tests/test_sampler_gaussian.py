@@ -27,7 +27,7 @@ from minidiff.timesteps import make_timesteps, prev_timesteps
 SCHED = S.make_schedule()                                         # linear, T = 1000
 FINE = S.make_schedule(2000, beta_start=5e-5, beta_end=0.01)    # the same continuous process, steps halved
 
-mus = st.floats(-3, 3)
+mus = st.floats(-3, 3).filter(lambda m: m == 0 or abs(m) > 1e-6)   # no subnormal means (0/0 ratios)
 sds = st.floats(0.1, 3)
 
 
@@ -120,8 +120,9 @@ def test_discretization_error_is_first_order(mu, sd):
     """e(n) = law(n) - continuum(n). Facts checked here (measured ratios over the domain in brackets):
     - DDPM and DDIM eta = 1 means are exact (error ~1e-12): each step's mean is E[x_prev | x_t] of the
       true reverse process, so by the tower property the chain's mean is E[x_0 | x_T] exactly.
-    - every other error shrinks when the steps double, e(2n) / e(n) in [0.25, 0.8] (first order: 1/2;
-      seen [0.30, 0.70], the low end for small s where n = 50 is not yet asymptotic).
+    - every other error shrinks when the steps double: e(2n) / e(n) in [0.35, 0.8] (first order: 1/2;
+      seen [0.45, 0.70] over mu in [-3, 3], s in [0.1, 3]; the high end for small s, where n = 50 is
+      not yet asymptotic).
     DDPM is refined by a T = 2000 schedule with halved betas (the same continuous process)."""
     def err(schedule, n, **kw):
         law, ts = exact_law(schedule, mu, sd, num_inference_steps=n, dtype=np.float64, **kw)
@@ -131,14 +132,14 @@ def test_discretization_error_is_first_order(mu, sd):
     for vt in ("fixed_small", "fixed_large"):
         e1, e2 = err(SCHED, 1000, sampler="ddpm", variance_type=vt), err(FINE, 2000, sampler="ddpm", variance_type=vt)
         assert abs(e1[0]) < 1e-10 and abs(e2[0]) < 1e-10
-        assert 0.25 < e2[1] / e1[1] < 0.8
+        assert 0.35 < e2[1] / e1[1] < 0.8
     for eta in (0.0, 1.0):
         e50, e100, e200 = (err(SCHED, n, sampler="ddim", eta=eta) for n in (50, 100, 200))
         if eta > 0 or mu == 0:
             assert max(abs(e50[0]), abs(e100[0]), abs(e200[0])) < 1e-10
         else:
-            assert 0.25 < e100[0] / e50[0] < 0.8 and 0.25 < e200[0] / e100[0] < 0.8
-        assert 0.25 < e100[1] / e50[1] < 0.8 and 0.25 < e200[1] / e100[1] < 0.8
+            assert 0.35 < e100[0] / e50[0] < 0.8 and 0.35 < e200[0] / e100[0] < 0.8
+        assert 0.35 < e100[1] / e50[1] < 0.8 and 0.35 < e200[1] / e100[1] < 0.8
 
 
 @settings(max_examples=2)
@@ -150,9 +151,9 @@ def test_samples_reproduce_mu_and_s2(cfg, mu, sd, seed):
     """n = N D iid draws (items and dims are independent). Monte-Carlo tolerance at 4 standard
     errors: the sample mean has std sqrt(v / n) and the unbiased sample variance v sqrt(2 / (n - 1))
     (Gaussian data). Bias = law - (mu, s^2), exact from exact_law; its size at these configs (over
-    |mu| <= 2, s in [0.5, 2]): DDPM-1000 mean <= 3e-4 (prior mismatch only), variance -0.6% .. -1.6%;
+    |mu| <= 2, s in [0.5, 2]): DDPM-1000 mean <= 3.3e-4 (prior mismatch only), variance -0.6% .. -1.6%;
     DDIM-50 eta 0 mean <= 0.03 (mostly prior mismatch s sqrt(abar_980) mu), variance -6% .. -11%;
-    DDIM-50 eta 1 mean <= 5e-4, variance -11% .. -21% (first-order errors, see the test above)."""
+    DDIM-50 eta 1 mean <= 5e-4, variance -11% .. -22% (first-order errors, see the test above)."""
     N, D = 2000, 8
     n = N * D
     law, _ = exact_law(SCHED, mu, sd, dtype=np.float64, **cfg)

@@ -225,6 +225,7 @@ def test_config_dict_roundtrip():
     (dict(time_embedding_type="fourier"), "time_embedding_type"),
     (dict(block_out_channels=(8, 0)), "block_out_channels"),
     (dict(layers_per_block=0), "layers_per_block"),
+    (dict(freq_shift=4), "freq_shift"),  # = block_out_channels[0] // 2: found by hypothesis (0/0 frequencies)
 ])
 def test_bad_config_names_the_field(changes, field):
     with pytest.raises(ValueError, match=field):

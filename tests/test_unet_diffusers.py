@@ -29,6 +29,15 @@ diffusers = pytest.importorskip("diffusers")
 TINY = get_preset("tiny")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These networks are tiny: one thread is 10x faster than two on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class Float64Timesteps(torch.nn.Module):
     """diffusers.models.embeddings.get_timestep_embedding, computed in float64 (see module docstring)."""
 
@@ -82,12 +91,15 @@ def _compare(config, seed=0, batch=2):
     out = model(xt, torch.from_numpy(t), class_labels=None if labels is None else torch.from_numpy(labels)).sample
     out.backward(torch.from_numpy(g))
     assert _rel(eps, out.detach().numpy()) < 1e-10
-    assert _rel(dx, xt.grad.numpy()) < 1e-10
     torch_grads = {k: p.grad.numpy() for k, p in model.named_parameters()}
     assert torch_grads.keys() == grads.keys()
-    scale = max(np.abs(v).max() for v in torch_grads.values())
-    for k in grads:  # floor: to_k.bias has a zero gradient (softmax is shift-invariant), both sides ~1e-17
-        assert _rel(grads[k], torch_grads[k], floor=1e-6 * scale) < 1e-10, k
+    scale = max(np.abs(v).max() for v in [*torch_grads.values(), xt.grad.numpy()])
+    # floor: some gradients are mathematically zero, or cancel to ~1e-9 of the others, and both
+    # sides then hold rounding noise: to_k.bias (softmax is shift-invariant), the inputs of a
+    # GroupNorm whose groups hold one or two elements (1x1 images)
+    assert _rel(dx, xt.grad.numpy(), floor=1e-4 * scale) < 1e-10
+    for k in grads:
+        assert _rel(grads[k], torch_grads[k], floor=1e-4 * scale) < 1e-10, k
 
 
 CASES = {
@@ -124,7 +136,7 @@ def configs(draw):
         up_block_types=tuple(draw(attn) + "UpBlock2D" for _ in range(n)), add_attention=draw(st.booleans()),
         attention_head_dim=draw(st.sampled_from([None, base])), norm_num_groups=draw(st.sampled_from([1, 2])),
         norm_eps=draw(st.sampled_from([1e-5, 1e-6])), flip_sin_to_cos=draw(st.booleans()),
-        freq_shift=draw(st.sampled_from([0, 1])), downsample_padding=draw(st.sampled_from([0, 1])),
+        freq_shift=draw(st.sampled_from([0, 1] if base > 2 else [0])), downsample_padding=draw(st.sampled_from([0, 1])),
         mid_block_scale_factor=draw(st.sampled_from([1.0, 1.5])),
         num_class_embeds=draw(st.sampled_from([None, 3])), time_embedding_dim=draw(st.sampled_from([None, 6])))
 
@@ -133,6 +145,10 @@ def configs(draw):
 @example(UNetConfig(sample_size=1, in_channels=1, out_channels=1, block_out_channels=(2,), layers_per_block=1,
                     down_block_types=("AttnDownBlock2D",), up_block_types=("AttnUpBlock2D",),
                     attention_head_dim=None, norm_num_groups=1), 0)  # one block, 1x1 image: no resampling
+@example(UNetConfig(sample_size=2, in_channels=1, out_channels=1, block_out_channels=(2, 2), layers_per_block=1,
+                    down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, add_attention=False,
+                    attention_head_dim=None, norm_num_groups=2, flip_sin_to_cos=False, downsample_padding=0),
+         0)  # found by hypothesis: 1x1 mid-block GroupNorm over 1 element per group, zero temb gradients
 def test_random_configs_match_unet2dmodel(config, seed):
     _compare(config, seed)
 

@@ -1,0 +1,339 @@
+"""`minidiff bench`: time one training step and one sampling step of a U-Net preset, beside
+diffusers' UNet2DModel in PyTorch eager on the same network, weights, inputs and threads.
+
+    train step  = unet_forward + diffusion_loss + unet_backward + AdamW.step
+                  (torch: model(x_t, t) + F.mse_loss + loss.backward() + torch.optim.AdamW.step)
+    sample step = unet_forward (no grad) + ddim_step, 50-step DDIM at t = 500 -> 480
+                  (torch: torch.no_grad() model(x_t, t) + diffusers DDIMScheduler.step)
+
+Each time is the median over --repeats after --warmup untimed steps; the two sides alternate
+(minidiff, torch, minidiff, ...) so that load from other processes hits both alike, and every
+timed region ends with a device synchronization (backend.synchronize, torch.cuda.synchronize).
+Peak memory is the extra memory one step needs on top of the weights and optimizer state:
+CPU minidiff: tracemalloc's peak (NumPy reports its buffers to tracemalloc); CPU torch: not
+measured (PyTorch's CPU allocator is invisible to tracemalloc); GPU: the CuPy memory pool's
+high-water mark / torch.cuda.max_memory_allocated.
+
+PyTorch and diffusers are optional: they are imported lazily, only inside _torch_side, and only
+for this comparison (--no-torch, or their absence, gives minidiff's numbers alone). No other
+module of minidiff touches them.
+
+Shape legend: N batch, C image channels, S image side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+from .backend import BackendError, synchronize, to_device, to_numpy, xp_for
+from .loss import diffusion_loss
+from .optim import AdamW
+from .sampler import ddim_step
+from .schedule import add_noise, make_schedule
+from .unet import count_params, init_params, unet_backward, unet_forward
+from .unet_config import PRESETS, get_preset, to_diffusers_config
+
+T_SAMPLE, T_PREV = 500, 480  # one step of 50-step DDIM with "leading" spacing (timesteps 980, 960, ..., 0)
+LR = 2e-4  # AdamW learning rate of the timed step (weight decay 0.01 on both sides, PyTorch's default)
+COLUMNS = ("what", "device", "preset", "batch", "minidiff", "torch", "ratio")
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the `bench` subcommand on an argparse subparsers object; returns its parser."""
+    b = subparsers.add_parser("bench", help="time a training and a sampling step, beside PyTorch eager",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_bench_args(b)
+    b.set_defaults(func=cmd_bench)
+    return b
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="U-Net preset")
+    p.add_argument("--batch", type=int, default=64, help="batch size N")
+    p.add_argument("--image-size", type=int, default=None, help="image side S (default: the preset's sample_size)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for both sides: torch.set_num_threads and the BLAS of NumPy")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/diffusers comparison")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory rows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="", metavar="PATH", help="also write the rows (and the settings) here")
+
+
+def _check_args(a) -> None:
+    for name, low in (("batch", 1), ("repeats", 1), ("warmup", 0)):
+        if getattr(a, name) < low:
+            raise ValueError(f"--{name} must be an integer >= {low}, got {getattr(a, name)}")
+    if a.threads is not None and a.threads < 1:
+        raise ValueError(f"--threads must be an integer >= 1, got {a.threads}")
+    if a.image_size is not None and a.image_size < 1:
+        raise ValueError(f"--image-size must be a positive integer, got {a.image_size}")
+
+
+def set_blas_threads(n: int | None) -> str:
+    """Limit NumPy's BLAS to n threads (threadpoolctl when installed); return a note on what happened."""
+    env = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    try:
+        import threadpoolctl  # noqa: PLC0415  (optional)
+    except ImportError:
+        if n is None or env == str(n):
+            return f"blas threads: {env or 'default (one per core)'}"
+        return (f"blas threads: {env or 'default (one per core)'}, NOT {n}: install threadpoolctl, or start with "
+                f"OPENBLAS_NUM_THREADS={n} (scripts/bench.py sets it for you)")
+    if n is not None:
+        set_blas_threads.limiter = threadpoolctl.threadpool_limits(n, user_api="blas")  # kept alive
+    counts = sorted({info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"})
+    return f"blas threads: {','.join(map(str, counts)) or '?'} (threadpoolctl)"
+
+
+def _timeit(fn, sync) -> float:
+    """Wall-clock milliseconds of fn(), synchronized with the device on both ends."""
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def _cpu_peak_mb(fn) -> float:
+    """tracemalloc peak (MB) of the allocations fn() makes on top of what was live before."""
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        fn()
+        return (tracemalloc.get_traced_memory()[1] - base) / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+# ----------------------------------------------------------------------------- the two sides
+
+
+class MinidiffSide:
+    """minidiff's params, AdamW state and inputs on the chosen device, and its two steps."""
+
+    def __init__(self, config, host_params, inputs, device, schedule):
+        self.config, self.device, self.schedule = config, device, schedule
+        self.xp = xp_for(device)
+        self.params = to_device(host_params, device)
+        self.opt = AdamW(self.params, lr=LR)
+        self.x0, self.noise, self.t, self.x_s = (to_device(inputs[k], device) for k in ("x0", "noise", "t", "x_s"))
+        self.x_t = add_noise(schedule, self.x0, self.noise, self.t)  # (N, C, S, S)
+        self.t_s = self.xp.full((self.x0.shape[0],), T_SAMPLE, dtype=np.int64)
+        self.rng = np.random.default_rng(0)  # network dropout (ddpm-cifar10 has dropout 0.1)
+
+    def sync(self):
+        synchronize()
+
+    def train_step(self):
+        eps, cache = unet_forward(self.params, self.config, self.x_t, self.t, train=True, rng=self.rng)
+        loss, deps = diffusion_loss(self.schedule, eps, self.x0, self.noise, self.t)
+        grads, _ = unet_backward(deps, cache)
+        self.opt.step(self.params, grads)
+        return loss
+
+    def sample_step(self):
+        eps, _ = unet_forward(self.params, self.config, self.x_s, self.t_s)
+        return ddim_step(self.schedule, eps, T_SAMPLE, T_PREV, self.x_s)[0]
+
+    def peak_mb(self, fn) -> float | None:
+        if self.device == "cpu":
+            return _cpu_peak_mb(fn)
+        pool = self.xp.get_default_memory_pool()
+        self.sync()
+        pool.free_all_blocks()  # the pool then grows exactly to the step's high-water mark
+        base = pool.used_bytes()
+        fn()
+        self.sync()
+        return (pool.total_bytes() - base) / 2**20
+
+
+def _torch_side(config, host_params, inputs, device, dtype, note):
+    """diffusers' UNet2DModel twin (same config, same weights), or None with a note when unavailable."""
+    try:
+        import diffusers  # noqa: PLC0415  (optional: the comparison only)
+        import torch  # noqa: PLC0415
+    except ImportError as err:
+        note(f"torch side skipped: {err}; pip install 'minidiff[crosscheck]' to compare with PyTorch")
+        return None
+    if device == "gpu" and not torch.cuda.is_available():
+        note("torch side skipped: this PyTorch build sees no CUDA device")
+        return None
+    return TorchSide(torch, diffusers, config, host_params, inputs, device, dtype)
+
+
+class TorchSide:
+    """The same network, weights and inputs as UNet2DModel in PyTorch eager mode."""
+
+    def __init__(self, torch, diffusers, config, host_params, inputs, device, dtype):
+        self.torch = torch
+        self.dev = torch.device("cuda" if device == "gpu" else "cpu")
+        if device == "gpu":  # float32 means float32 on both sides: no TF32 in cuDNN convs or matmuls
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        kwargs = {k: v for k, v in to_diffusers_config(config).items() if not k.startswith("_")}
+        model = diffusers.UNet2DModel(**kwargs).to(dtype=getattr(torch, dtype))
+        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in host_params.items()}, strict=True)
+        self.model = model.to(self.dev)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=1e-2)
+        self.x0, self.noise, self.t, self.x_s = (torch.from_numpy(inputs[k]).to(self.dev)
+                                                 for k in ("x0", "noise", "t", "x_s"))
+        self.x_t = torch.from_numpy(inputs["x_t"]).to(self.dev)
+        self.t_s = torch.full((self.x0.shape[0],), T_SAMPLE, dtype=torch.int64, device=self.dev)
+        self.scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                                 clip_sample=False, set_alpha_to_one=True)
+        self.scheduler.set_timesteps(50)  # leading spacing: 980, 960, ..., 500, 480, ..., 0
+
+    def sync(self):
+        if self.dev.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def train_step(self):
+        self.model.train()
+        out = self.model(self.x_t, self.t).sample
+        loss = self.torch.nn.functional.mse_loss(out, self.noise)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+    def sample_step(self):
+        self.model.eval()
+        with self.torch.no_grad():
+            out = self.model(self.x_s, self.t_s).sample
+            return self.scheduler.step(out, T_SAMPLE, self.x_s, eta=0.0).prev_sample
+
+    def peak_mb(self, fn) -> float | None:
+        if self.dev.type != "cuda":
+            return None  # PyTorch's CPU allocator is invisible to tracemalloc: not measured
+        self.sync()
+        base = self.torch.cuda.memory_allocated()
+        self.torch.cuda.reset_peak_memory_stats()
+        fn()
+        self.sync()
+        return (self.torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def make_inputs(config, batch: int, size: int, dtype, seed: int, schedule) -> dict:
+    """Host inputs shared by both sides: x0, noise, x_t (N, C, S, S), t (N,), the sampler's x_s."""
+    rng = np.random.default_rng(seed)
+    shape = (batch, config.in_channels, size, size)
+    x0 = rng.uniform(-1, 1, shape).astype(dtype)
+    noise = rng.standard_normal(shape).astype(dtype)
+    t = rng.integers(0, schedule.num_train_timesteps, batch).astype(np.int64)
+    x_t = to_numpy(add_noise(schedule, x0, noise, t)).astype(dtype)
+    x_s = rng.standard_normal(shape).astype(dtype)
+    return dict(x0=x0, noise=noise, t=t, x_t=x_t, x_s=x_s)
+
+
+def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="float32", repeats=5, warmup=2,
+              threads=None, use_torch=True, memory=True, seed=0, log=print) -> list[dict]:
+    """Time both steps on both sides; return one dict per measurement (the printed rows)."""
+    base = get_preset(preset)
+    size = base.sample_size if image_size is None else image_size
+    config = dataclasses.replace(base, sample_size=size)  # ValueError unless a multiple of 2**(levels-1)
+    xp_for(device)  # BackendError with the install hint when the GPU is missing
+    notes = []
+    torch_threads = None
+    if device == "cpu" and use_torch:
+        try:
+            import torch  # noqa: PLC0415  (optional)
+
+            if threads is not None:
+                torch.set_num_threads(threads)
+            torch_threads = torch.get_num_threads()
+        except ImportError:
+            pass
+    if device == "cpu":
+        notes.append(set_blas_threads(threads) + (f", torch threads: {torch_threads}" if torch_threads else ""))
+    schedule = make_schedule(1000, "linear")
+    host_params = init_params(config, seed=seed, dtype=np.dtype(dtype))
+    inputs = make_inputs(config, batch, size, np.dtype(dtype), seed, schedule)
+    md = MinidiffSide(config, host_params, inputs, device, schedule)
+    th = _torch_side(config, host_params, inputs, device, dtype, notes.append) if use_torch else None
+    if th is not None:  # the same network: compare one forward before timing anything
+        eps_md = to_numpy(unet_forward(md.params, config, md.x_s, md.t_s)[0])
+        th.model.eval()
+        with th.torch.no_grad():
+            eps_th = th.model(th.x_s, th.t_s).sample.cpu().numpy()
+        rel = float(np.abs(eps_md - eps_th).max() / max(np.abs(eps_th).max(), 1e-30))
+        notes.append(f"same network check: max|eps_minidiff - eps_torch| / max|eps_torch| = {rel:.1e}")
+    log(f"minidiff bench: preset {preset} ({count_params(config):,} params), {size}x{size}, batch {batch}, "
+        f"{device} {dtype}, median of {repeats} after {warmup} warm-up")
+    for n in notes:
+        log("  " + n)
+    sides = [md] + ([th] if th is not None else [])
+    rows = []
+    for what, step in (("train step (ms)", "train_step"), ("sample step (ms)", "sample_step")):
+        for _ in range(warmup):
+            for s in sides:
+                getattr(s, step)()
+                s.sync()
+        times = [[] for _ in sides]
+        for _ in range(repeats):  # alternate the sides: background load hits both alike
+            for i, s in enumerate(sides):
+                times[i].append(_timeit(getattr(s, step), s.sync))
+        ms = [statistics.median(ts) for ts in times]
+        rows.append(_row(what, device, preset, batch, ms[0], ms[1] if th else None))
+    if memory:
+        for what, step in (("train peak memory (MB)", "train_step"), ("sample peak memory (MB)", "sample_step")):
+            mbs = [s.peak_mb(getattr(s, step)) for s in sides]
+            rows.append(_row(what, device, preset, batch, mbs[0], mbs[1] if th else None))
+    for r in rows:
+        r.update(image_size=size, dtype=dtype, repeats=repeats, warmup=warmup, threads=threads)
+    return rows
+
+
+def _row(what, device, preset, batch, a, b) -> dict:
+    ratio = a / b if a is not None and b else None
+    return dict(what=what, device=device, preset=preset, batch=batch, minidiff=a, torch=b, ratio=ratio)
+
+
+def format_rows(rows) -> str:
+    """The rows as a fixed-width table, one line per measurement; '-' where a side was not measured."""
+    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"{'what':<24} {'device':<6} {'preset':<12} {'batch':>5} {'minidiff':>10} {'torch':>10} {'ratio':>6}"]
+    for r in rows:
+        lines.append(f"{r['what']:<24} {r['device']:<6} {r['preset']:<12} {r['batch']:>5} "
+                     f"{f(r['minidiff'], '.1f'):>10} {f(r['torch'], '.1f'):>10} {f(r['ratio'], '.2f'):>6}")
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> int:
+    _check_args(args)
+    rows = run_bench(args.preset, args.batch, args.image_size, args.device, args.dtype, args.repeats,
+                     args.warmup, args.threads, not args.no_torch, not args.no_memory, args.seed)
+    print(format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=2)
+        print(f"wrote {len(rows)} rows to {args.json}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Standalone entry point (scripts/bench.py): same flags as `minidiff bench`."""
+    p = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_bench_args(p)
+    args = p.parse_args(argv)
+    try:
+        return cmd_bench(args)
+    except (ValueError, BackendError) as err:
+        print(f"minidiff bench: error: {err}", file=sys.stderr)
+        return 2
