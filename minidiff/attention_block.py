@@ -43,7 +43,9 @@ def attention_block_forward(params, prefix, x, heads, groups, eps, context=None,
              context_mask (N, S) bool, True = real token (False = padding, never attended to).
     Returns: y (N, C, H, W), and the cache for attention_block_backward.
     """
-    p = lambda name: params[prefix + name]  # noqa: E731
+    def p(name):  # this block's parameter called name
+        return params[prefix + name]
+
     xp = get_array_module(x)
     N, C, H, W = x.shape
     L = H * W

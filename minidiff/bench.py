@@ -184,7 +184,8 @@ class TorchSide:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         kwargs = {k: v for k, v in to_diffusers_config(config).items() if not k.startswith("_")}
-        model = diffusers.UNet2DModel(**kwargs).to(dtype=getattr(torch, dtype))
+        model = diffusers.UNet2DModel(**kwargs)
+        model = model.double() if dtype == "float64" else model  # (not .to(): diffusers warns there)
         model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in host_params.items()}, strict=True)
         self.model = model.to(self.dev)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=1e-2)

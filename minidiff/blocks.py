@@ -67,7 +67,9 @@ def resnet_block_forward(params, prefix, x, temb, args: BlockArgs, output_scale_
     Inputs:  x (N, C_in, H, W); temb (N, T) the time (+ class) embedding; args the shared settings.
     Returns: y (N, C_out, H, W), and the cache for resnet_block_backward.
     """
-    p = lambda name: params[prefix + name]  # noqa: E731
+    def p(name):  # this block's parameter called name
+        return params[prefix + name]
+
     h, norm1 = groupnorm_forward(x, p("norm1.weight"), p("norm1.bias"), args.groups, args.eps)
     h, act1 = silu_forward(h)  # (N, C_in, H, W)
     h, conv1 = conv2d_forward(h, p("conv1.weight"), p("conv1.bias"), padding=1)  # (N, C_out, H, W)

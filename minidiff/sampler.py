@@ -187,6 +187,8 @@ def sample(model_fn, shape, schedule, sampler="ddpm", num_inference_steps=None, 
     if len(shape) < 1 or min(shape) < 1:
         raise ValueError(f"shape must be (N, ...) with positive sizes, got {shape}")
     if timesteps is not None:
+        if num_inference_steps is not None:
+            raise ValueError("pass either num_inference_steps or timesteps (a custom list), not both")
         ts = check_timestep_list("timesteps", timesteps, T)
     else:
         n = num_inference_steps if num_inference_steps is not None else (T if sampler == "ddpm" else min(50, T))

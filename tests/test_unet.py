@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from gradcheck import numeric_grad, rel_error
 
+from minidiff.backend import gpu_available, to_device, to_numpy
 from minidiff.unet import count_params, init_params, param_shapes, print_param_counts, unet_backward, unet_forward
 from minidiff.unet_config import PRESETS, UNetConfig, from_diffusers_config, get_preset
 
@@ -125,7 +126,7 @@ def test_reentrant_two_forwards_then_two_backwards():
 
 def test_empty_prompt_is_plain_self_attention():
     """All-padding context == context None == the same net without cross-attention parameters."""
-    p, (x, t, kw) = _params(CROSS), _inputs(CROSS)
+    p, (x, t, _) = _params(CROSS), _inputs(CROSS)
     plain = {k: v for k, v in p.items() if "add_" not in k and "context_embedding" not in k}
     ref, _ = unet_forward(plain, TINY, x, t)
     empty, cache = unet_forward(p, CROSS, x, t, context=np.zeros((2, 4), np.int64))
@@ -249,8 +250,10 @@ def test_bad_inputs_name_the_argument():
     p, (x, t, kw) = _params(CLASS), _inputs(CLASS)
     with pytest.raises(ValueError, match="class_labels"):
         unet_forward(p, CLASS, x, t)
-    with pytest.raises(ValueError, match="ids"):
+    with pytest.raises(ValueError, match="class_labels"):
         unet_forward(p, CLASS, x, t, class_labels=np.array([3, 0]))
+    with pytest.raises(ValueError, match="class_labels"):
+        unet_forward(p, CLASS, x, t, class_labels=np.array([1.0, 0.0]))
     with pytest.raises(ValueError, match="context"):
         unet_forward(p, CLASS, x, t, context=np.ones((2, 3), np.int64), **kw)
     with pytest.raises(ValueError, match="x"):
@@ -266,5 +269,28 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="rng"):
         unet_forward(p, dataclasses.replace(CLASS, dropout=0.1), x, t, train=True, rng="seed", **kw)
     p_cross = _params(CROSS)
-    with pytest.raises(ValueError, match="ids"):
+    with pytest.raises(ValueError, match="context"):
         unet_forward(p_cross, CROSS, x, t, context=np.array([[7, 0], [1, 2]]))
+    with pytest.raises(ValueError, match="context"):
+        unet_forward(p_cross, CROSS, x, t, context=np.array([1, 2]))
+    eps_list, _ = unet_forward(p_cross, CROSS, x, 3, context=[[1, 2], [3, 0]])  # lists are accepted
+    eps_arr, _ = unet_forward(p_cross, CROSS, x, np.array([3, 3]), context=np.array([[1, 2], [3, 0]]))
+    np.testing.assert_array_equal(eps_list, eps_arr)
+
+
+def test_cupy_matches_numpy():
+    pytest.importorskip("cupy")
+    if not gpu_available():
+        pytest.skip("no CUDA GPU")
+    p, (x, t, kw) = _params(CROSS), _inputs(CROSS)
+    kw["class_labels"] = None
+    config = dataclasses.replace(CROSS, dropout=0.2)
+    eps, cache = unet_forward(p, config, x, t, context=kw["context"], train=True, rng=5)
+    grads, dx = unet_backward(np.ones_like(eps), cache)
+    gp = to_device(p, "gpu")
+    eps_g, cache_g = unet_forward(gp, config, to_device(x, "gpu"), to_device(t, "gpu"),
+                                  context=to_device(kw["context"], "gpu"), train=True, rng=5)
+    grads_g, dx_g = unet_backward(to_device(np.ones_like(eps), "gpu"), cache_g)
+    assert rel_error(to_numpy(eps_g), eps) < 1e-10 and rel_error(to_numpy(dx_g), dx) < 1e-10
+    for k in grads:  # same dropout masks (drawn on the host), same float64 math up to summation order
+        assert np.abs(to_numpy(grads_g[k]) - grads[k]).max() <= 1e-10 * max(np.abs(grads[k]).max(), 1e-3), k

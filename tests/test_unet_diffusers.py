@@ -96,10 +96,10 @@ def _compare(config, seed=0, batch=2):
     scale = max(np.abs(v).max() for v in [*torch_grads.values(), xt.grad.numpy()])
     # floor: some gradients are mathematically zero, or cancel to ~1e-9 of the others, and both
     # sides then hold rounding noise: to_k.bias (softmax is shift-invariant), the inputs of a
-    # GroupNorm whose groups hold one or two elements (1x1 images)
-    assert _rel(dx, xt.grad.numpy(), floor=1e-4 * scale) < 1e-10
+    # GroupNorm whose groups hold one or two elements (1x1 images). Any real error is O(1).
+    assert _rel(dx, xt.grad.numpy(), floor=1e-3 * scale) < 1e-10
     for k in grads:
-        assert _rel(grads[k], torch_grads[k], floor=1e-4 * scale) < 1e-10, k
+        assert _rel(grads[k], torch_grads[k], floor=1e-3 * scale) < 1e-10, k
 
 
 CASES = {
@@ -149,6 +149,10 @@ def configs(draw):
                     down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, add_attention=False,
                     attention_head_dim=None, norm_num_groups=2, flip_sin_to_cos=False, downsample_padding=0),
          0)  # found by hypothesis: 1x1 mid-block GroupNorm over 1 element per group, zero temb gradients
+@example(UNetConfig(sample_size=1, in_channels=1, out_channels=1, block_out_channels=(2,), layers_per_block=1,
+                    down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), add_attention=False,
+                    attention_head_dim=None, norm_num_groups=2, flip_sin_to_cos=False, downsample_padding=0),
+         1)  # found by hypothesis: GroupNorm over 1 element -> exact-zero gradients vs torch's 1e-15 noise
 def test_random_configs_match_unet2dmodel(config, seed):
     _compare(config, seed)
 
