@@ -64,7 +64,8 @@ def sample_timesteps(rng, n: int, num_train_timesteps: int) -> np.ndarray:
     Returns int64 (n,) on the host; move it with backend.to_device if needed."""
     _check_rng(rng)
     if n < 1 or num_train_timesteps < 1:
-        raise ValueError(f"n and num_train_timesteps must be >= 1, got n={n}, num_train_timesteps={num_train_timesteps}")
+        raise ValueError(f"n and num_train_timesteps must be >= 1, got n={n}, "
+                         f"num_train_timesteps={num_train_timesteps}")
     return rng.integers(0, num_train_timesteps, size=n, dtype=np.int64)
 
 

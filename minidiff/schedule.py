@@ -207,7 +207,8 @@ def forward_step(schedule: Schedule, x_prev, noise, t):
     t = 0, 1, ..., t gives add_noise(x_0, t) in distribution. Returns x_t (N, ...)."""
     check_same_shape(x_prev=x_prev, noise=noise)
     t = check_t("t", t, schedule.num_train_timesteps, x_prev)
-    return coef_like(np.sqrt(schedule.alphas[t]), x_prev) * x_prev + coef_like(np.sqrt(schedule.betas[t]), x_prev) * noise
+    return coef_like(np.sqrt(schedule.alphas[t]), x_prev) * x_prev + \
+        coef_like(np.sqrt(schedule.betas[t]), x_prev) * noise
 
 
 def get_velocity(schedule: Schedule, sample, noise, t):

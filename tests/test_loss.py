@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from gradcheck import check_grads
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from minidiff import loss as L
@@ -100,8 +100,10 @@ def test_sample_timesteps_uniform_and_seeded():
 
 
 @given(st.floats(0, 1), st.integers(0, 10**6))
+@example(p=5e-324, seed=0)  # found by the dev profile: sqrt(p (1 - p) / n) underflows to 0
 def test_drop_condition(p, seed):
-    """The dropped fraction of n = 2000 items is within 4 sqrt(p (1 - p) / n) of p."""
+    """The dropped fraction of n = 2000 items is within 4 sqrt(p (1 - p) / n) of p, plus 1 / n for the
+    fraction's granularity (one item)."""
     n = 2000
     labels = np.random.default_rng(seed).integers(0, 10, n)
     before = labels.copy()
@@ -110,7 +112,7 @@ def test_drop_condition(p, seed):
     np.testing.assert_array_equal(labels, before)                           # input not mutated
     np.testing.assert_array_equal(out[dropped], 10)
     np.testing.assert_array_equal(out[~dropped], labels[~dropped])
-    assert abs(dropped.mean() - p) <= 4 * np.sqrt(p * (1 - p) / n)
+    assert abs(dropped.mean() - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1 / n
     np.testing.assert_array_equal(dropped, np.random.default_rng(seed).random(n) < p)   # the documented draw
 
 
