@@ -61,7 +61,8 @@ def classifier_init_params(config: UNetConfig, num_classes: int, seed: int = 0, 
     shapes = classifier_param_shapes(config, num_classes)
     unet = init_params(config, seed=seed, dtype=dtype)
     rng, bound = np.random.default_rng([seed, 1]), 1.0 / math.sqrt(config.block_out_channels[-1])
-    head = {"head.norm.weight": np.ones(shapes["head.norm.weight"]), "head.norm.bias": np.zeros(shapes["head.norm.bias"]),
+    head = {"head.norm.weight": np.ones(shapes["head.norm.weight"]),
+            "head.norm.bias": np.zeros(shapes["head.norm.bias"]),
             "head.linear.weight": rng.uniform(-bound, bound, shapes["head.linear.weight"]),
             "head.linear.bias": rng.uniform(-bound, bound, shapes["head.linear.bias"])}
     return {k: unet[k] if k in unet else head[k].astype(np.dtype(dtype)) for k in shapes}
@@ -220,7 +221,8 @@ class Classifier:
         c, b, s = self.config, bundle.config, bundle.schedule
         if (c.sample_size, c.in_channels) != (b.sample_size, b.in_channels):
             raise ValueError(f"the classifier reads {c.sample_size}x{c.sample_size} images with {c.in_channels} "
-                             f"channels, the diffusion model makes {b.sample_size}x{b.sample_size} with {b.in_channels}")
+                             f"channels, the diffusion model makes {b.sample_size}x{b.sample_size} with "
+                             f"{b.in_channels}")
         if len(s) != len(self.schedule) or not np.allclose(s.alphas_cumprod, self.schedule.alphas_cumprod):
             raise ValueError(f"the classifier was trained with num_train_timesteps={len(self.schedule)}, beta_schedule="
                              f"{self.schedule.beta_schedule!r}, the diffusion model uses {len(s)}, {s.beta_schedule!r};"
@@ -248,14 +250,17 @@ class Classifier:
                 raise ValueError(f"the model's classes {names} differ from the classifier's {self.class_names}")
             targets = np.asarray(to_numpy(cond)).astype(np.int64).reshape(-1)
         elif bundle.conditioning == "text":
+            if labels is None:
+                raise ValueError("labels must hold the prompts of a text-conditioned model, got None")
             targets = np.array([self.class_of_prompt(p) for p in labels], np.int64)
         elif sample_cfg.class_id < 0:
             raise ValueError(f"the diffusion model is unconditional: pass --class ID (0..{self.num_classes - 1}) to "
                              "name the class the classifier should guide toward")
         else:
             targets = np.full(sample_cfg.n, sample_cfg.class_id, np.int64)
-        if targets.size and (targets.min() < 0 or targets.max() >= self.num_classes):
-            raise ValueError(f"--class must be in [0, {self.num_classes}) for this classifier, got {targets.max()}")
+        bad = targets[(targets < 0) | (targets >= self.num_classes)]
+        if bad.size:
+            raise ValueError(f"--class must be in [0, {self.num_classes}) for this classifier, got {bad[0]}")
         return targets
 
 

@@ -41,7 +41,7 @@ from .train import TrainingDiverged
 @dataclass
 class ClassifierTrainConfig:
     # --- data and model ---
-    data: str = "shapes16"           # built-in name (shapes16, shapes32) or a path, as for `minidiff train`; needs labels
+    data: str = "shapes16"           # built-in name or a path, as for `minidiff train`; must have class labels
     out: str = "runs/classifier16"   # run directory: config.json, log.jsonl, checkpoints/latest.npz
     preset: str = "small"            # U-Net preset whose down path + mid block the classifier uses: tiny, small, ...
     # --- diffusion (use the settings of the diffusion model it will guide) ---
@@ -116,7 +116,8 @@ def train_classifier(cfg: ClassifierTrainConfig, log=print) -> dict:
             loss, acc = float(loss), float((logits.argmax(axis=1) == y).mean())
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"loss became {loss} at step {step}; training stopped, the last good "
-                                       f"checkpoint ({ckpt}) is kept. Try a lower --lr or --grad-clip")
+                                       f"checkpoint ({ckpt}, if one was saved) is kept. Try a lower --lr or "
+                                       "--grad-clip")
             grads, _ = classifier_backward(softmax_cross_entropy_backward(1.0, ce), cache)
             if cfg.grad_clip > 0:
                 clip_grad_norm(grads, cfg.grad_clip)
@@ -137,7 +138,6 @@ def train_classifier(cfg: ClassifierTrainConfig, log=print) -> dict:
             "final_loss": float(np.mean(losses[-k:])), "final_accuracy": float(np.mean(accs[-k:]))}
 
 
-
 def cmd_train_classifier(args) -> int:
     train_classifier(dataclass_from_args(ClassifierTrainConfig, args))
     return 0
@@ -145,8 +145,7 @@ def cmd_train_classifier(args) -> int:
 
 def add_classifier_parser(subparsers) -> argparse.ArgumentParser:
     """Register `minidiff train-classifier`, its flags generated from ClassifierTrainConfig."""
-    p = subparsers.add_parser("train-classifier", help="train a noise-aware classifier for `sample --classifier`",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("train-classifier", help="train a noise-aware classifier for `sample --classifier`")
     add_dataclass_args(p, ClassifierTrainConfig)
     p.set_defaults(func=cmd_train_classifier)
     return p

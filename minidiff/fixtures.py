@@ -3,8 +3,9 @@
 Each group of fixtures is one np.savez_compressed file of numeric (and a few str) arrays, loadable
 with np.load(path, allow_pickle=False); DIR/README.md lists every key with its shape and dtype.
 Keys are dotted paths: "<case>.<field>", e.g. "ddpm.epsilon.fixed_small.skip.prev_sample".
-Every input is drawn from np.random.default_rng(SEED) on the host, so the files are the same on
-every machine up to the last bits of BLAS sums. See docs/oracle.md for comparing them in PyTorch.
+Every input is drawn from a seeded np.random.default_rng on the host (fixtures_model.SEED), so the
+files are the same on every machine up to the last bits of BLAS sums. docs/oracle.md shows how to
+compare them in PyTorch.
 
 Shape legend: T = num_train_timesteps = 1000; N = 2 batch; the step inputs are (N, C, H, W) = (2, 2, 3, 3).
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fixtures_model import SEED, _rng, _scalar, nn_fixtures, unet_fixtures
+from .fixtures_model import _rng, _scalar, nn_fixtures, unet_fixtures
 from .guidance import cfg, classifier_guided_eps, guidance_scale_to_w, rescale_noise_cfg
 from .sampler import VARIANCE_TYPES, ddim_step, ddpm_std, ddpm_step
 from .schedule import BETA_SCHEDULES, PREDICTION_TYPES, make_schedule

@@ -5,16 +5,20 @@ Code blocks: each file's blocks run in order, in one namespace, in a fresh tempo
     ```python           runs
     ```python torch     runs only where torch and diffusers import (otherwise the file is skipped)
     ```python no-run    never runs (keep these rare: output listings, pseudo-code)
-References: `name` (minidiff/file.py:N) must have the definition of name's last dotted part
-(`def name`, `class name`, or name on the left of an `=`) on line N or one of the 3 lines after it;
-tests/test_x.py::test_y must name an existing test function.
+References: `name` (minidiff/file.py:N) must have a definition of name's last dotted part (a def,
+a class, or an assignment target, found with ast: docstrings and comments never count) on line N
+or one of the 3 lines after it, inside the functions/classes that the other parts name: `add_noise`,
+`schedule.add_noise` (a leading module name is dropped), `ddpm_step.mean` (`mean` assigned inside
+ddpm_step), `Trainer.train_step`. tests/test_x.py::test_y must name an existing test function.
 
-After code moves, `python tests/test_docs.py --fix` rewrites each stale line number to the line of
-the nearest matching definition in the same file (and reports the references it cannot resolve).
+After code moves, `python tests/test_docs.py --fix` rewrites each line number to the line of the
+nearest matching definition in the named scope (and reports the references it cannot resolve).
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import re
 import sys
 from pathlib import Path
@@ -48,34 +52,61 @@ def code_blocks(text: str) -> list:
     return blocks
 
 
-def _defines(line: str, name: str) -> bool:
-    """True when line defines name: def/class name, or name left of the first plain '='."""
-    if re.search(rf"\b(def|class)\s+{re.escape(name)}\b", line):
-        return True
-    m = re.search(r"(?<![=!<>])=(?!=)", line)
-    return m is not None and re.search(rf"\b{re.escape(name)}\b", line[:m.start()]) is not None
+@functools.lru_cache(maxsize=None)
+def _definitions(path: Path, mtime: float) -> tuple:
+    out = []
+
+    def visit(node, enclosing):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                out.append((child.lineno, child.name, enclosing))
+                visit(child, enclosing + (child.name,))
+                continue
+            targets = (child.targets if isinstance(child, ast.Assign) else
+                       [child.target] if isinstance(child, (ast.AugAssign, ast.AnnAssign, ast.For)) else [])
+            for target in targets:
+                for sub in ast.walk(target):
+                    if isinstance(sub, ast.Name):
+                        out.append((child.lineno, sub.id, enclosing))
+            visit(child, enclosing)
+
+    visit(ast.parse(path.read_text()), ())
+    return tuple(out)
+
+
+def definitions(path: Path) -> tuple:
+    """((line, name, enclosing), ...) for every def, class and assignment target of a Python file;
+    enclosing holds the names of the classes/functions around it, outermost first. Parsed with ast,
+    so a docstring or a comment that reads like an assignment never counts."""
+    return _definitions(path, path.stat().st_mtime)
+
+
+def matches(ref_name: str, path: Path) -> list:
+    """Lines that define ref_name's last part inside the scopes its other parts name."""
+    parts = ref_name.split(".")
+    if len(parts) > 1 and parts[0] == path.stem:
+        parts = parts[1:]  # schedule.add_noise in minidiff/schedule.py
+    *scopes, name = parts
+    return sorted(line for line, n, enclosing in definitions(path) if n == name and all(s in enclosing for s in scopes))
 
 
 def check_refs(text: str, root: Path = ROOT) -> list:
     """Error messages for the stale or malformed references of one document's text."""
     errors = []
     named = list(REF.finditer(text))
-    if len(named) != len(ANY_REF.findall(text)):
-        spans = [m.span("path") for m in named]
-        for m in ANY_REF.finditer(text):
-            if not any(a <= m.start() < b for a, b in spans):
-                errors.append(f"{m.group()}: write references as `name` ({m.group()}) so the name can be checked")
+    spans = [m.span("path") for m in named]
+    for m in ANY_REF.finditer(text):
+        if not any(a <= m.start() < b for a, b in spans):
+            errors.append(f"{m.group()}: write references as `name` ({m.group()}) so the name can be checked")
     for m in named:
-        path, line, name = root / m.group("path"), int(m.group("line")), m.group("name").split(".")[-1]
+        path, line = root / m.group("path"), int(m.group("line"))
         if not path.exists():
             errors.append(f"{m.group()}: {m.group('path')} does not exist")
             continue
-        lines = path.read_text().splitlines()
-        window = lines[line - 1:line - 1 + WINDOW + 1]
-        if not any(_defines(s, name) for s in window):
-            where = [i + 1 for i, s in enumerate(lines) if _defines(s, name)]
-            errors.append(f"{m.group()}: no definition of {name!r} at lines {line}-{line + WINDOW} of "
-                          f"{m.group('path')} (it is defined at {where or 'no line'})")
+        where = matches(m.group("name"), path)
+        if not any(line <= n <= line + WINDOW for n in where):
+            errors.append(f"{m.group()}: no definition of {m.group('name')!r} at lines {line}-{line + WINDOW} "
+                          f"of {m.group('path')} (it is defined at {where or 'no line'})")
     for m in TEST_REF.finditer(text):
         path = root / m.group("path")
         if not path.exists() or not re.search(rf"^def {m.group('name')}\b", path.read_text(), re.M):
@@ -84,20 +115,22 @@ def check_refs(text: str, root: Path = ROOT) -> list:
 
 
 def fix_refs(doc: Path) -> list:
-    """Rewrite stale line numbers of doc in place (nearest matching definition); returns what changed."""
+    """Point every reference of doc exactly at its definition line (the nearest one in scope), in place;
+    returns notes on what changed."""
     text, notes = doc.read_text(), []
 
     def repl(m):
-        path, line, name = ROOT / m.group("path"), int(m.group("line")), m.group("name").split(".")[-1]
-        if not path.exists() or not check_refs(m.group(), ROOT):
+        path, line = ROOT / m.group("path"), int(m.group("line"))
+        if not path.exists():
             return m.group()
-        lines = path.read_text().splitlines()
-        where = [i + 1 for i, s in enumerate(lines) if _defines(s, name)]
+        where = matches(m.group("name"), path)
+        if line in where:
+            return m.group()
         if not where:
             notes.append(f"{doc.name}: cannot resolve {m.group()}")
             return m.group()
         new = min(where, key=lambda n: abs(n - line))
-        notes.append(f"{doc.name}: {m.group('path')}:{line} -> {new} ({name})")
+        notes.append(f"{doc.name}: {m.group('path')}:{line} -> {new} ({m.group('name')})")
         return m.group().replace(f"{m.group('path')}:{line}", f"{m.group('path')}:{new}")
 
     doc.write_text(REF.sub(repl, text))
@@ -136,10 +169,13 @@ def test_code_references_point_at_their_lines(doc):
 
 def test_reference_checker_catches_stale_lines(tmp_path):
     (tmp_path / "minidiff").mkdir()
-    (tmp_path / "minidiff" / "m.py").write_text("import x\n\n\n\n\ndef f(a):\n    y = a + 1\n    return y == 2\n")
-    assert check_refs("`m.f` (minidiff/m.py:6) and `f.y` (minidiff/m.py:4)", tmp_path) == []
+    (tmp_path / "minidiff" / "m.py").write_text(
+        'import x\n\n\n\n\ndef f(a):\n    """y = a docstring"""\n    y = a + 1\n    return y == 2\n\n\n'
+        "def g():\n    y = 3  # another y\n")
+    assert check_refs("`m.f` (minidiff/m.py:6), `f.y` (minidiff/m.py:5), `g.y` (minidiff/m.py:13)", tmp_path) == []
     assert "defined at [6]" in check_refs("`m.f` (minidiff/m.py:2)", tmp_path)[0]  # 6 > 2 + WINDOW
-    assert "defined at [7]" in check_refs("`y` (minidiff/m.py:8)", tmp_path)[0]  # y == 2 is no definition
+    assert "defined at [8]" in check_refs("`f.y` (minidiff/m.py:9)", tmp_path)[0]  # y == 2 is no definition
+    assert "defined at [13]" in check_refs("`g.y` (minidiff/m.py:7)", tmp_path)[0]  # g's y: not f's, not the docstring
     assert "does not exist" in check_refs("`g` (minidiff/nope.py:1)", tmp_path)[0]
     assert "write references as" in check_refs("see minidiff/m.py:4", tmp_path)[0]
     assert check_refs("tests/test_docs.py::test_no_such_test")[0].endswith("no such test")
