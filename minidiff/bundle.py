@@ -135,6 +135,9 @@ def resolve_checkpoint(path) -> Path:
 def load_bundle(path, use_ema: bool = True, device: str = "cpu", dtype: str = "float32") -> Bundle:
     """Load a run directory or checkpoint file for sampling."""
     arrays, meta = load_checkpoint(resolve_checkpoint(path))
+    if meta.get("kind") == "classifier":
+        raise ValueError(f"{path} is a classifier checkpoint (minidiff train-classifier); pass it as --classifier "
+                         "and a diffusion model run as --checkpoint")
     if "model_config" not in meta or "train_config" not in meta:
         raise ValueError(f"{path} is not a diffusion-model checkpoint written by minidiff train")
     return bundle_from_meta(arrays, meta, use_ema, device, dtype)

@@ -35,8 +35,8 @@ def _conditions(bundle, cfg: SampleConfig):
         names = bundle.class_names or [str(i) for i in range(bundle.num_classes)]
         cond = bundle.encode(class_ids=ids, n=n)
         return cond, [names[i] for i in ids]
-    if cfg.prompt or cfg.class_id >= 0:
-        raise ValueError("this model is unconditional: drop --prompt and --class-id")
+    if cfg.prompt or (cfg.class_id >= 0 and not cfg.classifier):
+        raise ValueError("this model is unconditional: drop --prompt, and use --class only with --classifier")
     return None, None
 
 
@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dataclass_args(t, TrainConfig)
     t.set_defaults(func=cmd_train)
+    from .classifier_train import add_classifier_parser
+
+    add_classifier_parser(sub)
     s = sub.add_parser("sample", help="sample a PNG grid from a trained model")
     add_dataclass_args(s, SampleConfig, renames={"class_id": "--class"})
     s.set_defaults(func=cmd_sample)
@@ -115,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     i = sub.add_parser("info", help="version, GPU availability and parameter counts of the presets")
     i.set_defaults(func=cmd_info)
+    from .fixtures import add_fixtures_parser
+
+    add_fixtures_parser(sub)
     return p
 
 

@@ -40,7 +40,11 @@ def generate(bundle, cond=None, n: int = 16, guidance_scale: float = 3.0, sample
     if grad_fn is not None and classifier_scale != 0.0:
         model_fn = make_classifier_guided_model_fn(model_fn, bundle.schedule, grad_fn, classifier_scale,
                                                    bundle.prediction_type)
+    # clip x0^ to [-1, 1] and, in DDIM, re-derive eps from the clipped x0^ (guided-diffusion's DDIM):
+    # without the re-derivation a clipped x0^ keeps only part of a guidance term, which can then
+    # point away from the target
     x = sample(model_fn, shape, bundle.schedule, sampler=sampler, num_inference_steps=steps, eta=eta,
-               prediction_type=bundle.prediction_type, clip_sample=True, cond=cond, seed=seed,
+               prediction_type=bundle.prediction_type, clip_sample=True, use_clipped_model_output=True,
+               cond=cond, seed=seed,
                device=device, dtype=dtype, callback=callback)
     return xp.clip(x, -1.0, 1.0)

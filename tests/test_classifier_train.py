@@ -181,12 +181,7 @@ def two_color_classifier(tmp_path_factory):
 
 @pytest.mark.parametrize("sampler, steps", [
     ("ddpm", 25),
-    pytest.param("ddim", 10, marks=pytest.mark.xfail(strict=True, reason=(
-        "generate() runs DDIM with clip_sample=True and use_clipped_model_output=False: at high noise the "
-        "guided x0 (amplified by 1/sqrt(abar)) is clipped, so only the -sqrt(1 - abar_prev) * scale * grad "
-        "part of eps^ in the direction term survives and guidance pushes AWAY from the target "
-        "(measured projections: none -0.28, red -1.98, blue +0.08). guided-diffusion's ddim_sample re-derives "
-        "eps from the clipped x0 (= use_clipped_model_output=True), which gives red +0.51, blue -1.06."))),
+    ("ddim", 10),  # regression: DDIM once clipped x0 without re-deriving eps, reversing guidance
 ])
 def test_trained_classifier_guides_generate_toward_the_target(two_color_classifier, sampler, steps):
     """End to end: generate() with the trained classifier's grad_fn pushes samples of a color-neutral
