@@ -32,7 +32,9 @@ def save_grid(images, path, labels=None, ncol: int = 8, scale: int = 0) -> None:
         u = np.repeat(u, 3, axis=3)
     scale = scale or max(1, 64 // max(h, w))
     th, tw = h * scale, w * scale
-    label_h = 12 if labels is not None else 0
+    per_line = max(4, tw // 6)  # characters of Pillow's default font that fit on a tile
+    lines = [_wrap(str(s), per_line) for s in labels] if labels is not None else None
+    label_h = 11 * max(len(ls) for ls in lines) + 1 if lines else 0
     ncol = max(1, min(ncol, n))
     nrow = (n + ncol - 1) // ncol
     pad = 2
@@ -43,9 +45,22 @@ def save_grid(images, path, labels=None, ncol: int = 8, scale: int = 0) -> None:
         x0, y0 = pad + col * (tw + pad), pad + r * (th + label_h + pad)
         tile = Image.fromarray(u[i]).resize((tw, th), Image.NEAREST)
         canvas.paste(tile, (x0, y0 + label_h))
-        if labels is not None:
-            draw.text((x0 + 1, y0), str(labels[i])[: max(4, tw // 6)], fill=(0, 0, 0))
+        for k, line in enumerate(lines[i] if lines else ()):
+            draw.text((x0 + 1, y0 + 11 * k), line, fill=(0, 0, 0))
     canvas.save(path)
+
+
+def _wrap(text: str, width: int, max_lines: int = 3) -> list:
+    """Split text into at most max_lines lines of at most width characters, at spaces where possible."""
+    out, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            out.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    out.append(line)
+    return [ln[:width] for ln in out[:max_lines]] or [""]
 
 
 def save_loss_curve(steps, losses, path, width: int = 480, height: int = 240) -> None:
