@@ -19,18 +19,7 @@ from __future__ import annotations
 
 from .backend import get_array_module
 from .nn import groupnorm_backward, groupnorm_forward, linear_backward, linear_forward, sdpa_backward, sdpa_forward
-
-
-def _heads_split(t, heads: int):
-    """(N, T, h*D) -> (N, h, T, D), diffusers' view(N, -1, heads, D).transpose(1, 2)"""
-    n, t_len, inner = t.shape
-    return t.reshape(n, t_len, heads, inner // heads).transpose(0, 2, 1, 3)
-
-
-def _heads_merge(t):
-    """(N, h, T, D) -> (N, T, h*D), the inverse of _heads_split"""
-    n, h, t_len, d = t.shape
-    return t.transpose(0, 2, 1, 3).reshape(n, t_len, h * d)
+from .nn.attention import merge_heads, split_heads
 
 
 def attention_block_forward(params, prefix, x, heads, groups, eps, context=None, context_mask=None,
@@ -62,8 +51,8 @@ def attention_block_forward(params, prefix, x, heads, groups, eps, context=None,
         k = xp.concatenate([ck, k], axis=1)  # (N, T, C): context keys first, as AttnAddedKVProcessor
         v = xp.concatenate([cv, v], axis=1)  # (N, T, C)
         mask = xp.concatenate([context_mask, xp.ones((N, L), dtype=bool)], axis=1)  # (N, T)
-    o, sdpa_cache = sdpa_forward(_heads_split(q, heads), _heads_split(k, heads), _heads_split(v, heads), mask)
-    o = _heads_merge(o)  # (N, L, C)
+    o, sdpa_cache = sdpa_forward(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), mask)
+    o = merge_heads(o)  # (N, L, C)
     out, out_cache = linear_forward(o, p("to_out.0.weight"), p("to_out.0.bias"))  # (N, L, C)
     out = out.transpose(0, 2, 1).reshape(N, C, H, W)  # (N, C, H, W)
     y = (out + x) / rescale_output_factor  # (N, C, H, W) residual connection, then rescale
@@ -103,9 +92,9 @@ def attention_block_backward(dy, cache, grads):
     # forward: out = linear_forward(o, to_out.0)
     do, dw, db = linear_backward(dout, out_cache)
     put("to_out.0", dw, db)
-    # forward: o = _heads_merge(sdpa(split(q), split(k), split(v), mask))
-    dq, dk, dv = sdpa_backward(_heads_split(do, heads), sdpa_cache)
-    dq, dk, dv = _heads_merge(dq), _heads_merge(dk), _heads_merge(dv)  # (N, L, C), (N, T, C), (N, T, C)
+    # forward: o = merge_heads(sdpa(split(q), split(k), split(v), mask))
+    dq, dk, dv = sdpa_backward(split_heads(do, heads), sdpa_cache)
+    dq, dk, dv = merge_heads(dq), merge_heads(dk), merge_heads(dv)  # (N, L, C), (N, T, C), (N, T, C)
     dcontext = None
     if ck_cache is not None:
         # forward: k = concatenate([ck, k], axis=1);  v = concatenate([cv, v], axis=1)

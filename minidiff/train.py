@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import to_device, to_numpy, xp_for
+from .backend import to_device, xp_for
 from .bundle import Bundle, build_unet_config, choose_conditioning
 from .checkpoint import check_config, load_checkpoint, rng_from_state, rng_state, save_checkpoint
 from .config import TrainConfig, validate_train_config

@@ -105,14 +105,14 @@ def sdpa_backward(do, cache):
     return dq, dk, dv
 
 
-def _split_heads(t, heads: int):
-    """(N, T, h*D) -> (N, h, T, D)"""
+def split_heads(t, heads: int):
+    """(N, T, h*D) -> (N, h, T, D), diffusers' view(N, -1, heads, D).transpose(1, 2)"""
     n, t_len, inner = t.shape
     return t.reshape(n, t_len, heads, inner // heads).transpose(0, 2, 1, 3)
 
 
-def _merge_heads(t):
-    """(N, h, T, D) -> (N, T, h*D)"""
+def merge_heads(t):
+    """(N, h, T, D) -> (N, T, h*D), the inverse of split_heads"""
     n, h, t_len, d = t.shape
     return t.transpose(0, 2, 1, 3).reshape(n, t_len, h * d)
 
@@ -185,9 +185,9 @@ def mha_forward(x, wq, bq, wk, bk, wv, bv, wo, bo, heads, context=None, mask=Non
         k = k + bk
     if bv is not None:
         v = v + bv
-    a, sdpa_cache = sdpa_forward(_split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads),
+    a, sdpa_cache = sdpa_forward(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
                                  mask)  # (N, h, L, D)
-    a = _merge_heads(a)  # (N, L, inner)
+    a = merge_heads(a)  # (N, L, inner)
     y = xp.matmul(a, wo.T)  # (N, L, C_out)
     if bo is not None:
         y = y + bo
@@ -218,9 +218,9 @@ def mha_backward(dy, cache):
 
     # forward: y = xp.matmul(a, wo.T) + bo
     da, dwo, dbo = _proj_backward(dy, a, wo, has_bo)  # (N, L, inner)
-    # forward: a = _merge_heads(sdpa_forward(q_h, k_h, v_h, mask))
-    dq, dk, dv = sdpa_backward(_split_heads(da, heads), sdpa_cache)  # per head
-    dq, dk, dv = _merge_heads(dq), _merge_heads(dk), _merge_heads(dv)  # (N, L|S, inner)
+    # forward: a = merge_heads(sdpa_forward(q_h, k_h, v_h, mask))
+    dq, dk, dv = sdpa_backward(split_heads(da, heads), sdpa_cache)  # per head
+    dq, dk, dv = merge_heads(dq), merge_heads(dk), merge_heads(dv)  # (N, L|S, inner)
     # forward: v = ctx @ wv.T + bv;  k = ctx @ wk.T + bk;  q = x @ wq.T + bq
     dctx_v, dwv, dbv = _proj_backward(dv, ctx, wv, has_bv)  # (N, S, Cc)
     dctx_k, dwk, dbk = _proj_backward(dk, ctx, wk, has_bk)  # (N, S, Cc)
