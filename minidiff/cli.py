@@ -26,6 +26,10 @@ def cmd_train(args) -> int:
 def _conditions(bundle, cfg: SampleConfig):
     """(host condition array, labels for the grid) for `minidiff sample`."""
     n = cfg.n
+    if bundle.conditioning == "text" and cfg.class_id >= 0:
+        raise ValueError("this model is text-conditioned: name the class in --prompt instead of --class")
+    if bundle.conditioning == "class" and cfg.prompt:
+        raise ValueError("this model is class-conditioned: use --class ID instead of --prompt")
     if bundle.conditioning == "text":
         prompts = [p.strip() for p in cfg.prompt.split(";")] if cfg.prompt else bundle.default_prompts(n)
         prompts = [prompts[i % len(prompts)] for i in range(n)]

@@ -5,7 +5,7 @@ Shape legend: N batch, C_in / C_out channels, H W input size, kh kw kernel size,
 Wo = (W + pl + pr - kw) // s + 1 output size, K = C_in*kh*kw patch length, L = Ho*Wo positions.
 
 Two versions live side by side (llm.c's matmul_forward_naive, cs231n's fast_layers):
-  conv2d_forward / conv2d_backward              im2col + one BLAS matmul (fast)
+  conv2d_forward / conv2d_backward              im2col + one BLAS matmul per batch chunk (fast)
   conv2d_naive_forward / conv2d_naive_backward  explicit loops (slow, obviously right)
 Tests check that both give the same numbers.
 """
@@ -159,17 +159,18 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
     return y, cache
 
 
-def _dx_by_flipped_conv(dy, w, pads) -> bool:
-    """Whether dx is computed as a conv of dy (gather) rather than by col2im (scatter).
+def _dx_by_flipped_conv(w, s, pads) -> bool:
+    """Whether conv2d_backward gathers dx as a conv of dy (True) or scatters it by col2im (False).
 
     For stride 1, dx = conv2d(dy, w_flip, padding = k - 1 - pads) with w_flip[c, o, i, j] =
-    w[o, c, kh-1-i, kw-1-j]. Its columns have 9 C_out rows where col2im's have 9 C_in, and its
-    matmul has inner dim kh*kw*C_out instead of C_out, so it wins unless C_out >> C_in
-    (conv_in, C_in = 3). Needs every pad <= k - 1 (so that the new padding is >= 0).
+    w[o, c, kh-1-i, kw-1-j]. Its columns have kh*kw*C_out rows where col2im's have kh*kw*C_in, its
+    matmul has inner dim kh*kw*C_out instead of C_out, and a copy replaces col2im's kh*kw
+    read-add-writes: 1.3-2x faster for the U-Net's 3x3 convs, unless C_out >> C_in (conv_in,
+    C_in = 3). Needs stride 1 and every pad <= k - 1 (so that the new padding is >= 0).
     """
     C_out, C_in, kh, kw = w.shape
     pt, pb, pl, pr = pads
-    return max(pt, pb) <= kh - 1 and max(pl, pr) <= kw - 1 and C_out <= 2 * C_in
+    return s == 1 and max(pt, pb) <= kh - 1 and max(pl, pr) <= kw - 1 and C_out <= 2 * C_in
 
 
 def conv2d_backward(dy, cache):
@@ -190,7 +191,7 @@ def conv2d_backward(dy, cache):
     Ho, Wo = (H + pt + pb - kh) // s + 1, (W + pl + pr - kw) // s + 1
     check_shape("dy", dy, (N, C_out, Ho, Wo), "(N, C_out, Ho, Wo)")
     w_col = w.reshape(C_out, -1)  # (C_out, K)
-    gather = s == 1 and _dx_by_flipped_conv(dy, w, pads)
+    gather = _dx_by_flipped_conv(w, s, pads)
     if gather:
         w_flip = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(C_in, -1)  # (C_in, C_out*kh*kw), a copy
         flip_pads = (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr)
