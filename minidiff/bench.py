@@ -6,9 +6,12 @@ diffusers' UNet2DModel in PyTorch eager on the same network, weights, inputs and
     sample step = unet_forward (no grad) + ddim_step, 50-step DDIM at t = 500 -> 480
                   (torch: torch.no_grad() model(x_t, t) + diffusers DDIMScheduler.step)
 
-Each time is the median over --repeats after --warmup untimed steps; the two sides alternate
-(minidiff, torch, minidiff, ...) so that load from other processes hits both alike, and every
-timed region ends with a device synchronization (backend.synchronize, torch.cuda.synchronize).
+Each time is the median over --repeats after --warmup untimed steps, and every timed region ends
+with a device synchronization (backend.synchronize, torch.cuda.synchronize). The two sides run in
+the same process one after the other, each after its own warm-up: alternating them step by step
+made their thread pools (OpenBLAS's, PyTorch's OpenMP) spin against each other on 2 cores.
+On a shared machine elapsed time measures the neighbours too: --clock cpu with --threads 1 then
+gives the CPU time each side needs, which load does not inflate.
 Peak memory is the extra memory one step needs on top of the weights and optimizer state:
 CPU minidiff: tracemalloc's peak (NumPy reports its buffers to tracemalloc); CPU torch: not
 measured (PyTorch's CPU allocator is invisible to tracemalloc); GPU: the CuPy memory pool's
@@ -89,6 +92,35 @@ def set_blas_threads(n: int | None) -> str:
         set_blas_threads.limiter = threadpoolctl.threadpool_limits(n, user_api="blas")  # kept alive
     counts = sorted({info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"})
     return f"blas threads: {','.join(map(str, counts)) or '?'} (threadpoolctl)"
+
+
+def _set_threads(threads, use_torch) -> str:
+    """CPU threads for both sides (None: leave the defaults); returns a note saying what they are."""
+    note = set_blas_threads(threads)
+    if use_torch:
+        try:
+            import torch  # noqa: PLC0415  (optional)
+        except ImportError:
+            return note
+        if threads is not None:
+            torch.set_num_threads(threads)
+        note += f", torch threads: {torch.get_num_threads()}"
+    return note
+
+
+def _median_ms(step, sync, warmup: int, repeats: int, timer) -> float:
+    """Median milliseconds of step() over repeats, after warmup untimed calls; synchronized on both ends."""
+    for _ in range(warmup):
+        step()
+        sync()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = timer()
+        step()
+        sync()  # the step's device work is finished before the clock stops
+        times.append(1e3 * (timer() - t0))
+    return statistics.median(times)
 
 
 def _cpu_peak_mb(fn) -> float:
@@ -194,6 +226,12 @@ class TorchSide:
         self.opt.zero_grad(set_to_none=True)
         return loss
 
+    def forward_eval(self):
+        """eps of the sampling inputs, in eval mode, as a host array (for the same-network check)."""
+        self.model.eval()
+        with self.torch.no_grad():
+            return self.model(self.x_s, self.t_s).sample.cpu().numpy()
+
     def sample_step(self):
         self.model.eval()
         with self.torch.no_grad():
@@ -244,19 +282,7 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
                          f"({levels} resolutions), got {size}")
     config = dataclasses.replace(base, sample_size=size)
     xp_for(device)  # BackendError with the install hint when the GPU is missing
-    notes = []
-    torch_threads = None
-    if device == "cpu" and use_torch:
-        try:
-            import torch  # noqa: PLC0415  (optional)
-
-            if threads is not None:
-                torch.set_num_threads(threads)
-            torch_threads = torch.get_num_threads()
-        except ImportError:
-            pass
-    if device == "cpu":
-        notes.append(set_blas_threads(threads) + (f", torch threads: {torch_threads}" if torch_threads else ""))
+    notes = [_set_threads(threads, use_torch)] if device == "cpu" else []
     schedule = make_schedule(1000, "linear")
     host_params = init_params(config, seed=seed, dtype=np.dtype(dtype))
     inputs = make_inputs(config, batch, size, np.dtype(dtype), seed, schedule)
@@ -264,9 +290,7 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
     th = _torch_side(config, host_params, inputs, device, dtype, notes.append) if use_torch else None
     if th is not None:  # the same network: compare one forward before timing anything
         eps_md = to_numpy(unet_forward(md.params, config, md.x_s, md.t_s)[0])
-        th.model.eval()
-        with th.torch.no_grad():
-            eps_th = th.model(th.x_s, th.t_s).sample.cpu().numpy()
+        eps_th = th.forward_eval()
         rel = float(np.abs(eps_md - eps_th).max() / max(np.abs(eps_th).max(), 1e-30))
         notes.append(f"same network check: max|eps_minidiff - eps_torch| / max|eps_torch| = {rel:.1e}")
     log(f"minidiff bench: preset {preset} ({count_params(config):,} params), {size}x{size}, batch {batch}, "
@@ -277,19 +301,7 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
     timer = time.process_time if clock == "cpu" else time.perf_counter
     rows = []
     for what, step in (("train step (ms)", "train_step"), ("sample step (ms)", "sample_step")):
-        for _ in range(warmup):
-            for s in sides:
-                getattr(s, step)()
-                s.sync()
-        times = [[] for _ in sides]
-        for _ in range(repeats):  # alternate the sides: background load hits both alike
-            for i, s in enumerate(sides):
-                s.sync()
-                t0 = timer()
-                getattr(s, step)()
-                s.sync()  # the step's device work is finished before the clock stops
-                times[i].append(1e3 * (timer() - t0))
-        ms = [statistics.median(ts) for ts in times]
+        ms = [_median_ms(getattr(s, step), s.sync, warmup, repeats, timer) for s in sides]  # one side, then the other
         rows.append(_row(what, device, preset, batch, ms[0], ms[1] if th else None))
     if memory:
         for what, step in (("train peak memory (MB)", "train_step"), ("sample peak memory (MB)", "sample_step")):

@@ -198,8 +198,9 @@ def conv2d_backward(dy, cache):
 
     # forward: y_col += b[:, None]
     db = dy.sum(axis=(0, 2, 3)) if has_bias else None  # (C_out,)
-    dw_col = xp.zeros((w_col.shape[1], C_out), dtype=dy.dtype)  # (K, C_out), summed over the chunks
-    dx = xp.empty(x.shape, dtype=dy.dtype)  # (N, C_in, H, W)
+    dt = xp.result_type(dy.dtype, w.dtype)  # the dtype the matmuls give (dy's and x's, normally equal)
+    dw_col = xp.zeros((w_col.shape[1], C_out), dtype=dt)  # (K, C_out), summed over the chunks
+    dx = xp.empty(x.shape, dtype=dt)  # (N, C_in, H, W), filled chunk by chunk
     for nb in _chunks(x, w_col.shape[1], Ho * Wo):
         # forward: y_col = w_col @ cols,  y[nb] = y_col as (n, C_out, Ho, Wo)
         dy_col = xp.ascontiguousarray(dy[nb].transpose(1, 0, 2, 3)).reshape(C_out, -1)  # (C_out, n*L)

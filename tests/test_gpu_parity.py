@@ -1,0 +1,179 @@
+"""NumPy float64 vs CuPy float64: every nn op (forward and backward), a whole training step of the
+tiny U-Net (loss, gradients, parameters after AdamW), the DDIM/DDPM sampling loop, and the bench.
+
+Skipped cleanly unless CuPy imports and sees a CUDA device (minidiff.backend.gpu_available()).
+The same host arrays go to both backends, and every random draw is made on the host, so the two
+runs compute the same numbers up to summation order: cuBLAS/CUB reduce in a different order than
+OpenBLAS/NumPy, which in float64 moves results by ~1e-15 relative. TOL = 1e-10 leaves five orders
+of margin for the deep U-Net, while any indexing or layout bug gives an O(1) error.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy")
+
+from gradcheck import rel_error  # noqa: E402
+from minidiff import bench  # noqa: E402
+from minidiff.backend import gpu_available, to_device, to_numpy  # noqa: E402
+from minidiff.loss import diffusion_loss  # noqa: E402
+from minidiff.nn import (  # noqa: E402
+    avgpool2x2_backward, avgpool2x2_forward, conv2d_backward, conv2d_forward, downsample_backward,
+    downsample_forward, dropout_backward, dropout_forward, embedding_backward, embedding_forward,
+    groupnorm_backward, groupnorm_forward, linear_backward, linear_forward, mha_backward, mha_forward,
+    mse_backward, mse_forward, sdpa_backward, sdpa_forward, silu_backward, silu_forward,
+    timestep_embedding_backward, timestep_embedding_forward, upsample_nearest2x_backward,
+    upsample_nearest2x_forward,
+)
+from minidiff.optim import AdamW, clip_grad_norm  # noqa: E402
+from minidiff.sampler import sample  # noqa: E402
+from minidiff.schedule import add_noise, make_schedule  # noqa: E402
+from minidiff.unet import init_params, unet_backward, unet_forward  # noqa: E402
+from minidiff.unet_config import get_preset  # noqa: E402
+
+if not gpu_available():
+    pytest.skip("needs CuPy with a CUDA device (pip install 'minidiff[gpu]')", allow_module_level=True)
+
+pytestmark = pytest.mark.gpu
+TOL = 1e-10
+
+
+def randn(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+def assert_parity(fn, *host_args):
+    """fn(*args) -> tuple of arrays (or None), run on the host arrays and on their CuPy copies."""
+    dev_args = [to_device(a, "gpu") if isinstance(a, np.ndarray) else a for a in host_args]
+    want, got = fn(*host_args), fn(*dev_args)
+    assert len(want) == len(got)
+    for i, (w, g) in enumerate(zip(want, got)):
+        assert (w is None) == (g is None), i
+        if w is None:
+            continue
+        assert isinstance(g, cupy.ndarray), f"output {i} left the GPU: {type(g)}"
+        assert g.dtype == w.dtype and g.shape == w.shape, i
+        assert rel_error(to_numpy(g), w) < TOL, (i, rel_error(to_numpy(g), w))
+
+
+def fwd_bwd(forward, backward, dy_seed=9):
+    """(y, *grads) of a forward/backward pair, for a random upstream gradient drawn on the host."""
+    def run(*args):
+        y, cache = forward(*args)
+        dy = randn(*y.shape, seed=dy_seed)
+        dy = dy if isinstance(y, np.ndarray) else to_device(dy, "gpu")
+        grads = backward(dy, cache)
+        return (y, *(grads if isinstance(grads, tuple) else (grads,)))
+    return run
+
+
+@pytest.mark.parametrize("stride,padding,c_in,c_out,k", [
+    (1, 1, 4, 6, 3),  # the U-Net's 3x3 conv (dx gathered as a flipped conv)
+    (2, (0, 1, 0, 1), 4, 4, 3),  # diffusers' downsampling (dx by col2im)
+    (1, 1, 1, 6, 3),  # conv_in-like: C_out > 2 C_in (dx by col2im)
+    (1, 0, 4, 6, 1),  # the 1x1 shortcut
+])
+def test_conv2d(stride, padding, c_in, c_out, k):
+    run = fwd_bwd(lambda x, w, b: conv2d_forward(x, w, b, stride, padding), conv2d_backward)
+    assert_parity(run, randn(3, c_in, 7, 6), randn(c_out, c_in, k, k, seed=1), randn(c_out, seed=2))
+
+
+def test_linear():
+    run = fwd_bwd(linear_forward, linear_backward)
+    assert_parity(run, randn(2, 5, 7), randn(4, 7, seed=1), randn(4, seed=2))
+
+
+def test_groupnorm_and_silu():
+    assert_parity(fwd_bwd(lambda x, g, b: groupnorm_forward(x, g, b, 3, 1e-5), groupnorm_backward),
+                  randn(2, 6, 4, 5), 1 + randn(6, seed=1), randn(6, seed=2))
+    assert_parity(fwd_bwd(silu_forward, silu_backward), 4 * randn(3, 4, 5))
+
+
+def test_dropout_same_mask():
+    run = fwd_bwd(lambda x: dropout_forward(x, 0.3, train=True, seed=123), dropout_backward)
+    assert_parity(run, randn(4, 8, 3))
+
+
+def test_embeddings():
+    ids = np.array([[0, 3, 1], [4, 4, 2]])
+    assert_parity(lambda i, w: fwd_bwd(embedding_forward, embedding_backward)(i, w), ids, randn(5, 6))
+    t = np.array([0.0, 17.5, 999.0])
+    run = fwd_bwd(lambda t: timestep_embedding_forward(t, 10, flip_sin_to_cos=True, downscale_freq_shift=0),
+                  timestep_embedding_backward)
+    assert_parity(run, t)
+
+
+def test_attention():
+    mask = np.array([[True, False, True, True], [True, True, True, False]])
+    run = fwd_bwd(lambda q, k, v, m: sdpa_forward(q, k, v, m), sdpa_backward)
+    assert_parity(run, randn(2, 3, 5, 4), randn(2, 3, 4, 4, seed=1), randn(2, 3, 4, 6, seed=2), mask)
+    w = [randn(*s, seed=i) for i, s in enumerate([(8, 6), (8,), (8, 5), (8,), (8, 5), (8,), (6, 8), (6,)])]
+    run = fwd_bwd(lambda x, *a: mha_forward(x, *a[:8], 2, context=a[8], mask=a[9]), mha_backward)
+    assert_parity(run, randn(2, 3, 6, seed=20), *w, randn(2, 4, 5, seed=21), mask)
+
+
+def test_resampling_and_mse():
+    assert_parity(fwd_bwd(upsample_nearest2x_forward, upsample_nearest2x_backward), randn(2, 3, 4, 5))
+    assert_parity(fwd_bwd(avgpool2x2_forward, avgpool2x2_backward), randn(2, 3, 5, 6))
+    for pad in (0, 1):
+        run = fwd_bwd(lambda x, w, b: downsample_forward(x, w, b, padding=pad), downsample_backward)
+        assert_parity(run, randn(2, 3, 6, 7), randn(4, 3, 3, 3, seed=1), randn(4, seed=2))
+
+    def mse(pred, target):
+        loss, cache = mse_forward(pred, target)
+        return (loss, *mse_backward(1.0, cache))
+    assert_parity(mse, randn(3, 4), randn(3, 4, seed=1))
+
+
+def training_step(device):
+    """One step of DDPM training of the tiny U-Net (dropout on, drawn on the host) on one backend."""
+    config = dataclasses.replace(get_preset("tiny"), dropout=0.1)
+    schedule = make_schedule(1000, "linear")
+    params = to_device(init_params(config, seed=0, dtype=np.float64), device)
+    opt = AdamW(params, lr=1e-3)
+    x0, noise = randn(3, 3, 8, 8, seed=1), randn(3, 3, 8, 8, seed=2)
+    t = np.array([5, 500, 999])
+    x0, noise, t = (to_device(a, device) for a in (x0, noise, t))
+    x_t = add_noise(schedule, x0, noise, t)
+    eps, cache = unet_forward(params, config, x_t, t, train=True, rng=np.random.default_rng(7))
+    loss, deps = diffusion_loss(schedule, eps, x0, noise, t)
+    grads, dx = unet_backward(deps, cache)
+    norm = clip_grad_norm(grads, 0.05)  # small max_norm: the clipping branch runs
+    opt.step(params, grads)
+    return loss, norm, grads, dx, params
+
+
+def test_whole_training_step():
+    loss_c, norm_c, grads_c, dx_c, params_c = training_step("cpu")
+    loss_g, norm_g, grads_g, dx_g, params_g = training_step("gpu")
+    assert abs(float(loss_g) - float(loss_c)) <= TOL * abs(float(loss_c))
+    assert abs(norm_g - norm_c) <= TOL * norm_c and norm_c > 0.05
+    assert list(grads_g) == list(grads_c) and list(params_g) == list(params_c)
+    for key in grads_c:
+        assert rel_error(to_numpy(grads_g[key]), grads_c[key]) < TOL, key
+        assert rel_error(to_numpy(params_g[key]), params_c[key]) < TOL, key
+    assert rel_error(to_numpy(dx_g), dx_c) < TOL
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+def test_sampling_loop(sampler, eta):
+    config = get_preset("tiny")
+    schedule = make_schedule(1000, "linear")
+    host = init_params(config, seed=1, dtype=np.float64)
+    out = {}
+    for device in ("cpu", "gpu"):
+        params = to_device(host, device)
+        model_fn = lambda x, t, cond: unet_forward(params, config, x, t)[0]  # noqa: E731
+        steps = dict(timesteps=np.array([999, 600, 300, 0])) if sampler == "ddpm" else dict(num_inference_steps=4)
+        out[device] = sample(model_fn, (2, 3, 8, 8), schedule, sampler=sampler, eta=eta, seed=3, device=device,
+                             dtype=np.float64, **steps)
+    assert isinstance(out["gpu"], cupy.ndarray)
+    assert rel_error(to_numpy(out["gpu"]), out["cpu"]) < TOL
+
+
+def test_bench_on_gpu():
+    rows = bench.run_bench("tiny", batch=2, device="gpu", repeats=1, warmup=0, use_torch=True, log=lambda *a: None)
+    assert [r["what"] for r in rows][:2] == ["train step (ms)", "sample step (ms)"]
+    assert all(r["device"] == "gpu" and r["minidiff"] > 0 for r in rows)
