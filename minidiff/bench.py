@@ -17,9 +17,9 @@ CPU minidiff: tracemalloc's peak (NumPy reports its buffers to tracemalloc); CPU
 measured (PyTorch's CPU allocator is invisible to tracemalloc); GPU: the CuPy memory pool's
 high-water mark / torch.cuda.max_memory_allocated.
 
-PyTorch and diffusers are optional: they are imported lazily, only inside _torch_side, and only
-for this comparison (--no-torch, or their absence, gives minidiff's numbers alone). No other
-module of minidiff touches them.
+PyTorch and diffusers are optional and never imported by minidiff/: the twin network lives in
+scripts/bench_torch.py, which load_torch_side() loads from the source checkout (--no-torch, or
+their absence, gives minidiff's numbers alone).
 
 Shape legend: N batch, C image channels, S image side.
 """
@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import statistics
 import sys
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 
@@ -92,20 +94,6 @@ def set_blas_threads(n: int | None) -> str:
         set_blas_threads.limiter = threadpoolctl.threadpool_limits(n, user_api="blas")  # kept alive
     counts = sorted({info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"})
     return f"blas threads: {','.join(map(str, counts)) or '?'} (threadpoolctl)"
-
-
-def _set_threads(threads, use_torch) -> str:
-    """CPU threads for both sides (None: leave the defaults); returns a note saying what they are."""
-    note = set_blas_threads(threads)
-    if use_torch:
-        try:
-            import torch  # noqa: PLC0415  (optional)
-        except ImportError:
-            return note
-        if threads is not None:
-            torch.set_num_threads(threads)
-        note += f", torch threads: {torch.get_num_threads()}"
-    return note
 
 
 def _median_ms(step, sync, warmup: int, repeats: int, timer) -> float:
@@ -176,77 +164,20 @@ class MinidiffSide:
         return (pool.total_bytes() - base) / 2**20
 
 
-def _torch_side(config, host_params, inputs, device, dtype, note):
-    """diffusers' UNet2DModel twin (same config, same weights), or None with a note when unavailable."""
-    try:
-        import diffusers  # noqa: PLC0415  (optional: the comparison only)
-        import torch  # noqa: PLC0415
-    except ImportError as err:
-        note(f"torch side skipped: {err}; pip install 'minidiff[crosscheck]' to compare with PyTorch")
+def load_torch_side():
+    """The PyTorch side of the comparison, scripts/bench_torch.py, loaded from the source checkout.
+
+    minidiff/ never imports torch: the diffusers twin lives in scripts/ beside the other optional
+    cross-checks. Returns its make_torch_side(config, host_params, inputs, device, dtype, note)
+    function, or None when this is not a source checkout (then only minidiff's numbers are printed).
+    """
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_torch.py"
+    if not path.exists():
         return None
-    if device == "gpu" and not torch.cuda.is_available():
-        note("torch side skipped: this PyTorch build sees no CUDA device")
-        return None
-    return TorchSide(torch, diffusers, config, host_params, inputs, device, dtype)
-
-
-class TorchSide:
-    """The same network, weights and inputs as UNet2DModel in PyTorch eager mode."""
-
-    def __init__(self, torch, diffusers, config, host_params, inputs, device, dtype):
-        self.torch = torch
-        self.dev = torch.device("cuda" if device == "gpu" else "cpu")
-        if device == "gpu":  # float32 means float32 on both sides: no TF32 in cuDNN convs or matmuls
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-        kwargs = {k: v for k, v in to_diffusers_config(config).items() if not k.startswith("_")}
-        model = diffusers.UNet2DModel(**kwargs)
-        model = model.double() if dtype == "float64" else model  # (not .to(): diffusers warns there)
-        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in host_params.items()}, strict=True)
-        self.model = model.to(self.dev)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=1e-2)
-        self.x0, self.noise, self.t, self.x_s = (torch.from_numpy(inputs[k]).to(self.dev)
-                                                 for k in ("x0", "noise", "t", "x_s"))
-        self.x_t = torch.from_numpy(inputs["x_t"]).to(self.dev)
-        self.t_s = torch.full((self.x0.shape[0],), T_SAMPLE, dtype=torch.int64, device=self.dev)
-        self.scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear",
-                                                 clip_sample=False, set_alpha_to_one=True)
-        self.scheduler.set_timesteps(50)  # leading spacing: 980, 960, ..., 500, 480, ..., 0
-
-    def sync(self):
-        if self.dev.type == "cuda":
-            self.torch.cuda.synchronize()
-
-    def train_step(self):
-        self.model.train()
-        out = self.model(self.x_t, self.t).sample
-        loss = self.torch.nn.functional.mse_loss(out, self.noise)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss
-
-    def forward_eval(self):
-        """eps of the sampling inputs, in eval mode, as a host array (for the same-network check)."""
-        self.model.eval()
-        with self.torch.no_grad():
-            return self.model(self.x_s, self.t_s).sample.cpu().numpy()
-
-    def sample_step(self):
-        self.model.eval()
-        with self.torch.no_grad():
-            out = self.model(self.x_s, self.t_s).sample
-            return self.scheduler.step(out, T_SAMPLE, self.x_s, eta=0.0).prev_sample
-
-    def peak_mb(self, fn) -> float | None:
-        if self.dev.type != "cuda":
-            return None  # PyTorch's CPU allocator is invisible to tracemalloc: not measured
-        self.sync()
-        base = self.torch.cuda.memory_allocated()
-        self.torch.cuda.reset_peak_memory_stats()
-        fn()
-        self.sync()
-        return (self.torch.cuda.max_memory_allocated() - base) / 2**20
+    spec = importlib.util.spec_from_file_location("minidiff_bench_torch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_torch_side
 
 
 # ----------------------------------------------------------------------------- the run
@@ -282,12 +213,17 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
                          f"({levels} resolutions), got {size}")
     config = dataclasses.replace(base, sample_size=size)
     xp_for(device)  # BackendError with the install hint when the GPU is missing
-    notes = [_set_threads(threads, use_torch)] if device == "cpu" else []
+    make_torch_side = load_torch_side() if use_torch else None
+    notes = [set_blas_threads(threads)] if device == "cpu" else []
+    if use_torch and make_torch_side is None:
+        notes.append("torch side skipped: scripts/bench_torch.py not found (run from a source checkout)")
     schedule = make_schedule(1000, "linear")
     host_params = init_params(config, seed=seed, dtype=np.dtype(dtype))
     inputs = make_inputs(config, batch, size, np.dtype(dtype), seed, schedule)
     md = MinidiffSide(config, host_params, inputs, device, schedule)
-    th = _torch_side(config, host_params, inputs, device, dtype, notes.append) if use_torch else None
+    th = None
+    if make_torch_side is not None:
+        th = make_torch_side(config, host_params, inputs, device, dtype, notes.append, threads)
     if th is not None:  # the same network: compare one forward before timing anything
         eps_md = to_numpy(unet_forward(md.params, config, md.x_s, md.t_s)[0])
         eps_th = th.forward_eval()

@@ -122,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     i = sub.add_parser("info", help="version, GPU availability and parameter counts of the presets")
     i.set_defaults(func=cmd_info)
+    from .bench import add_bench_parser
     from .fixtures import add_fixtures_parser
 
+    add_bench_parser(sub)
     add_fixtures_parser(sub)
     return p
 
