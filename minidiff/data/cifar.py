@@ -3,7 +3,7 @@
 Shape legend: N images, C = 3 channels, H = W = 32.
 
 A CIFAR-10 batch file is a pickled dict {'data': uint8 ndarray (N, 3072), 'labels': [N ints], ...}.
-pickle.load would run whatever callables the file names, so minidiff never calls it. Instead
+Unpickling would run whatever callables the file names, so minidiff never unpickles. Instead
 `pickletools.genops` decodes the opcode stream (it executes nothing) and `scan_pickle` replays it on
 a symbolic stack that builds only literal values (str, bytes, int, float, list, tuple, dict). Every
 GLOBAL becomes an inert Global(module, name) and every REDUCE/NEWOBJ an inert Call(func, args) with
