@@ -71,7 +71,7 @@ def cmd_sample(args) -> int:
     from .backend import to_numpy
 
     stem = f"samples_{cfg.sampler}{cfg.steps}_s{cfg.guidance_scale:g}_seed{cfg.seed}"
-    save_grid(x, out / f"{stem}.png", labels=labels)
+    save_grid(x, out / f"{stem}.png", labels=labels, ncol=9)
     np.savez(out / f"{stem}.npz", images=to_numpy(x))
     print(f"wrote {cfg.n} samples to {out / (stem + '.png')} and {out / (stem + '.npz')}")
     return 0
