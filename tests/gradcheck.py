@@ -69,3 +69,36 @@ def check_grads(forward, inputs: dict, backward_grads, seed: int = 0, h: float =
         errors[name] = err
         assert err < tol, f"gradient of {name}: relative error {err:.3e} >= {tol:.0e}"
     return errors
+
+
+def check_network_grads(forward, params: dict, x, g, grads: dict, dx, coords: int, h: float, tol: float,
+                        zero_key=lambda key: False) -> None:
+    """Whole-network gradient check in float64: forward(params, x) -> output; grads, dx its backward of g.
+
+    1. every parameter key, `coords` sampled coordinates each, against centered differences
+       (keys for which zero_key(key) is true must have an exactly-zero gradient, e.g. a self-attention
+       key bias, which the softmax ignores);
+    2. 12 sampled coordinates of dx;
+    3. all parameters at once: the derivative along one random unit direction v of sum(g * output).
+    """
+    assert list(grads) == list(params) and all(grads[k].shape == params[k].shape for k in params)
+
+    def loss():
+        return float(np.sum(g * forward(params, x)))
+
+    for j, key in enumerate(params if coords else []):
+        idx, num = numeric_grad(loss, params[key], h=h, max_coords=coords, seed=j)
+        ana = grads[key].reshape(-1)[idx]
+        if zero_key(key):
+            assert np.abs(ana).max() < 1e-12 and np.abs(num).max() < 1e-8, key
+        else:
+            assert rel_error(ana, num) < tol, (key, rel_error(ana, num))
+    idx, num = numeric_grad(loss, x, h=h, max_coords=12)
+    assert rel_error(dx.reshape(-1)[idx], num) < tol
+    v = {k: np.random.default_rng(3).standard_normal(a.shape) for k, a in params.items()}
+    norm = np.sqrt(sum(float(np.sum(a * a)) for a in v.values()))
+    v = {k: a / norm for k, a in v.items()}
+    shifted = [forward({k: params[k] + s * h * v[k] for k in params}, x) for s in (1, -1)]
+    directional = float(np.sum(g * (shifted[0] - shifted[1]))) / (2 * h)
+    analytic = sum(float(np.sum(grads[k] * v[k])) for k in params)
+    assert abs(directional - analytic) < 1e-7 * abs(analytic), (directional, analytic)
