@@ -173,6 +173,17 @@ def _dx_by_flipped_conv(w, s, pads) -> bool:
     return s == 1 and max(pt, pb) <= kh - 1 and max(pl, pr) <= kw - 1 and C_out <= 2 * C_in
 
 
+def _backward_setup(dy, cache):
+    """Unpack a conv cache and check dy's shape; shared by both backwards."""
+    x, w, has_bias, s, pads = cache
+    N, C_in, H, W = x.shape
+    C_out, _, kh, kw = w.shape
+    pt, pb, pl, pr = pads
+    Ho, Wo = (H + pt + pb - kh) // s + 1, (W + pl + pr - kw) // s + 1
+    check_shape("dy", dy, (N, C_out, Ho, Wo), "(N, C_out, Ho, Wo)")
+    return x, w, has_bias, s, pads, Ho, Wo
+
+
 def conv2d_backward(dy, cache):
     """dw = dy_col cols^T,   dcols = w_col^T dy_col,   dx = col2im(dcols),   db = sum_{n,oh,ow} dy
 
@@ -183,13 +194,11 @@ def conv2d_backward(dy, cache):
     Inputs:  dy (N, C_out, Ho, Wo) upstream gradient; cache from conv2d_forward.
     Returns: dx (N, C_in, H, W), dw (C_out, C_in, kh, kw), db (C_out,) or None.
     """
-    x, w, has_bias, s, pads = cache
+    x, w, has_bias, s, pads, Ho, Wo = _backward_setup(dy, cache)
     xp = get_array_module(dy, x)
     N, C_in, H, W = x.shape
     C_out, _, kh, kw = w.shape
     pt, pb, pl, pr = pads
-    Ho, Wo = (H + pt + pb - kh) // s + 1, (W + pl + pr - kw) // s + 1
-    check_shape("dy", dy, (N, C_out, Ho, Wo), "(N, C_out, Ho, Wo)")
     w_col = w.reshape(C_out, -1)  # (C_out, K)
     gather = _dx_by_flipped_conv(w, s, pads)
     if gather:
@@ -254,13 +263,11 @@ def conv2d_naive_backward(dy, cache):
 
         dw[o]      += dy[n, o, oh, ow] * window,   d(window) += dy[n, o, oh, ow] * w[o],   db[o] += dy[n, o, oh, ow]
     """
-    x, w, has_bias, s, pads = cache
+    x, w, has_bias, s, pads, Ho, Wo = _backward_setup(dy, cache)
     xp = get_array_module(dy, x)
     N, C_in, H, W = x.shape
     C_out, _, kh, kw = w.shape
     pt, pb, pl, pr = pads
-    Ho, Wo = (H + pt + pb - kh) // s + 1, (W + pl + pr - kw) // s + 1
-    check_shape("dy", dy, (N, C_out, Ho, Wo), "(N, C_out, Ho, Wo)")
     x_pad = xp.zeros((N, C_in, H + pt + pb, W + pl + pr), dtype=x.dtype)
     x_pad[:, :, pt:pt + H, pl:pl + W] = x
     dx_pad = xp.zeros_like(x_pad)
