@@ -17,6 +17,7 @@ from .config import SampleConfig, TrainConfig, add_dataclass_args, dataclass_fro
 
 
 def cmd_train(args) -> int:
+    """`minidiff train`: build a TrainConfig from the flags and run (or resume) training."""
     from .train import train
 
     train(dataclass_from_args(TrainConfig, args))
@@ -45,6 +46,7 @@ def _conditions(bundle, cfg: SampleConfig):
 
 
 def cmd_sample(args) -> int:
+    """`minidiff sample`: load a run, draw n images with guidance, write a PNG grid and an .npz."""
     from .bundle import load_bundle
     from .report import ProgressBar, save_grid
     from .sample import generate
@@ -78,6 +80,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    """`minidiff eval`: prompt accuracy at each guidance scale (see evaluate.py)."""
     from .evaluate import evaluate
 
     evaluate(args.checkpoint, n_per_class=args.n_per_class, scales=args.scales, steps=args.steps,
@@ -86,6 +89,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_info(args) -> int:
+    """`minidiff info`: version, GPU availability and the presets' parameter counts."""
     from . import __version__
     from .backend import gpu_available
     from .unet import print_param_counts
@@ -97,6 +101,7 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `minidiff` argument parser with every subcommand."""
     p = argparse.ArgumentParser(prog="minidiff", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a diffusion model (default: the built-in shapes data)",
@@ -131,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one subcommand; bad input becomes one error line and exit status 2 (a diverged run: 1)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 @dataclass
 class TrainConfig:
+    """Every option of `minidiff train` (one flag per field: --batch-size is batch_size)."""
     # --- data and model ---
     data: str = "shapes16"           # built-in name (shapes16, shapes32) or a path: image folder, MNIST dir, CIFAR-10 dir, .npz
     out: str = "runs/shapes16"       # run directory: config, checkpoints, log, images
@@ -53,6 +54,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
+    """Every option of `minidiff sample` (one flag per field; class_id is --class)."""
     checkpoint: str = ""             # a run directory or a checkpoint .npz
     out: str = "samples"             # output directory for the PNG grid and the .npz of samples
     prompt: str = ""                 # text prompt(s), separated by ';' (text-conditioned models)

@@ -126,5 +126,6 @@ class ProgressBar:
         self.stream.flush()
 
     def close(self) -> None:
+        """End the bar's line."""
         self.stream.write("\n")
         self.stream.flush()

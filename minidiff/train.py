@@ -103,6 +103,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> dict:
+        """JSON metadata of the run: both configs, conditioning, classes and the tokenizer."""
         return {"train_config": dataclasses.asdict(self.cfg), "model_config": self.model_config.to_dict(),
                 "conditioning": self.conditioning, "num_classes": self.dataset.num_classes,
                 "class_names": self.dataset.class_names,
@@ -167,11 +168,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ pictures
     def bundle(self, use_ema: bool = True) -> Bundle:
+        """The model as a Bundle for sampling (EMA weights by default; shares the arrays, no copy)."""
         return Bundle(self.ema.shadow if use_ema else self.params, self.model_config, self.schedule,
                       self.conditioning, self.cfg.prediction_type, self.tokenizer, self.dataset.num_classes,
                       self.dataset.class_names, self.dataset.image_size)
 
     def sample_grid(self, n: int = 18) -> Path:
+        """Save samples/step_XXXXXX.png: n EMA samples (DDIM, CFG scale cfg.guidance_scale), captioned."""
         b = self.bundle()
         labels = b.default_prompts(n)
         cond = b.encode(prompts=labels, class_ids=labels if b.conditioning == "class" else None, n=n)
