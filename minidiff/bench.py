@@ -45,7 +45,7 @@ from .optim import AdamW
 from .sampler import ddim_step
 from .schedule import add_noise, make_schedule
 from .unet import count_params, init_params, unet_backward, unet_forward
-from .unet_config import PRESETS, get_preset, to_diffusers_config
+from .unet_config import PRESETS, get_preset
 
 T_SAMPLE, T_PREV = 500, 480  # one step of 50-step DDIM with "leading" spacing (timesteps 980, 960, ..., 0)
 LR = 2e-4  # AdamW learning rate of the timed step (weight decay 0.01 on both sides, PyTorch's default)

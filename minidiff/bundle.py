@@ -17,6 +17,7 @@ import numpy as np
 
 from .backend import to_device
 from .checkpoint import load_checkpoint
+from .data.dataset import caption_of
 from .data.tokenizer import Tokenizer
 from .schedule import make_schedule
 from .unet import unet_forward
@@ -102,7 +103,7 @@ class Bundle:
         """Labels for a preview grid: each class caption (or class id) in turn, n in all."""
         if self.conditioning == "text":
             names = self.class_names or [""]
-            return [" ".join(str(names[i % len(names)]).replace("_", " ").lower().split()) for i in range(n)]
+            return [caption_of(names[i % len(names)]) for i in range(n)]
         if self.conditioning == "class":
             return [i % self.num_classes for i in range(n)]
         return [""] * n

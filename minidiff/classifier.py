@@ -28,14 +28,13 @@ from .backend import get_array_module, to_device, to_numpy
 from .blocks import BlockArgs, down_block_backward, down_block_forward, mid_block_backward, mid_block_forward
 from .bundle import resolve_checkpoint
 from .checkpoint import load_checkpoint
-from .config import check_choice
 from .data.dataset import caption_of
 from .nn import (conv2d_backward, conv2d_forward, groupnorm_backward, groupnorm_forward, linear_backward,
                  linear_forward, silu_backward, silu_forward, softmax_cross_entropy_backward,
                  softmax_cross_entropy_forward, timestep_embedding)
 from .nn._check import check_float, check_indices, check_ndim, check_shape
 from .nn.cross_entropy import log_softmax
-from .schedule import make_schedule
+from .schedule import check_choice, make_schedule
 from .unet import init_params, param_shapes
 from .unet_config import UNetConfig
 

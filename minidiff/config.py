@@ -11,6 +11,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 
+from .schedule import check_choice
+
 
 @dataclass
 class TrainConfig:
@@ -99,18 +101,12 @@ def dataclass_from_args(cls, args: argparse.Namespace):
     return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def check_choice(name: str, value, allowed) -> None:
-    """Raise ValueError naming the argument unless value is one of allowed."""
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
-
-
 def validate_train_config(cfg: TrainConfig) -> None:
     """Clear errors for bad training options, each naming the flag."""
-    check_choice("--conditioning", cfg.conditioning, {"text", "class", "none", "auto"})
-    check_choice("--optimizer", cfg.optimizer, {"adam", "adamw"})
-    check_choice("--device", cfg.device, {"cpu", "gpu"})
-    check_choice("--dtype", cfg.dtype, {"float32", "float64"})
+    check_choice("--conditioning", cfg.conditioning, ("text", "class", "none", "auto"))
+    check_choice("--optimizer", cfg.optimizer, ("adam", "adamw"))
+    check_choice("--device", cfg.device, ("cpu", "gpu"))
+    check_choice("--dtype", cfg.dtype, ("float32", "float64"))
     for name in ("steps", "batch_size", "max_prompt_len", "sample_steps", "log_every", "save_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
