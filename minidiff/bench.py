@@ -40,11 +40,11 @@ from pathlib import Path
 import numpy as np
 
 from .backend import BackendError, synchronize, to_device, to_numpy, xp_for
-from .loss import diffusion_loss
 from .optim import AdamW
+from .parallel import forward, loss_and_grads, resolve_workers
 from .sampler import ddim_step
 from .schedule import add_noise, make_schedule
-from .unet import count_params, init_params, unet_backward, unet_forward
+from .unet import count_params, init_params, unet_forward
 from .unet_config import PRESETS, get_preset
 
 T_SAMPLE, T_PREV = 500, 480  # one step of 50-step DDIM with "leading" spacing (timesteps 980, 960, ..., 0)
@@ -128,8 +128,8 @@ def _cpu_peak_mb(fn) -> float:
 class MinidiffSide:
     """minidiff's params, AdamW state and inputs on the chosen device, and its two steps."""
 
-    def __init__(self, config, host_params, inputs, device, schedule):
-        self.config, self.device, self.schedule = config, device, schedule
+    def __init__(self, config, host_params, inputs, device, schedule, workers=1):
+        self.config, self.device, self.schedule, self.workers = config, device, schedule, workers
         self.xp = xp_for(device)
         self.params = to_device(host_params, device)
         self.opt = AdamW(self.params, lr=LR)
@@ -141,15 +141,14 @@ class MinidiffSide:
     def sync(self):
         synchronize()
 
-    def train_step(self):
-        eps, cache = unet_forward(self.params, self.config, self.x_t, self.t, train=True, rng=self.rng)
-        loss, deps = diffusion_loss(self.schedule, eps, self.x0, self.noise, self.t)
-        grads, _ = unet_backward(deps, cache)
+    def train_step(self):  # what Trainer.train_step does, on fixed inputs
+        loss, grads = loss_and_grads(self.params, self.config, self.schedule, self.x_t, self.x0, self.noise,
+                                     self.t, rng=self.rng, workers=self.workers)
         self.opt.step(self.params, grads)
         return loss
 
     def sample_step(self):
-        eps, _ = unet_forward(self.params, self.config, self.x_s, self.t_s)
+        eps = forward(self.params, self.config, self.x_s, self.t_s, workers=self.workers)
         return ddim_step(self.schedule, eps, T_SAMPLE, T_PREV, self.x_s)[0]
 
     def peak_mb(self, fn) -> float | None:
@@ -220,7 +219,8 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
     schedule = make_schedule(1000, "linear")
     host_params = init_params(config, seed=seed, dtype=np.dtype(dtype))
     inputs = make_inputs(config, batch, size, np.dtype(dtype), seed, schedule)
-    md = MinidiffSide(config, host_params, inputs, device, schedule)
+    workers = resolve_workers(threads or 0, device)  # CPU: the batch in `threads` shards, one thread each
+    md = MinidiffSide(config, host_params, inputs, device, schedule, workers)
     th = None
     if make_torch_side is not None:
         th = make_torch_side(config, host_params, inputs, device, dtype, notes.append, threads)
@@ -230,7 +230,8 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
         rel = float(np.abs(eps_md - eps_th).max() / max(np.abs(eps_th).max(), 1e-30))
         notes.append(f"same network check: max|eps_minidiff - eps_torch| / max|eps_torch| = {rel:.1e}")
     log(f"minidiff bench: preset {preset} ({count_params(config):,} params), {size}x{size}, batch {batch}, "
-        f"{device} {dtype}, median of {repeats} after {warmup} warm-up, {clock} clock")
+        f"{device} {dtype}, median of {repeats} after {warmup} warm-up, {clock} clock, "
+        f"minidiff in {workers} thread{'s' * (workers > 1)} (batch shards)")
     for n in notes:
         log("  " + n)
     sides = [md] + ([th] if th is not None else [])

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .attention_block import attention_block_backward, attention_block_forward
-from .backend import get_array_module
+from .backend import device_of, get_array_module, to_device
 from .nn import (
     conv2d_backward,
     conv2d_forward,
@@ -32,6 +32,7 @@ from .nn import (
     downsample_forward,
     dropout_backward,
     dropout_forward,
+    dropout_mask,
     groupnorm_backward,
     groupnorm_forward,
     linear_backward,
@@ -54,6 +55,7 @@ class BlockArgs:
     rng: np.random.Generator | None = None  # host generator: one dropout seed per resnet, in order
     context: object = None  # (N, S, Cd) prompt-token embeddings for cross-attention, or None
     context_mask: object = None  # (N, S) bool, True = real token
+    rows: tuple | None = None  # (start, stop, total): x is rows start:stop of a batch of total (dropout masks)
 
 
 def _put(grads, key, dw, db):
@@ -80,7 +82,11 @@ def resnet_block_forward(params, prefix, x, temb, args: BlockArgs, output_scale_
     h, act2 = silu_forward(h)
     drawing = args.train and args.dropout > 0
     seed = int(args.rng.integers(2**63 - 1)) if drawing else None  # host draw: NumPy == CuPy
-    h, drop = dropout_forward(h, args.dropout, train=args.train, seed=seed)
+    mask = None
+    if drawing and args.rows is not None:  # a shard of a batch: its rows of the whole batch's mask
+        start, stop, total = args.rows
+        mask = to_device(dropout_mask(seed, (total,) + h.shape[1:], args.dropout, (start, stop)), device_of(h))
+    h, drop = dropout_forward(h, args.dropout, train=args.train, mask=mask, seed=seed)
     h, conv2 = conv2d_forward(h, p("conv2.weight"), p("conv2.bias"), padding=1)  # (N, C_out, H, W)
     skip, shortcut = x, None
     if prefix + "conv_shortcut.weight" in params:

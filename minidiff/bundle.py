@@ -20,7 +20,7 @@ from .checkpoint import load_checkpoint
 from .data.dataset import caption_of
 from .data.tokenizer import Tokenizer
 from .schedule import make_schedule
-from .unet import unet_forward
+from .parallel import forward
 from .unet_config import UNetConfig, get_preset
 
 CONDITIONINGS = ("text", "class", "none")
@@ -70,13 +70,13 @@ class Bundle:
     num_classes: int = 0
     class_names: list | None = None
     image_size: int = 16
+    workers: int = 1  # CPU threads sharing each model call's batch (parallel.forward)
 
     def model_fn(self, x_t, t, cond):
         """model_fn(x_t (N, C, H, W), t (N,), cond) -> model output (N, C, H, W), for the samplers."""
         labels = cond if self.conditioning == "class" else None
         context = cond if self.conditioning == "text" else None
-        out, _ = unet_forward(self.params, self.config, x_t, t, class_labels=labels, context=context)
-        return out
+        return forward(self.params, self.config, x_t, t, class_labels=labels, context=context, workers=self.workers)
 
     @property
     def null_condition(self):

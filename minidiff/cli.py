@@ -48,6 +48,7 @@ def _conditions(bundle, cfg: SampleConfig):
 def cmd_sample(args) -> int:
     """`minidiff sample`: load a run, draw n images with guidance, write a PNG grid and an .npz."""
     from .bundle import load_bundle
+    from .parallel import resolve_workers
     from .report import ProgressBar, save_grid
     from .sample import generate
 
@@ -55,6 +56,7 @@ def cmd_sample(args) -> int:
     if not cfg.checkpoint:
         raise ValueError("--checkpoint is required: a run directory or a checkpoint .npz")
     bundle = load_bundle(cfg.checkpoint, use_ema=not cfg.no_ema, device=cfg.device, dtype=cfg.dtype)
+    bundle.workers = resolve_workers(cfg.threads, cfg.device)
     cond, labels = _conditions(bundle, cfg)
     grad_fn = None
     if cfg.classifier:

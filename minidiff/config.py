@@ -11,6 +11,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 
+from .parallel import resolve_workers
 from .schedule import check_choice
 
 
@@ -51,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"              # cpu | gpu (CuPy)
     dtype: str = "float32"           # float32 | float64
+    threads: int = 0                 # CPU threads, each runs a shard of the batch; 0 = one per core (at most 4)
     resume: bool = False             # continue the run in --out from its latest checkpoint
 
 
@@ -73,6 +75,7 @@ class SampleConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    threads: int = 0                 # CPU threads, each runs a shard of the batch; 0 = one per core (at most 4)
 
 
 def _flag(name: str) -> str:
@@ -110,6 +113,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
     for name in ("steps", "batch_size", "max_prompt_len", "sample_steps", "log_every", "save_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    resolve_workers(cfg.threads, cfg.device)  # --threads: an int >= 0
     if not 0.0 <= cfg.p_uncond < 1.0:
         raise ValueError(f"--p-uncond must be in [0, 1), got {cfg.p_uncond}")
     if not 0.0 <= cfg.ema_decay < 1.0:

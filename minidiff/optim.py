@@ -139,22 +139,23 @@ def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
     return float(base_lr) * min(1.0, (step + 1) / warmup_steps)
 
 
-def clip_grad_norm(grads: dict, max_norm: float) -> float:
-    """Scale all grads in place by min(1, max_norm / (total_norm + 1e-6)); return total_norm (float).
+def clip_grad_norm(grads: dict, max_norm: float):
+    """Scale all grads in place by min(1, max_norm / (total_norm + 1e-6)); return total_norm.
 
-    total_norm = sqrt(sum_k ||g_k||_2^2) over every array. A nan/inf total_norm is returned as is
-    (grads then become nan), for the caller to stop on, as torch does with error_if_nonfinite=False.
+    total_norm = sqrt(sum_k ||g_k||_2^2) over every array, returned as a 0-d array on the grads'
+    backend: nothing is read back to the host (no GPU synchronization), as torch does it, by
+    multiplying with the clamped coefficient even when it is 1. A nan/inf total_norm makes the
+    grads nan, for the caller to stop on (torch's error_if_nonfinite=False).
     """
     max_norm = _positive("max_norm", max_norm)
     if not grads:
         return 0.0
     xp = get_array_module(*grads.values())
     sq = sum(xp.linalg.norm(g.ravel()) ** 2 for g in grads.values())  # sum_k ||g_k||_2^2
-    total_norm = float(xp.sqrt(sq))  # one device -> host read
-    clip_coef = max_norm / (total_norm + 1e-6)
-    if not clip_coef >= 1.0:  # also true for nan: grads become nan, as in torch
-        for g in grads.values():
-            g *= clip_coef
+    total_norm = xp.sqrt(sq)  # 0-d, stays on the device
+    clip_coef = xp.minimum(max_norm / (total_norm + 1e-6), 1.0)  # nan stays nan
+    for g in grads.values():
+        g *= clip_coef.astype(g.dtype)
     return total_norm
 
 

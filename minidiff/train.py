@@ -31,12 +31,13 @@ from .checkpoint import check_config, load_checkpoint, rng_from_state, rng_state
 from .config import TrainConfig, validate_train_config
 from .data import load_dataset
 from .data.tokenizer import Tokenizer
-from .loss import diffusion_loss, drop_condition, sample_timesteps
+from .loss import drop_condition, sample_timesteps
 from .optim import EMA, Adam, AdamW, clip_grad_norm, warmup_lr
 from .report import ProgressBar, save_grid, save_loss_curve
+from .parallel import loss_and_grads, resolve_workers
 from .sample import generate
 from .schedule import add_noise, make_schedule
-from .unet import count_params, init_params, unet_backward, unet_forward
+from .unet import count_params, init_params
 
 # the settings a resumed run must share with the run it continues
 RESUME_FIELDS = ("data", "preset", "conditioning", "max_prompt_len", "num_train_timesteps", "beta_schedule",
@@ -95,7 +96,9 @@ class Trainer:
         self.opt = opt_cls(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_warmup)
         self.rng = np.random.default_rng(cfg.seed)
-        self.step, self.losses = 0, []
+        self.step, self.losses, self.pending = 0, [], []
+        self.workers = resolve_workers(cfg.threads, cfg.device)  # CPU threads, one shard of the batch each
+        self.flush_every = 1 if self.xp is np else cfg.log_every  # host reads: free on a CPU, a sync on a GPU
         if cfg.resume:
             self._load(self.out / "checkpoints" / "latest.npz")
         else:
@@ -132,8 +135,11 @@ class Trainer:
         self.step, self.losses = int(meta["step"]), list(meta["losses"])
 
     # ------------------------------------------------------------------ one step
-    def train_step(self) -> float:
-        """One optimizer step of Algorithm 1; returns the loss (a host float)."""
+    def train_step(self):
+        """One optimizer step of Algorithm 1; returns the loss, a 0-d array on the device.
+
+        Nothing is read back to the host here: the loss waits in self.pending until flush_losses()
+        (every step on a CPU, every log_every steps on a GPU, and always before a checkpoint)."""
         cfg, rng, xp = self.cfg, self.rng, self.xp
         x0, labels, captions = self.dataset.batch(rng, cfg.batch_size)              # (B, C, S, S)
         if cfg.hflip:
@@ -146,25 +152,33 @@ class Trainer:
         x0, noise, t = (xp.asarray(a, dtype=d) for a, d in ((x0, self.dtype), (noise, self.dtype), (t, np.int64)))
         cond = None if cond is None else xp.asarray(cond)
         x_t = add_noise(self.schedule, x0, noise, t)
-        out, cache = unet_forward(self.params, self.model_config, x_t, t,
-                                  class_labels=cond if self.conditioning == "class" else None,
-                                  context=cond if self.conditioning == "text" else None,
-                                  train=True, rng=rng)
-        loss, dout = diffusion_loss(self.schedule, out, x0, noise, t, cfg.prediction_type,
-                                    cfg.snr_gamma or None)
-        loss = float(loss)
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss} at step {self.step + 1}; training stopped, the last good "
-                                   f"checkpoint ({self.out / 'checkpoints' / 'latest.npz'}) is kept. "
-                                   "Try a lower --lr or --grad-clip")
-        grads, _ = unet_backward(dout, cache)
+        loss, grads = loss_and_grads(self.params, self.model_config, self.schedule, x_t, x0, noise, t,
+                                     class_labels=cond if self.conditioning == "class" else None,
+                                     context=cond if self.conditioning == "text" else None,
+                                     prediction_type=cfg.prediction_type, snr_gamma=cfg.snr_gamma or None,
+                                     rng=rng, workers=self.workers)
         if cfg.grad_clip > 0:
             clip_grad_norm(grads, cfg.grad_clip)
         self.opt.step(self.params, grads, lr=warmup_lr(self.step, cfg.lr, cfg.warmup_steps))
         self.ema.update(self.params)
         self.step += 1
-        self.losses.append(loss)
+        self.pending.append(loss)
         return loss
+
+    def flush_losses(self) -> float | None:
+        """Read the losses of the steps since the last flush to the host (one device -> host copy) and
+        stop on the first that is not finite. Returns the newest loss (None before any step)."""
+        if self.pending:
+            losses = self.xp.stack(self.pending).astype(np.float64).tolist()
+            first = self.step - len(losses) + 1
+            self.pending = []
+            for i, loss in enumerate(losses):
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss} at step {first + i}; training stopped, the last good checkpoint "
+                        f"({self.out / 'checkpoints' / 'latest.npz'}) is kept. Try a lower --lr or --grad-clip")
+            self.losses.extend(losses)
+        return self.losses[-1] if self.losses else None
 
     # ------------------------------------------------------------------ pictures
     def bundle(self, use_ema: bool = True) -> Bundle:
@@ -176,6 +190,7 @@ class Trainer:
     def sample_grid(self, n: int = 18) -> Path:
         """Save samples/step_XXXXXX.png: n EMA samples (DDIM, CFG scale cfg.guidance_scale), captioned."""
         b = self.bundle()
+        b.workers = self.workers
         labels = b.default_prompts(n)
         cond = b.encode(prompts=labels, class_ids=labels if b.conditioning == "class" else None, n=n)
         x = generate(b, cond, n, self.cfg.guidance_scale, "ddim", self.cfg.sample_steps, seed=self.cfg.seed,
@@ -192,11 +207,15 @@ class Trainer:
         self.log(f"minidiff train: {self.dataset.name} ({self.conditioning}), preset {cfg.preset}, "
                  f"{count_params(self.params):,} params, {cfg.device} {cfg.dtype}, steps {self.step}->{end}")
         bar = ProgressBar(cfg.steps, start=self.step)
+        bar_step = self.step
         t0, log_path = time.perf_counter(), self.out / "log.jsonl"
         with open(log_path, "a") as logf:
             while self.step < end:
-                loss = self.train_step()
-                bar.update(self.step, cfg.batch_size, loss=loss)
+                self.train_step()
+                if self.step % self.flush_every == 0 or self.step % cfg.log_every == 0 or self.step == end:
+                    loss = self.flush_losses()
+                    bar.update(self.step, cfg.batch_size * (self.step - bar_step), loss=loss)
+                    bar_step = self.step
                 if self.step % cfg.log_every == 0 or self.step == end:
                     rec = {"step": self.step, "loss": loss, "lr": warmup_lr(self.step - 1, cfg.lr, cfg.warmup_steps),
                            "images_per_s": round(bar.items / max(time.perf_counter() - t0, 1e-9), 2),
@@ -204,6 +223,7 @@ class Trainer:
                     logf.write(json.dumps(rec) + "\n")
                     logf.flush()
                 if self.step % cfg.save_every == 0 or self.step == end:
+                    self.flush_losses()
                     self.save()
                 if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == cfg.steps:
                     self.sample_grid()

@@ -77,7 +77,8 @@ def _as_rng(rng):
     raise ValueError(f"rng must be None, an int seed or a np.random.Generator, got {type(rng).__name__}")
 
 
-def unet_forward(params, config, x, t, class_labels=None, context=None, train=False, rng=None):
+def unet_forward(params, config, x, t, class_labels=None, context=None, train=False, rng=None, rows=None,
+                 for_backward=True):
     """eps = UNet(x_t, t[, y][, prompt])   (UNet2DModel.forward, op for op)
 
     Inputs:  params from init_params (or load_pretrained), config its UNetConfig;
@@ -85,8 +86,13 @@ def unet_forward(params, config, x, t, class_labels=None, context=None, train=Fa
              t int or float, a scalar or (N,); class_labels (N,) ints in [0, num_class_embeds)
              (required iff num_class_embeds is set); context (N, S) int token ids in
              [0, context_vocab_size), id 0 = padding (None = empty prompt; cross-attention configs only);
-             train: dropout on; rng: None, an int seed or a np.random.Generator for the dropout masks.
-    Returns: eps (N, C_out, H, W), and the cache for unet_backward (an independent object per call).
+             train: dropout on; rng: None, an int seed or a np.random.Generator for the dropout masks;
+             rows: None, or (start, stop, total) when x is rows start:stop of a batch of total
+             (parallel.py's shards): dropout then uses those rows of the whole batch's masks;
+             for_backward=False (inference, like torch.no_grad): each block's cache is dropped as soon
+             as the block returns, so its activations are freed (sampling memory: docs/performance.md).
+    Returns: eps (N, C_out, H, W), and the cache for unet_backward (an independent object per call;
+             None when for_backward is False).
     """
     check_float("x", x)
     check_ndim("x", x, 4, "(N, C, H, W)")
@@ -111,7 +117,7 @@ def unet_forward(params, config, x, t, class_labels=None, context=None, train=Fa
     if context is not None and c.cross_attention_dim is None:
         raise ValueError("context must be None: config.cross_attention_dim is None (no cross-attention)")
     args = BlockArgs(c.norm_num_groups, c.norm_eps, c.dropout, train,
-                     _as_rng(rng) if train and c.dropout > 0 else None)
+                     _as_rng(rng) if train and c.dropout > 0 else None, rows=rows)
     p = params
 
     # 1. time (and class) embedding -> temb (N, T)
@@ -144,22 +150,26 @@ def unet_forward(params, config, x, t, class_labels=None, context=None, train=Fa
         h, block_skips, dc = down_block_forward(p, f"down_blocks.{i}.", h, temb, c.layers_per_block, heads,
                                                 i < n - 1, c.downsample_padding, args)
         skips += block_skips
-        downs.append((dc, len(block_skips)))
+        downs.append((dc if for_backward else None, len(block_skips)))
     # 4. mid
     heads = c.heads(c.block_out_channels[-1]) if c.add_attention else None
     h, mid = mid_block_forward(p, "mid_block.", h, temb, heads, c.mid_block_scale_factor, args)
+    mid = mid if for_backward else None
     # 5. up
     ups = []
     for i, kind in enumerate(c.up_block_types):
         heads = c.heads(c.block_out_channels[::-1][i]) if kind == "AttnUpBlock2D" else None
         block_skips, skips = skips[-(c.layers_per_block + 1):], skips[:-(c.layers_per_block + 1)]
         h, uc = up_block_forward(p, f"up_blocks.{i}.", h, block_skips, temb, heads, i < n - 1, args)
-        ups.append(uc)
+        ups.append(uc if for_backward else None)
+        del block_skips, uc  # without a backward the skips are freed here
     # 6. out
     h, norm_out = groupnorm_forward(h, p["conv_norm_out.weight"], p["conv_norm_out.bias"], c.norm_num_groups,
                                     c.norm_eps)
     h, act_out = silu_forward(h)
     eps, conv_out = conv2d_forward(h, p["conv_out.weight"], p["conv_out.bias"], padding=1)  # (N, C_out, H, W)
+    if not for_backward:
+        return eps, None
     cache = dict(
         keys=tuple(p),  # the params' keys, to return grads in the same order
         lin1=lin1, act=act, lin2=lin2,  # time-embedding MLP caches

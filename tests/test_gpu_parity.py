@@ -149,7 +149,7 @@ def test_whole_training_step():
     loss_c, norm_c, grads_c, dx_c, params_c = training_step("cpu")
     loss_g, norm_g, grads_g, dx_g, params_g = training_step("gpu")
     assert abs(float(loss_g) - float(loss_c)) <= TOL * abs(float(loss_c))
-    assert abs(norm_g - norm_c) <= TOL * norm_c and norm_c > 0.05
+    assert abs(float(norm_g) - float(norm_c)) <= TOL * float(norm_c) and float(norm_c) > 0.05
     assert list(grads_g) == list(grads_c) and list(params_g) == list(params_c)
     for key in grads_c:
         assert rel_error(to_numpy(grads_g[key]), grads_c[key]) < TOL, key

@@ -24,6 +24,17 @@ def _check_p(p) -> float:
     return float(p)
 
 
+def dropout_mask(seed, shape, p, rows=None):
+    """mask_i = (u_i >= p),  u ~ U[0, 1) drawn by np.random.default_rng(seed) over the whole shape (host).
+
+    rows=(start, stop) returns rows start:stop of the mask drawn for the whole shape (N, ...), so a
+    batch split into shards gets, shard by shard, exactly the masks of the unsplit batch.
+    Returns a bool host array: shape, or (stop - start,) + shape[1:] with rows.
+    """
+    mask = np.random.default_rng(seed).random(shape) >= p  # P(keep) = 1 - p
+    return mask if rows is None else mask[rows[0]:rows[1]]
+
+
 def dropout_forward(x, p, train=True, mask=None, seed=None):
     """y = x * mask / (1 - p),   mask_i ~ Bernoulli(1 - p) (True = keep);   identity if not train or p = 0
 
@@ -45,7 +56,7 @@ def dropout_forward(x, p, train=True, mask=None, seed=None):
         )
         return x.copy(), cache
     if mask is None:
-        mask = np.random.default_rng(seed).random(x.shape) >= p  # (...) on the host: P(keep) = 1 - p
+        mask = dropout_mask(seed, x.shape, p)  # (...) on the host: P(keep) = 1 - p
     mask = to_device(mask, device_of(x))  # (...) bool, on x's backend
     scale = 1.0 / (1.0 - p)  # a Python float, so x's dtype is kept
     y = x * mask * scale  # (...)
