@@ -73,6 +73,8 @@ gn_shapes = dict(
 @example(n=1, g=2, cg=3, spatial=(1, 1), seed=3)  # 1x1 spatial, several channels per group
 @example(n=2, g=2, cg=2, spatial=(3,), seed=4)  # one spatial dim
 @example(n=1, g=1, cg=1, spatial=(3,), seed=0)  # found: dx nearly cancels (see dx_scale below)
+@example(n=2, g=1, cg=1, spatial=(2, 2), seed=1715)  # found: dbeta nearly cancels (see floors below)
+@example(n=2, g=1, cg=1, spatial=(2, 2, 3), seed=4)  # found: small gamma (see y - beta below)
 def test_groupnorm_gradcheck(n, g, cg, spatial, seed):
     x, gamma, beta = _gn_inputs(n, g, cg, spatial, seed)
     # A group of M = 2 elements normalizes to xhat = +-d / sqrt(d^2 + 4 eps) (d their difference),
@@ -89,9 +91,22 @@ def test_groupnorm_gradcheck(n, g, cg, spatial, seed):
     # differences, far below that scale, reads as a 2.5e-7 relative error.
     rstd = 1 / np.sqrt(x.reshape(n, g, -1).var(axis=2) + eps)  # (N, G)
     dx_scale = float(rstd.max() * np.abs(dy * gamma.reshape((1, -1) + (1,) * len(spatial))).max())
+    # dbeta_c = sum_{n, s} dy and dgamma_c = sum_{n, s} dy * xhat can cancel to ~1e-2 of their terms
+    # (n=2, g=1, cg=1, spatial=(2, 2), seed=1715: dbeta = 0.012 from 8 terms of size ~1), below the
+    # differences' rounding floor eps * sum|dy y| / h = 2.7e-9, i.e. 2.2e-7 of dbeta: so they are
+    # measured against the sum of their terms' magnitudes as well.
+    over_ns = (0,) + tuple(range(2, x.ndim))
+    xhat = groupnorm_forward(x, np.ones_like(gamma), np.zeros_like(beta), g, eps)[0]
+    floors = {"x": dx_scale, "beta": float(np.abs(dy).sum(axis=over_ns).max()),
+              "gamma": max(float(np.abs(dy * xhat).sum(axis=over_ns).max()), 1e-300)}  # xhat = 0: 1 per group
     _check_grads_floor(lambda x, gamma, beta: groupnorm_forward(x, gamma, beta, g, eps)[0],
-                       {"x": x, "gamma": gamma, "beta": beta}, dy,
-                       {"x": dx, "gamma": dgamma, "beta": dbeta}, {"x": dx_scale})
+                       {"x": x, "gamma": gamma, "beta": beta}, dy, {"beta": dbeta}, floors)
+    # x and gamma are checked on y - beta (the same gradients): with a small gamma (-0.003 for
+    # n=2, g=1, cg=1, spatial=(2, 2, 3), seed=4) the beta term dominated sum(dy * y) and its
+    # rounding, eps * sum|dy y| / h = 3.9e-9, was 1.8e-7 of dx's natural scale
+    beta_b = beta.reshape((1, -1) + (1,) * len(spatial))
+    _check_grads_floor(lambda x, gamma, beta: groupnorm_forward(x, gamma, beta, g, eps)[0] - beta_b,
+                       {"x": x, "gamma": gamma, "beta": beta}, dy, {"x": dx, "gamma": dgamma}, floors)
 
 
 @given(**gn_shapes)
@@ -157,6 +172,22 @@ def test_groupnorm_float32_and_no_mutation():
         assert rel_error(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_groupnorm_float32_large_mean(seed):
+    # x = 30 + N(0, 1): float32 stays as close to float64 as x's rounding allows (~1e-6) only if
+    # the sums of products use x - mean. Folding them as sum(dy * x) - mean * sum(dy) cancels:
+    # dgamma errors of 3e-6 to 1.4e-5 on these seeds.
+    rng = np.random.default_rng(seed)
+    x = (30 + rng.standard_normal((4, 8, 16, 16))).astype(np.float32)
+    gamma, beta = (1 + rng.standard_normal(8)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    y, cache = groupnorm_forward(x, gamma, beta, 4)
+    y64, c64 = groupnorm_forward(x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64), 4)
+    assert rel_error(y, y64) < 3e-6
+    for a, b in zip(groupnorm_backward(dy, cache), groupnorm_backward(dy.astype(np.float64), c64)):
+        assert rel_error(a, b) < 3e-6
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [
@@ -194,13 +225,20 @@ def test_groupnorm_backward_bad_dy():
        seed=st.integers(0, 2**16))
 @example(shape=(), scale=3.0, seed=0)  # 0-d array
 @example(shape=(1, 1), scale=20.0, seed=1)
+@example(shape=(4, 4, 4, 4), scale=20.0, seed=3)  # found: rounding floor of the differences at h = 1e-6
+@example(shape=(), scale=3.0, seed=190)  # found: a gradient near 0 (truncation of the differences at h = 1e-4)
+@example(shape=(), scale=20.0, seed=127)  # x = -32.2: the tanh form of sigma lost its relative accuracy there
 def test_silu_gradcheck(shape, scale, seed):
     x = np.asarray(np.random.default_rng(seed).standard_normal(shape) * scale)  # 0-d stays an array
 
     def grads(dy):
         return {"x": silu_backward(dy, silu_forward(x)[1])}
 
-    check_grads(lambda x: silu_forward(x)[0], {"x": x}, grads, seed=seed)
+    # h = 1e-5: with |x| up to ~60 the differences' rounding floor eps * sum|dy y| / h reached 1.2e-7
+    # of the gradient at h = 1e-6 (found: shape=(4, 4, 4, 4), scale=20, seed=3); at h = 1e-4 the
+    # O(h^2 f3 / 6) truncation (f3, silu's third derivative, is at most 0.31) was 1.1e-7 of a gradient
+    # near silu's minimum, -0.0043 at x = -1.30 (found: shape=(), scale=3, seed=190)
+    check_grads(lambda x: silu_forward(x)[0], {"x": x}, grads, seed=seed, h=1e-5)
 
 
 def test_silu_matches_torch():

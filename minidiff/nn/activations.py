@@ -5,20 +5,27 @@ Shape legend: ... any shape; the op is elementwise.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..backend import get_array_module
 from ._check import check_float, check_shape
 
 
 def _sigmoid(x):
-    """sigma(x) = 1 / (1 + exp(-x)) = (1 + tanh(x / 2)) / 2
+    """sigma(x) = 1 / (1 + exp(-x))
 
-    The tanh form cannot overflow (tanh saturates at +-1) and is one transcendental ufunc plus two
-    in-place updates: about 10x faster in NumPy than exp/where with its four temporaries.
+    Computed as written, in place: exp(-x) overflows to inf for x below about -88 (float32) or
+    -709 (float64), and 1 / (1 + inf) = 0 is then the correctly rounded result, so the overflow
+    warning is silenced. Accurate to a few ulp relative in both tails (the tanh form
+    (1 + tanh(x / 2)) / 2 loses all relative accuracy below x = -20 and returns 0 below about -37
+    in float64), and one transcendental ufunc with two in-place updates: fast in NumPy.
     """
     xp = get_array_module(x)
-    s = xp.tanh(x * x.dtype.type(0.5))  # (...) in x's dtype
-    s *= 0.5
-    s += 0.5
+    s = xp.negative(x, out=xp.empty_like(x))  # (...) in x's dtype (an array also when x is 0-d)
+    with np.errstate(over="ignore"):
+        xp.exp(s, out=s)
+    s += 1
+    xp.reciprocal(s, out=s)
     return s
 
 
