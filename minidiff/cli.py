@@ -86,7 +86,8 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate
 
     evaluate(args.checkpoint, n_per_class=args.n_per_class, scales=args.scales, steps=args.steps,
-             sampler=args.sampler, seed=args.seed, device=args.device, dtype=args.dtype, out=args.out)
+             sampler=args.sampler, seed=args.seed, device=args.device, dtype=args.dtype, out=args.out,
+             threads=args.threads)
     return 0
 
 
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     e.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    e.add_argument("--threads", type=int, default=0, help="CPU threads, each samples a shard of the batch; "
+                   "0 = one per core (at most 4)")
     e.add_argument("--out", default="", help="write eval.json and a grid per scale here (default: the run dir)")
     e.set_defaults(func=cmd_eval)
     i = sub.add_parser("info", help="version, GPU availability and parameter counts of the presets")

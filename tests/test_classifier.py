@@ -240,6 +240,7 @@ def test_classifier_bad_input():
         log_prob_grad(p, TINY, x, t, np.array([0, K]))
 
 
+@pytest.mark.gpu
 def test_gpu_matches_cpu():
     """CuPy vs NumPy in float64: forward, backward and log_prob_grad."""
     cp = pytest.importorskip("cupy")

@@ -251,6 +251,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeyp
     assert meta["step"] == 2 and all(math.isfinite(v) for v in meta["losses"])
 
 
+@pytest.mark.gpu
 def test_gpu_training_and_grad_fn(tmp_path):
     """A 2-step run on the GPU, loaded back onto it; its grad_fn returns CuPy arrays."""
     cp = pytest.importorskip("cupy")

@@ -359,6 +359,7 @@ def test_dropout_bad_input(kwargs, name):
 # ---------------------------------------------------------------- GPU parity (skips without CuPy + GPU)
 
 
+@pytest.mark.gpu
 def test_embedding_dropout_gpu_matches_cpu():
     pytest.importorskip("cupy")
     if not gpu_available():

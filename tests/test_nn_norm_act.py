@@ -284,6 +284,7 @@ def test_silu_no_mutation_and_bad_input():
 # ---------------------------------------------------------------- GPU parity (skips without CuPy + GPU)
 
 
+@pytest.mark.gpu
 def test_norm_act_gpu_matches_cpu():
     pytest.importorskip("cupy")
     if not gpu_available():

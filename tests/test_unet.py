@@ -258,6 +258,7 @@ def test_bad_inputs_name_the_argument():
     np.testing.assert_array_equal(eps_list, eps_arr)
 
 
+@pytest.mark.gpu
 def test_cupy_matches_numpy():
     pytest.importorskip("cupy")
     if not gpu_available():

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One short GPU session for issue 6: the CuPy parity tests, then the bench beside PyTorch.
+#
+# usage: scripts/gpu_check.sh [OUT_DIR]      (OUT_DIR default: $OUT, else gpu_check/)
+# Needs CuPy, a CUDA GPU, and for the ratios torch + diffusers. Writes into OUT_DIR:
+#   env.txt             GPU, driver, CuPy/torch versions
+#   pytest.txt          pytest -m gpu (every CuPy-vs-NumPy float64 parity test) and the CuPy-only tests
+#   bench_*.json/.txt   minidiff bench rows (train step, sample step, peak memory) for the targets:
+#                       small and ddpm-cifar10 at batch 128, float32
+# Each part has its own timeout so that one hang cannot eat the session; the exit status is 0
+# when every part ran (read the files for the results).
+set -uo pipefail
+OUT_DIR=${1:-${OUT:-gpu_check}}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python}
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  $PY -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__, 'cuda', cupy.cuda.runtime.runtimeGetVersion())" 2>&1
+  $PY -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" 2>&1
+} > "$OUT_DIR/env.txt"
+timeout 240 $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests/ > "$OUT_DIR/pytest.txt" 2>&1
+echo "pytest exit $?" >> "$OUT_DIR/pytest.txt"
+for preset in small ddpm-cifar10; do
+  timeout 150 $PY scripts/bench.py --device gpu --preset "$preset" --batch 128 --repeats 10 --warmup 3 \
+    --json "$OUT_DIR/bench_$preset.json" > "$OUT_DIR/bench_$preset.txt" 2>&1
+  echo "bench exit $?" >> "$OUT_DIR/bench_$preset.txt"
+done
+tail -n 5 "$OUT_DIR"/*.txt
