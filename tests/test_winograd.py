@@ -1,0 +1,209 @@
+"""Winograd F(2x2, 3x3) conv (minidiff/nn/winograd.py) against the im2col conv2d it replaces.
+
+It computes the same 3x3, stride 1, padding 1 conv exactly (only the rounding differs), so in float64
+forward and backward must equal conv2d_forward / conv2d_backward(padding=1) to ~1e-12 on every shape:
+hypothesis draws H, W in 1..9 (odd sizes pad the tiles to an even size, 1x1 reads padding only)
+and the @example rows pin the edge cases. Then: finite differences, PyTorch autograd, float32 error
+against conv2d's own, batch chunking, purity, bad input, the exchange of caches, and CuPy.
+"""
+
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from gradcheck import check_grads, rel_error
+from minidiff.nn import winograd
+from minidiff.nn.conv2d import conv2d_backward, conv2d_forward
+from minidiff.nn.winograd import winograd_conv3x3_backward, winograd_conv3x3_forward
+
+MAX_COORDS = 40  # finite-difference coordinates checked per input (a seeded random subset)
+
+
+def cfg(N=2, C_in=3, C_out=2, H=5, W=4, bias=True):
+    return dict(N=N, C_in=C_in, C_out=C_out, H=H, W=W, bias=bias)
+
+
+@st.composite
+def cfgs(draw):
+    return cfg(N=draw(st.integers(1, 3)), C_in=draw(st.integers(1, 5)), C_out=draw(st.integers(1, 5)),
+               H=draw(st.integers(1, 9)), W=draw(st.integers(1, 9)), bias=draw(st.booleans()))
+
+
+EDGE_CASES = [
+    cfg(N=1, C_in=1, C_out=1, H=1, W=1),  # 1x1: one tile, every tap but the centre reads padding
+    cfg(H=1, W=9, bias=False),  # one tile row, odd width, no bias
+    cfg(H=8, W=1),  # one tile column
+    cfg(N=3, C_in=5, C_out=4, H=2, W=2),  # exactly one 2x2 tile per sample
+    cfg(N=1, H=7, W=9, C_in=1, C_out=5),  # odd both ways, C_out > C_in
+    cfg(N=2, H=8, W=6, C_in=4, C_out=4),  # even: no crop
+]
+
+
+def winograd_case(fn):
+    """Run fn on hypothesis-drawn configs and on every EDGE_CASES row."""
+    fn = given(c=cfgs())(fn)
+    for c in EDGE_CASES:
+        fn = example(c=c)(fn)
+    return fn
+
+
+def make(c, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((c["N"], c["C_in"], c["H"], c["W"])).astype(dtype)
+    w = rng.standard_normal((c["C_out"], c["C_in"], 3, 3)).astype(dtype)
+    b = rng.standard_normal(c["C_out"]).astype(dtype) if c["bias"] else None
+    return x, w, b
+
+
+@winograd_case
+def test_equals_conv2d(c):
+    x, w, b = make(c, seed=1)
+    y_ref, cache_ref = conv2d_forward(x, w, b, stride=1, padding=1)
+    dy = np.random.default_rng(2).standard_normal(y_ref.shape)
+    grads_ref = conv2d_backward(dy, cache_ref)
+    for chunk_bytes in (1, winograd.CHUNK_BYTES):  # one sample per chunk; the default
+        with mock.patch.object(winograd, "CHUNK_BYTES", chunk_bytes):
+            y, cache = winograd_conv3x3_forward(x, w, b)
+            grads = winograd_conv3x3_backward(dy, cache)
+        assert y.shape == y_ref.shape and y.dtype == np.float64
+        assert rel_error(y, y_ref) < 1e-12
+        for g, g_ref in zip(grads, grads_ref):
+            assert (g is None) == (g_ref is None)
+            if g is not None:
+                assert g.shape == g_ref.shape and rel_error(g, g_ref) < 1e-12
+
+
+@winograd_case
+def test_finite_differences(c):
+    x, w, b = make(c)
+    inputs = dict(x=x, w=w) if b is None else dict(x=x, w=w, b=b)
+
+    def backward_grads(g):
+        dx, dw, db = winograd_conv3x3_backward(g, winograd_conv3x3_forward(**inputs)[1])
+        assert (db is None) == (b is None)
+        return dict(x=dx, w=dw) if b is None else dict(x=dx, w=dw, b=db)
+
+    check_grads(lambda **a: winograd_conv3x3_forward(**a)[0], inputs, backward_grads, max_coords=MAX_COORDS)
+
+
+@winograd_case
+def test_matches_torch(c):
+    torch = pytest.importorskip("torch")
+    x, w, b = make(c, seed=3)
+    y, cache = winograd_conv3x3_forward(x, w, b)
+    dy = np.random.default_rng(4).standard_normal(y.shape)
+    dx, dw, db = winograd_conv3x3_backward(dy, cache)
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    bt = None if b is None else torch.tensor(b, requires_grad=True)
+    yt = torch.nn.functional.conv2d(xt, wt, bt, padding=1)
+    yt.backward(torch.tensor(dy))
+    assert rel_error(y, yt.detach().numpy()) < 1e-10
+    assert rel_error(dx, xt.grad.numpy()) < 1e-10
+    assert rel_error(dw, wt.grad.numpy()) < 1e-10
+    if b is not None:
+        assert rel_error(db, bt.grad.numpy()) < 1e-10
+
+
+def float32_errors(fwd, bwd, x, w, b, dy):
+    """Relative errors of fwd/bwd in float32 against the float64 conv2d on the same (float32-exact) inputs."""
+    y_ref, cache_ref = conv2d_forward(x, w, b, stride=1, padding=1)
+    refs = (y_ref, *conv2d_backward(dy, cache_ref))
+    f32 = [a.astype(np.float32) for a in (x, w, b, dy)]
+    y, cache = fwd(*f32[:3])
+    outs = (y, *bwd(f32[3], cache))
+    assert all(o.dtype == np.float32 for o in outs)
+    return [rel_error(o, r) for o, r in zip(outs, refs)]
+
+
+@pytest.mark.parametrize("shape", [(8, 32, 16, 16, 32), (4, 128, 8, 8, 64), (16, 64, 4, 4, 64)])
+def test_float32_error_like_conv2d(shape):
+    """Winograd's transforms add and subtract up to 16 products per output (U holds halves of w):
+    its float32 error must stay within a small factor of im2col's, and ~1e-6 relative."""
+    N, C_in, H, W, C_out = shape
+    rng = np.random.default_rng(5)
+    x, dy = rng.standard_normal((N, C_in, H, W)), rng.standard_normal((N, C_out, H, W))
+    w, b = rng.standard_normal((C_out, C_in, 3, 3)) / np.sqrt(9 * C_in), rng.standard_normal(C_out)
+    x, w, b, dy = (a.astype(np.float32).astype(np.float64) for a in (x, w, b, dy))  # exact in both dtypes
+
+    def conv2d_p1(x, w, b):
+        return conv2d_forward(x, w, b, stride=1, padding=1)
+
+    err_im2col = float32_errors(conv2d_p1, conv2d_backward, x, w, b, dy)
+    err_winograd = float32_errors(winograd_conv3x3_forward, winograd_conv3x3_backward, x, w, b, dy)
+    for name, e_w, e_i in zip(("y", "dx", "dw", "db"), err_winograd, err_im2col):
+        assert e_w < 2e-6 and e_w < 4 * e_i + 1e-7, (name, e_w, e_i)
+
+
+def test_caches_are_exchangeable():
+    """conv2d_backward takes winograd's cache and the other way round (the lead may mix lowerings)."""
+    x, w, b = make(cfg(N=2, C_in=3, C_out=4, H=6, W=5))
+    y, cache_w = winograd_conv3x3_forward(x, w, b)
+    _, cache_c = conv2d_forward(x, w, b, stride=1, padding=1)
+    dy = np.random.default_rng(6).standard_normal(y.shape)
+    for g1, g2 in zip(conv2d_backward(dy, cache_w), winograd_conv3x3_backward(dy, cache_c)):
+        assert rel_error(g1, g2) < 1e-12
+
+
+def test_float32_and_purity():
+    x, w, b = make(cfg(N=3, H=5, W=7), dtype=np.float32)
+    y, cache = winograd_conv3x3_forward(x, w, b)
+    assert y.dtype == np.float32 and y.shape == (3, 2, 5, 7) and y.flags.c_contiguous
+    dy = np.random.default_rng(7).standard_normal(y.shape).astype(np.float32)
+    dy0, x0, w0 = dy.copy(), x.copy(), w.copy()
+    grads = winograd_conv3x3_backward(dy, cache)
+    assert [g.dtype for g in grads] == [np.float32] * 3 and grads[0].shape == x.shape
+    assert np.array_equal(dy, dy0) and np.array_equal(x, x0) and np.array_equal(w, w0)
+    for g in grads:
+        for a in (dy, x, w, b):
+            assert not np.shares_memory(g, a)
+
+
+def test_chunks_cover_the_batch():
+    x = np.zeros((10, 2, 4, 4), np.float32)
+    with mock.patch.object(winograd, "CHUNK_BYTES", 3 * 16 * 5 * 4 * 4):  # 3 samples: C_in + C_out = 5, 4 tiles
+        chunks = winograd._chunks(x, 2, 3, 4)
+    assert [(s.start, s.stop) for s in chunks] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    with mock.patch.object(winograd, "CHUNK_BYTES", 1):
+        assert len(winograd._chunks(x, 2, 3, 4)) == 10  # never less than one sample
+
+
+def test_bad_input():
+    x, w, b = make(cfg(N=1, C_in=2, C_out=3, H=4, W=4))
+    with pytest.raises(ValueError, match=r"^w must have shape \(C_out, C_in, 3, 3\)"):
+        winograd_conv3x3_forward(x, w[:, :, :2], b)
+    with pytest.raises(ValueError, match=r"^w.shape\[1\] \(C_in\) must equal"):
+        winograd_conv3x3_forward(x, w[:, :1], b)
+    with pytest.raises(ValueError, match=r"^x must be a floating-point"):
+        winograd_conv3x3_forward(x.astype(np.int32), w, b)
+    with pytest.raises(ValueError, match=r"^b must have shape"):
+        winograd_conv3x3_forward(x, w, b[:2])
+    with pytest.raises(ValueError, match=r"^w must have the dtype of x"):
+        winograd_conv3x3_forward(x, w.astype(np.float32), b)
+    y, cache = winograd_conv3x3_forward(x, w, b)
+    with pytest.raises(ValueError, match=r"^dy must have shape"):
+        winograd_conv3x3_backward(y[:, :, :3], cache)
+    _, cache_s2 = conv2d_forward(x, w, b, stride=2, padding=1)
+    with pytest.raises(ValueError, match=r"^the cache must be of a 3x3 conv with stride 1 and padding 1"):
+        winograd_conv3x3_backward(np.zeros((1, 3, 2, 2)), cache_s2)
+
+
+@pytest.mark.gpu
+def test_cupy_equals_numpy():
+    cupy = pytest.importorskip("cupy")
+    from minidiff.backend import gpu_available, to_device, to_numpy
+
+    if not gpu_available():
+        pytest.skip("needs CuPy with a CUDA device")
+    x, w, b = make(cfg(N=3, C_in=4, C_out=5, H=7, W=6))
+    y, cache = winograd_conv3x3_forward(x, w, b)
+    dy = np.random.default_rng(8).standard_normal(y.shape)
+    want = (y, *winograd_conv3x3_backward(dy, cache))
+    xd, wd, bd, dyd = (to_device(a, "gpu") for a in (x, w, b, dy))
+    yd, cache_d = winograd_conv3x3_forward(xd, wd, bd)
+    got = (yd, *winograd_conv3x3_backward(dyd, cache_d))
+    for g, h in zip(got, want):
+        assert isinstance(g, cupy.ndarray) and g.shape == h.shape
+        assert rel_error(to_numpy(g), h) < 1e-10
