@@ -77,21 +77,26 @@ def resnet_block_forward(params, prefix, x, temb, args: BlockArgs, output_scale_
     h, conv1 = conv2d_forward(h, p("conv1.weight"), p("conv1.bias"), padding=1)  # (N, C_out, H, W)
     e, temb_act = silu_forward(temb)  # (N, T)
     e, temb_proj = linear_forward(e, p("time_emb_proj.weight"), p("time_emb_proj.bias"))  # (N, C_out)
-    h = h + e[:, :, None, None]  # (N, C_out, H, W) the time embedding, one shift per channel
+    h += e[:, :, None, None]  # (N, C_out, H, W) the time embedding, one shift per channel (in place)
     h, norm2 = groupnorm_forward(h, p("norm2.weight"), p("norm2.bias"), args.groups, args.eps)
     h, act2 = silu_forward(h)
     drawing = args.train and args.dropout > 0
     seed = int(args.rng.integers(2**63 - 1)) if drawing else None  # host draw: NumPy == CuPy
-    mask = None
-    if drawing and args.rows is not None:  # a shard of a batch: its rows of the whole batch's mask
-        start, stop, total = args.rows
-        mask = to_device(dropout_mask(seed, (total,) + h.shape[1:], args.dropout, (start, stop)), device_of(h))
-    h, drop = dropout_forward(h, args.dropout, train=args.train, mask=mask, seed=seed)
+    drop = None  # dropout is the identity unless training with p > 0: no op, no copy
+    if drawing:
+        mask = None
+        if args.rows is not None:  # a shard of a batch: its rows of the whole batch's mask
+            start, stop, total = args.rows
+            mask = to_device(dropout_mask(seed, (total,) + h.shape[1:], args.dropout, (start, stop)), device_of(h))
+        h, drop = dropout_forward(h, args.dropout, train=True, mask=mask, seed=seed)
     h, conv2 = conv2d_forward(h, p("conv2.weight"), p("conv2.bias"), padding=1)  # (N, C_out, H, W)
     skip, shortcut = x, None
     if prefix + "conv_shortcut.weight" in params:
         skip, shortcut = conv2d_forward(x, p("conv_shortcut.weight"), p("conv_shortcut.bias"))  # (N, C_out, H, W)
-    y = (skip + h) / output_scale_factor  # (N, C_out, H, W)
+    h += skip  # (N, C_out, H, W) conv2's output, in place: y = (skip + h) / output_scale_factor
+    if output_scale_factor != 1:
+        h /= output_scale_factor
+    y = h
     cache = (
         prefix,  # the key prefix, so the backward names its gradients
         output_scale_factor,  # the output divisor
@@ -108,8 +113,8 @@ def resnet_block_backward(dy, cache, grads):
     """
     prefix, osf, norm1, act1, conv1, temb_act, temb_proj, norm2, act2, drop, conv2, shortcut = cache
     # forward: y = (skip + h) / output_scale_factor
-    dh = dy / osf  # (N, C_out, H, W)
-    dskip = dy / osf  # (N, C_out, H, W)
+    dh = dy / osf if osf != 1 else dy  # (N, C_out, H, W) (no op mutates its dy: no copy needed)
+    dskip = dh
     # forward: skip = conv_shortcut(x)   (or skip = x)
     dx_skip = dskip
     if shortcut is not None:
@@ -119,7 +124,8 @@ def resnet_block_backward(dy, cache, grads):
     dh, dw, db = conv2d_backward(dh, conv2)
     _put(grads, prefix + "conv2", dw, db)
     # forward: h = dropout(h);  h = silu(h);  h = norm2(h)
-    dh = dropout_backward(dh, drop)
+    if drop is not None:
+        dh = dropout_backward(dh, drop)
     dh = silu_backward(dh, act2)
     dh, dgamma, dbeta = groupnorm_backward(dh, norm2)
     _put(grads, prefix + "norm2", dgamma, dbeta)
@@ -136,7 +142,7 @@ def resnet_block_backward(dy, cache, grads):
     dx, dgamma, dbeta = groupnorm_backward(dh, norm1)
     _put(grads, prefix + "norm1", dgamma, dbeta)
     # forward: x feeds norm1 and the shortcut (fan-in summed)
-    dx = dx + dx_skip  # (N, C_in, H, W)
+    dx += dx_skip  # (N, C_in, H, W) in place: dx is groupnorm_backward's new array
     return dx, dtemb
 
 

@@ -36,7 +36,8 @@ def silu_forward(x):
     Returns: y (...) in x's dtype, and the cache for silu_backward.
     """
     check_float("x", x)
-    y = x * _sigmoid(x)  # (...)
+    y = _sigmoid(x)  # (...) a new array: sigma(x), then
+    y *= x  # x * sigma(x), in place
     cache = (
         x,  # (...) the input, a reference; sigma(x) is recomputed in the backward (as PyTorch's
         #     silu_backward does) rather than cached, which would cost one more activation
@@ -54,5 +55,9 @@ def silu_backward(dy, cache):
     check_shape("dy", dy, x.shape, "(...) = x.shape")
     s = _sigmoid(x)  # (...) recomputed
     # forward: y = x * sigma(x)
-    dx = dy * s * (1 + x * (1 - s))  # (...)
+    dx = 1 - s  # (...) then, in place: dy * s * (1 + x * (1 - s))
+    dx *= x
+    dx += 1
+    dx *= s
+    dx *= dy
     return dx
