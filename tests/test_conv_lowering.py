@@ -4,19 +4,23 @@ conv2d_forward/backward choose between lowerings by shape (see minidiff/nn/conv2
   - batch chunks of at most CHUNK_BYTES of columns (NumPy): forced here to one sample per chunk;
   - dx gathered as a conv of dy with the flipped kernel (stride 1, pads <= k - 1, C_out <= 2 C_in)
     or scattered by col2im: each forced here on the configs where it applies;
-  - im2col without a padded copy of x: _taps gives the output range that reads inside x.
+  - im2col without a padded copy of x: _taps gives the output range that reads inside x;
+  - the lowering itself (choose_lowering): im2col, Winograd (tests/test_winograd.py) or, for 1x1
+    convs, one matmul per sample: im2col is forced here on every config, matmul where it applies.
 The tiny shapes of test_nn_linear_conv.py never split the batch, so these tests do.
 """
 
 from unittest import mock
 
 import numpy as np
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gradcheck import rel_error
 from minidiff.nn import conv2d
-from minidiff.nn.conv2d import conv2d_backward, conv2d_forward, conv2d_naive_backward, conv2d_naive_forward
+from minidiff.nn.conv2d import conv2d_backward, conv2d_forward
+from minidiff.nn.conv2d_naive import conv2d_naive_backward, conv2d_naive_forward
 
 
 @st.composite
@@ -44,20 +48,20 @@ EDGE = [
 ]
 
 
-def run_both(c, chunk_bytes, gather=None):
-    """Fast (with CHUNK_BYTES and optionally a forced dx lowering) and naive results on one problem."""
+def run_both(c, chunk_bytes, gather=None, lowering="auto"):
+    """Fast (with CHUNK_BYTES, a lowering and optionally a forced dx lowering) and naive results on one problem."""
     rng = np.random.default_rng(c["N"] * 100 + c["C_out"])
     x = rng.standard_normal((c["N"], c["C_in"], c["H"], c["W"]))
     w = rng.standard_normal((c["C_out"], c["C_in"], c["kh"], c["kw"]))
     b = rng.standard_normal(c["C_out"]) if c["bias"] else None
     with mock.patch.object(conv2d, "CHUNK_BYTES", chunk_bytes):
-        y, cache = conv2d_forward(x, w, b, c["stride"], c["padding"])
+        y, cache = conv2d_forward(x, w, b, c["stride"], c["padding"], lowering=lowering)
         dy = rng.standard_normal(y.shape)
         if gather is None:
-            grads = conv2d_backward(dy, cache)
+            grads = conv2d_backward(dy, cache, lowering=lowering)
         else:
             with mock.patch.object(conv2d, "_dx_by_flipped_conv", lambda *a: gather):
-                grads = conv2d_backward(dy, cache)
+                grads = conv2d_backward(dy, cache, lowering=lowering)
     yn, cache_n = conv2d_naive_forward(x, w, b, c["stride"], c["padding"])
     return (y, *grads), (yn, *conv2d_naive_backward(dy, cache_n))
 
@@ -84,10 +88,12 @@ def gather_applies(c):
 @example(c=EDGE[6])
 def test_every_lowering_equals_naive(c):
     for chunk_bytes in (1, 2**21):  # one sample per chunk; the whole batch in one chunk
-        assert_close(*run_both(c, chunk_bytes))  # the lowering conv2d_backward picks
-        assert_close(*run_both(c, chunk_bytes, gather=False))  # col2im always applies
+        assert_close(*run_both(c, chunk_bytes))  # the lowerings conv2d_forward / _backward pick
+        assert_close(*run_both(c, chunk_bytes, gather=False, lowering="im2col"))  # col2im always applies
         if gather_applies(c):
-            assert_close(*run_both(c, chunk_bytes, gather=True))
+            assert_close(*run_both(c, chunk_bytes, gather=True, lowering="im2col"))
+    if (c["kh"], c["kw"], c["stride"], tuple(c["padding"])) == (1, 1, 1, (0, 0, 0, 0)):
+        assert_close(*run_both(c, 2**21, lowering="matmul"))  # the 1x1 conv as one matmul per sample
 
 
 def test_dx_lowering_choice():
@@ -96,6 +102,20 @@ def test_dx_lowering_choice():
     assert not conv2d._dx_by_flipped_conv(w33, 2, (1, 1, 1, 1))  # stride 2: scatter
     assert not conv2d._dx_by_flipped_conv(w33, 1, (3, 0, 0, 0))  # pad > k - 1: scatter
     assert not conv2d._dx_by_flipped_conv(np.zeros((32, 3, 3, 3)), 1, (1, 1, 1, 1))  # conv_in: scatter
+
+
+def test_lowering_choice_and_bad_input():
+    x = np.zeros((2, 64, 8, 8), np.float32)
+    w33, w11 = np.zeros((64, 64, 3, 3), np.float32), np.zeros((32, 64, 1, 1), np.float32)
+    assert conv2d.choose_lowering(x, w33, 1, (1, 1, 1, 1)) == "winograd"  # a wide resnet conv
+    assert conv2d.choose_lowering(x, w33, 2, (0, 1, 0, 1)) == "im2col"  # the stride-2 downsampler
+    assert conv2d.choose_lowering(x[:, :3], np.zeros((64, 3, 3, 3)), 1, (1, 1, 1, 1)) == "im2col"  # conv_in
+    assert conv2d.choose_lowering(x, w11, 1, (0, 0, 0, 0)) == "matmul"  # the shortcut
+    for lowering, w, pads in (("winograd", w11, (0, 0, 0, 0)), ("matmul", w33, (1, 1, 1, 1))):
+        with pytest.raises(ValueError, match=f"lowering='{lowering}' needs"):
+            conv2d.choose_lowering(x, w, 1, pads, lowering)
+    with pytest.raises(ValueError, match="lowering must be one of"):
+        conv2d_forward(x, w33, None, 1, 1, lowering="fft")
 
 
 def test_chunks_cover_the_batch():

@@ -11,7 +11,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gradcheck import check_grads, rel_error
-from minidiff.nn.conv2d import conv2d_backward, conv2d_forward, conv2d_naive_backward, conv2d_naive_forward
+from minidiff.nn.conv2d import conv2d_backward, conv2d_forward
+from minidiff.nn.conv2d_naive import conv2d_naive_backward, conv2d_naive_forward
 from minidiff.nn.linear import linear_backward, linear_forward
 
 MAX_COORDS = 40  # finite-difference coordinates checked per input (a seeded random subset)

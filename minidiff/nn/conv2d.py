@@ -4,9 +4,9 @@ Shape legend: N batch, C_in / C_out channels, H W input size, kh kw kernel size,
 (pt, pb, pl, pr) zero padding top/bottom/left/right, Ho = (H + pt + pb - kh) // s + 1 and
 Wo = (W + pl + pr - kw) // s + 1 output size, K = C_in*kh*kw patch length, L = Ho*Wo positions.
 
-Two versions live side by side (llm.c's matmul_forward_naive, cs231n's fast_layers):
+Two versions (llm.c's matmul_forward_naive, cs231n's fast_layers):
   conv2d_forward / conv2d_backward              im2col + one BLAS matmul per batch chunk (fast)
-  conv2d_naive_forward / conv2d_naive_backward  explicit loops (slow, obviously right)
+  conv2d_naive_forward / conv2d_naive_backward  explicit loops (slow, obviously right; conv2d_naive.py)
 Tests check that both give the same numbers. conv2d_forward / conv2d_backward hand the U-Net's
 wide 3x3 convs on NumPy to Winograd's F(2x2, 3x3) (winograd.py, same numbers up to rounding):
 choose_lowering says which lowering runs.
@@ -128,14 +128,15 @@ def _chunks(x, K: int, L: int):
     return [slice(n0, min(N, n0 + n)) for n0 in range(0, N, n)]
 
 
-LOWERINGS = ("auto", "im2col", "winograd")
+LOWERINGS = ("auto", "im2col", "winograd", "matmul")
 WINOGRAD_MIN_CHANNELS = 32  # below this Winograd's transforms cost more than its GEMMs save
 
 
 def choose_lowering(x, w, s: int, pads: tuple, lowering: str = "auto") -> str:
     """'winograd' or 'im2col' for this conv (lowering: auto, im2col or winograd).
 
-    auto picks Winograd F(2x2, 3x3) for a 3x3, stride 1, padding 1 conv with at least
+    auto picks matmul for a 1x1, stride 1, padding 0 conv (no im2col copy, no transposes) and
+    Winograd F(2x2, 3x3) for a 3x3, stride 1, padding 1 conv with at least
     WINOGRAD_MIN_CHANNELS channels in and out on NumPy: measured 1.3-2.0x faster forward and
     1.4-2.2x backward on the U-Net's shapes (docs/performance.md). It loses where a side has few
     channels (conv_in from 3 channels: 2.4x slower). CuPy keeps im2col (one GEMM for the batch).
@@ -146,10 +147,37 @@ def choose_lowering(x, w, s: int, pads: tuple, lowering: str = "auto") -> str:
     if lowering == "winograd" and not fits:
         raise ValueError(f"lowering='winograd' needs a 3x3 kernel, stride 1 and padding 1, got kernel "
                          f"{tuple(w.shape[2:])}, stride {s}, padding {tuple(pads)}")
+    pointwise = tuple(w.shape[2:]) == (1, 1) and s == 1 and tuple(pads) == (0, 0, 0, 0)
+    if lowering == "matmul" and not pointwise:
+        raise ValueError(f"lowering='matmul' needs a 1x1 kernel, stride 1 and padding 0, got kernel "
+                         f"{tuple(w.shape[2:])}, stride {s}, padding {tuple(pads)}")
     if lowering == "auto":
         wide = min(w.shape[0], w.shape[1]) >= WINOGRAD_MIN_CHANNELS
+        if pointwise:
+            return "matmul"
         return "winograd" if fits and wide and get_array_module(x) is np else "im2col"
     return lowering
+
+
+def _pointwise_forward(x, w, b):
+    """A 1x1 conv as one matmul per sample, straight in NCHW: y_n = w (C_out, C_in) @ x_n (C_in, H*W)."""
+    N, C_in, H, W = x.shape
+    y = w.reshape(w.shape[0], C_in) @ x.reshape(N, C_in, H * W)  # (N, C_out, L) broadcast over N
+    if b is not None:
+        y += b[:, None]
+    return y.reshape(N, -1, H, W)
+
+
+def _pointwise_backward(dy, x, w, has_bias):
+    """Backward of _pointwise_forward: dx_n = w^T dy_n, dw = sum_n dy_n x_n^T, db = sum dy."""
+    N, C_in, H, W = x.shape
+    C_out = w.shape[0]
+    dy3 = dy.reshape(N, C_out, H * W)  # (N, C_out, L)
+    # forward: y_n = w @ x_n (+ b)
+    db = dy.sum(axis=(0, 2, 3)) if has_bias else None  # (C_out,)
+    dw = (dy3 @ x.reshape(N, C_in, H * W).transpose(0, 2, 1)).sum(axis=0)  # (C_out, C_in)
+    dx = w.reshape(C_out, C_in).T @ dy3  # (N, C_in, L)
+    return dx.reshape(x.shape), dw.reshape(w.shape), db
 
 
 def conv2d_forward(x, w, b=None, stride=1, padding=0, lowering="auto"):
@@ -160,14 +188,18 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, lowering="auto"):
 
     Inputs:  x (N, C_in, H, W), w (C_out, C_in, kh, kw), b (C_out,) or None, one float dtype;
              stride int >= 1; padding int p >= 0 (all sides) or (top, bottom, left, right);
-             lowering: auto (by shape), im2col or winograd (3x3, stride 1, padding 1 only).
+             lowering: auto (by shape), im2col, winograd (3x3, stride 1, padding 1 only) or
+             matmul (1x1, stride 1, padding 0 only: one matmul per sample, no im2col copy).
     Returns: y (N, C_out, Ho, Wo) in x's dtype, and the cache for conv2d_backward.
     """
     s, pads, Ho, Wo = _setup(x, w, b, stride, padding)
-    if choose_lowering(x, w, s, pads, lowering) == "winograd":
+    lowering = choose_lowering(x, w, s, pads, lowering)
+    if lowering == "winograd":
         from .winograd import winograd_conv3x3_forward  # noqa: PLC0415  (winograd.py imports this module)
 
         return winograd_conv3x3_forward(x, w, b)
+    if lowering == "matmul":
+        return _pointwise_forward(x, w, b), (x, w, b is not None, s, pads)
     xp = get_array_module(x)
     N = x.shape[0]
     C_out, _, kh, kw = w.shape
@@ -227,10 +259,13 @@ def conv2d_backward(dy, cache, lowering="auto"):
     Returns: dx (N, C_in, H, W), dw (C_out, C_in, kh, kw), db (C_out,) or None.
     """
     x, w, has_bias, s, pads, Ho, Wo = _backward_setup(dy, cache)
-    if choose_lowering(x, w, s, pads, lowering) == "winograd":
+    lowering = choose_lowering(x, w, s, pads, lowering)
+    if lowering == "winograd":
         from .winograd import winograd_conv3x3_backward  # noqa: PLC0415
 
         return winograd_conv3x3_backward(dy, cache)
+    if lowering == "matmul":
+        return _pointwise_backward(dy, x, w, has_bias)
     xp = get_array_module(dy, x)
     N, C_in, H, W = x.shape
     C_out, _, kh, kw = w.shape
@@ -262,62 +297,4 @@ def conv2d_backward(dy, cache, lowering="auto"):
             dx_c = _col2im(dcols, x[nb].shape, s, pads, Ho, Wo)  # (C_in, n, H, W)
         dx[nb] = dx_c.transpose(1, 0, 2, 3)  # (n, C_in, H, W)
     dw = dw_col.T.reshape(w.shape)  # (C_out, C_in, kh, kw)
-    return dx, dw, db
-
-
-def conv2d_naive_forward(x, w, b=None, stride=1, padding=0):
-    """Loop version of conv2d_forward (same signature, same cache layout): one output at a time,
-
-        y[n, o, oh, ow] = b[o] + sum(w[o] * x_pad[n, :, s*oh : s*oh + kh, s*ow : s*ow + kw])
-    """
-    s, pads, Ho, Wo = _setup(x, w, b, stride, padding)
-    xp = get_array_module(x)
-    N, C_in, H, W = x.shape
-    C_out, _, kh, kw = w.shape
-    pt, pb, pl, pr = pads
-    x_pad = xp.zeros((N, C_in, H + pt + pb, W + pl + pr), dtype=x.dtype)
-    x_pad[:, :, pt:pt + H, pl:pl + W] = x
-    y = xp.zeros((N, C_out, Ho, Wo), dtype=x.dtype)
-    for n in range(N):
-        for o in range(C_out):
-            for oh in range(Ho):
-                for ow in range(Wo):
-                    window = x_pad[n, :, s * oh:s * oh + kh, s * ow:s * ow + kw]  # (C_in, kh, kw)
-                    y[n, o, oh, ow] = xp.sum(window * w[o]) + (b[o] if b is not None else 0)
-    cache = (
-        x,  # (N, C_in, H, W) the input
-        w,  # (C_out, C_in, kh, kw) the weight
-        b is not None,  # whether there was a bias
-        s,  # the stride
-        pads,  # (pt, pb, pl, pr) the zero padding
-    )
-    return y, cache
-
-
-def conv2d_naive_backward(dy, cache):
-    """Loop version of conv2d_backward: each output y[n, o, oh, ow] sends its gradient back
-
-        dw[o]      += dy[n, o, oh, ow] * window,   d(window) += dy[n, o, oh, ow] * w[o],   db[o] += dy[n, o, oh, ow]
-    """
-    x, w, has_bias, s, pads, Ho, Wo = _backward_setup(dy, cache)
-    xp = get_array_module(dy, x)
-    N, C_in, H, W = x.shape
-    C_out, _, kh, kw = w.shape
-    pt, pb, pl, pr = pads
-    x_pad = xp.zeros((N, C_in, H + pt + pb, W + pl + pr), dtype=x.dtype)
-    x_pad[:, :, pt:pt + H, pl:pl + W] = x
-    dx_pad = xp.zeros_like(x_pad)
-    dw = xp.zeros_like(w)
-    db = xp.zeros(C_out, dtype=w.dtype) if has_bias else None
-    for n in range(N):
-        for o in range(C_out):
-            for oh in range(Ho):
-                for ow in range(Wo):
-                    g = dy[n, o, oh, ow]
-                    rows, cols = slice(s * oh, s * oh + kh), slice(s * ow, s * ow + kw)
-                    dw[o] += g * x_pad[n, :, rows, cols]
-                    dx_pad[n, :, rows, cols] += g * w[o]
-                    if has_bias:
-                        db[o] += g
-    dx = dx_pad[:, :, pt:pt + H, pl:pl + W].copy()  # (N, C_in, H, W)
     return dx, dw, db
