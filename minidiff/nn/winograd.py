@@ -35,7 +35,7 @@ GG = np.einsum("ai,bj->abij", G, G).reshape(16, 9)  # U[a, b] = sum_ij G[a, i] g
 
 # Batch chunks of at most this many bytes of V and M are transformed at a time on NumPy, so that
 # they stay in the CPU cache between the transforms and the GEMMs (as conv2d.CHUNK_BYTES).
-CHUNK_BYTES = 2**20
+CHUNK_BYTES = 2**21  # 2**20 was as fast on one thread; 2**21 is 2-3 % faster with two shards
 
 
 def _chunks(x, C_in: int, C_out: int, tiles: int):
