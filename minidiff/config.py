@@ -31,7 +31,7 @@ class TrainConfig:
     snr_gamma: float = 0.0           # min-SNR-gamma loss weighting; 0 = off
     p_uncond: float = 0.1            # probability of dropping the condition (classifier-free guidance training)
     # --- optimisation (DDPM: Adam 2e-4, warm-up 5000, clip 1, EMA 0.9999) ---
-    steps: int = 700                 # optimizer steps in total (default run: ~8.5 min on 2 CPU cores)
+    steps: int = 1200                # optimizer steps in total (default run: ~6 min on 2 CPU cores)
     batch_size: int = 64
     optimizer: str = "adamw"         # adam | adamw
     lr: float = 2e-3
@@ -43,8 +43,8 @@ class TrainConfig:
     hflip: bool = False              # random horizontal flips
     dropout: float = -1.0            # U-Net dropout; -1 = the preset's
     # --- checkpoints, images, logging ---
-    save_every: int = 175            # checkpoint every N steps (and at the end)
-    sample_every: int = 350          # EMA sample grid every N steps (and at the end); 0 = only at the end
+    save_every: int = 300            # checkpoint every N steps (and at the end)
+    sample_every: int = 600          # EMA sample grid every N steps (and at the end); 0 = only at the end
     sample_steps: int = 25           # DDIM steps for the preview grids
     guidance_scale: float = 3.0      # classifier-free guidance scale of the preview grids
     log_every: int = 10              # JSONL log line every N steps
