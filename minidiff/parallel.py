@@ -10,8 +10,10 @@ masks drawn for the whole batch (unet_forward(rows=...)).
 
 Why threads: NumPy releases the GIL inside its loops and BLAS calls, so two shards keep two
 cores busy, elementwise ops included (NumPy runs those on one thread). While the shards run,
-BLAS is held to one thread each (threadpoolctl): on this network's GEMMs OpenBLAS's own threads
-cost more than they gain (docs/performance.md). A GPU is one device: there workers is always 1.
+BLAS gets cores // shards threads each (threadpoolctl), one each on 2 cores: on this network's
+GEMMs OpenBLAS's own threads cost more than they gain there (docs/performance.md). Measured on
+2 cores only; the auto setting (one shard per core, at most 4) is a guess beyond that.
+A GPU is one device: there workers is always 1.
 
 Shape legend: N batch, N_k rows of shard k, C H W image, S prompt tokens.
 """
@@ -60,19 +62,18 @@ def shard_bounds(n: int, workers: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-@contextlib.contextmanager
-def _one_blas_thread(active: bool):
-    """Hold BLAS to one thread per caller while the shards run (no-op without threadpoolctl)."""
-    if not active:
-        yield
-        return
-    try:
-        from threadpoolctl import threadpool_limits  # noqa: PLC0415  (a dependency; tolerated missing)
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(1, user_api="blas"):
-        yield
+_BLAS = []  # the threadpoolctl controller, made once (inspecting the loaded libraries costs ~0.3 ms)
+
+
+def _blas_threads(n: int):
+    """A context that holds BLAS to n threads per caller while the shards run (no-op without threadpoolctl)."""
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController  # noqa: PLC0415  (a dependency; tolerated missing)
+        except ImportError:
+            return contextlib.nullcontext()
+        _BLAS.append(ThreadpoolController())
+    return _BLAS[0].limit(limits=n, user_api="blas")
 
 
 def map_shards(fn, n: int, workers: int) -> list:
@@ -86,7 +87,7 @@ def map_shards(fn, n: int, workers: int) -> list:
     interval = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
-        with _one_blas_thread(True):
+        with _blas_threads(max(1, available_cores() // len(bounds))):  # 2 cores, 2 shards: 1 each
             futures = [pool.submit(fn, start, stop) for start, stop in bounds]
             return [f.result() for f in futures]
     finally:
