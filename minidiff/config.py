@@ -31,7 +31,7 @@ class TrainConfig:
     snr_gamma: float = 0.0           # min-SNR-gamma loss weighting; 0 = off
     p_uncond: float = 0.1            # probability of dropping the condition (classifier-free guidance training)
     # --- optimisation (DDPM: Adam 2e-4, warm-up 5000, clip 1, EMA 0.9999) ---
-    steps: int = 1200                # optimizer steps in total (default run: ~6 min on 2 CPU cores)
+    steps: int = 1200                # optimizer steps in total (default run: ~5 min on 2 CPU cores)
     batch_size: int = 64
     optimizer: str = "adamw"         # adam | adamw
     lr: float = 2e-3

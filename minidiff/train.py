@@ -33,8 +33,8 @@ from .data import load_dataset
 from .data.tokenizer import Tokenizer
 from .loss import drop_condition, sample_timesteps
 from .optim import EMA, Adam, AdamW, clip_grad_norm, warmup_lr
-from .report import ProgressBar, save_grid, save_loss_curve
 from .parallel import loss_and_grads, resolve_workers
+from .report import ProgressBar, save_grid, save_loss_curve
 from .sample import generate
 from .schedule import add_noise, make_schedule
 from .unet import count_params, init_params

@@ -79,6 +79,30 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert meta["step"] == 2 and all(np.isfinite(meta["losses"]))
 
 
+def test_losses_read_in_batches_still_stop_at_the_first_bad_step(tmp_path, monkeypatch):
+    """The GPU path: losses stay on the device and are read every log_every steps; the check then
+    names the first non-finite step, and no checkpoint is written after it."""
+    out = tmp_path / "run"
+    real = parallel_mod.diffusion_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss, d = real(*a, **k)
+        return (loss * np.inf if calls["n"] == 5 else loss), d
+
+    monkeypatch.setattr(parallel_mod, "diffusion_loss", poisoned)
+    trainer = Trainer(tiny_cfg(out, threads=1, steps=8, save_every=4, log_every=4), log=quiet)
+    trainer.flush_every = 4  # as on a GPU (cfg.log_every)
+    with pytest.raises(TrainingDiverged, match="loss became inf at step 5"):
+        trainer.run()
+    from minidiff.checkpoint import load_checkpoint
+
+    _, meta = load_checkpoint(out / "checkpoints" / "latest.npz")
+    assert meta["step"] == 4 and len(meta["losses"]) == 4 and all(np.isfinite(meta["losses"]))
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 4
+
+
 def test_resume_with_another_config_names_the_field(tmp_path):
     out = tmp_path / "run"
     train(tiny_cfg(out, steps=2), log=quiet)
