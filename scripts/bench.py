@@ -18,6 +18,7 @@ for i, a in enumerate(argv):
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = n
 
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # a checkout, not installed
 from minidiff.bench import main  # noqa: E402  (after the thread variables are set)
 
 if __name__ == "__main__":

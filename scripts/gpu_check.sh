@@ -2,7 +2,12 @@
 # One short GPU session for issue 6: the CuPy parity tests, then the bench beside PyTorch.
 #
 # usage: scripts/gpu_check.sh [OUT_DIR]      (OUT_DIR default: $OUT, else gpu_check/)
-# Needs CuPy, a CUDA GPU, and for the ratios torch + diffusers. Writes into OUT_DIR:
+# Run from the repository root; minidiff need not be installed (the root goes on PYTHONPATH).
+# Needs CuPy, a CUDA GPU, pytest + hypothesis, and for the ratios torch + diffusers. A machine
+# that cannot download can get diffusers as wheels made beforehand where pip works:
+#   python3 -m pip download --no-deps --only-binary=:all: diffusers importlib_metadata -d .whl
+# (.whl/ in .git/info/exclude, carried along); this script installs them from .whl/ when present.
+# Writes into OUT_DIR:
 #   env.txt             GPU, driver, CuPy/torch versions
 #   pytest.txt          pytest -m gpu (every CuPy-vs-NumPy float64 parity test) and the CuPy-only tests
 #   bench_*.json/.txt   minidiff bench rows (train step, sample step, peak memory) for the targets:
@@ -12,7 +17,11 @@
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-gpu_check}}
 mkdir -p "$OUT_DIR"
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d .whl ]; then
+  $PY -m pip install -q --no-index --no-deps --find-links .whl .whl/*.whl > "$OUT_DIR/wheels.txt" 2>&1
+fi
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
   $PY -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__, 'cuda', cupy.cuda.runtime.runtimeGetVersion())" 2>&1
