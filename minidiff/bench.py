@@ -70,7 +70,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for both sides: torch.set_num_threads and the BLAS of NumPy")
+                   help="CPU threads for both sides: torch.set_num_threads, and minidiff's batch in that many "
+                        "shards, one thread each (default: one per core, at most 4)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="wall: elapsed time; cpu: CPU time of the process (all its threads), for shared or busy "
                         "machines where elapsed time measures the neighbours; use it with --threads 1")
@@ -213,6 +214,8 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
     config = dataclasses.replace(base, sample_size=size)
     xp_for(device)  # BackendError with the install hint when the GPU is missing
     make_torch_side = load_torch_side() if use_torch else None
+    if device == "cpu" and threads is None:  # both sides get the same: one thread per core, at most 4
+        threads = resolve_workers(0, device)
     notes = [set_blas_threads(threads)] if device == "cpu" else []
     if use_torch and make_torch_side is None:
         notes.append("torch side skipped: scripts/bench_torch.py not found (run from a source checkout)")
