@@ -60,17 +60,21 @@ def test_a_new_run_never_overwrites_an_earlier_one(tmp_path):
     assert (out / "checkpoints" / "latest.npz").read_bytes() == before
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    real = parallel_mod.diffusion_loss
-    calls = {"n": 0}
+def poison_loss(monkeypatch, call: int, factor: float) -> None:
+    """Make the call-th diffusion_loss (one per step with --threads 1) return loss * factor (nan or inf)."""
+    real, calls = parallel_mod.diffusion_loss, {"n": 0}
 
     def poisoned(*a, **k):
         calls["n"] += 1
         loss, d = real(*a, **k)
-        return (loss * np.nan if calls["n"] == 3 else loss), d
+        return (loss * factor if calls["n"] == call else loss), d
 
     monkeypatch.setattr(parallel_mod, "diffusion_loss", poisoned)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    poison_loss(monkeypatch, 3, np.nan)
     with pytest.raises(TrainingDiverged, match="step 3"):
         train(tiny_cfg(out, threads=1), log=quiet)  # one shard: one loss call per step
     from minidiff.checkpoint import load_checkpoint
@@ -83,15 +87,7 @@ def test_losses_read_in_batches_still_stop_at_the_first_bad_step(tmp_path, monke
     """The GPU path: losses stay on the device and are read every log_every steps; the check then
     names the first non-finite step, and no checkpoint is written after it."""
     out = tmp_path / "run"
-    real = parallel_mod.diffusion_loss
-    calls = {"n": 0}
-
-    def poisoned(*a, **k):
-        calls["n"] += 1
-        loss, d = real(*a, **k)
-        return (loss * np.inf if calls["n"] == 5 else loss), d
-
-    monkeypatch.setattr(parallel_mod, "diffusion_loss", poisoned)
+    poison_loss(monkeypatch, 5, np.inf)
     trainer = Trainer(tiny_cfg(out, threads=1, steps=8, save_every=4, log_every=4), log=quiet)
     trainer.flush_every = 4  # as on a GPU (cfg.log_every)
     with pytest.raises(TrainingDiverged, match="loss became inf at step 5"):
