@@ -120,7 +120,8 @@ def loss_and_grads(params, config, schedule, x_t, x0, noise, t, class_labels=Non
                                     prediction_type, snr_gamma)
         if len(bounds) > 1:  # forward: L = sum_k (N_k / N) L_k
             weight = (stop - start) / n
-            loss, dout = loss * weight, dout * weight
+            loss = loss * weight
+            dout *= weight  # in place: diffusion_loss returns a new array
         grads, _ = unet_backward(dout, cache)
         return loss, grads
 

@@ -119,12 +119,13 @@ def _col2im(dcols, x_shape, s, pads, Ho, Wo):
 CHUNK_BYTES = 2**21
 
 
-def _chunks(x, K: int, L: int):
-    """Slices of the batch axis, each with K * n * L column entries of at most CHUNK_BYTES (n >= 1)."""
+def _chunks(x, K: int, L: int, chunk_bytes: int | None = None):
+    """Slices of the batch axis, each with K * n * L entries of at most chunk_bytes (default CHUNK_BYTES; n >= 1)."""
     N = x.shape[0]
     if get_array_module(x) is not np:
         return [slice(0, N)]
-    n = max(1, min(N, CHUNK_BYTES // max(1, K * L * x.dtype.itemsize)))
+    budget = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    n = max(1, min(N, budget // max(1, K * L * x.dtype.itemsize)))
     return [slice(n0, min(N, n0 + n)) for n0 in range(0, N, n)]
 
 

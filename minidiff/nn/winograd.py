@@ -29,6 +29,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from .conv2d import _backward_setup, _setup
+from .conv2d import _chunks as conv2d_chunks
 
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])  # (4, 3); B^T and A^T are in _bt, _at
 GG = np.einsum("ai,bj->abij", G, G).reshape(16, 9)  # U[a, b] = sum_ij G[a, i] g[i, j] G[b, j], as one matmul
@@ -39,12 +40,8 @@ CHUNK_BYTES = 2**21  # 2**20 was as fast on one thread; 2**21 is 2-3 % faster wi
 
 
 def _chunks(x, C_in: int, C_out: int, tiles: int):
-    """Slices of the batch axis with 16 (C_in + C_out) n tiles entries of at most CHUNK_BYTES (n >= 1)."""
-    N = x.shape[0]
-    if get_array_module(x) is not np:
-        return [slice(0, N)]
-    n = max(1, min(N, CHUNK_BYTES // (16 * (C_in + C_out) * tiles * x.dtype.itemsize)))
-    return [slice(n0, min(N, n0 + n)) for n0 in range(0, N, n)]
+    """Slices of the batch axis with 16 (C_in + C_out) n tiles entries (V and M) of at most CHUNK_BYTES (n >= 1)."""
+    return conv2d_chunks(x, 16 * (C_in + C_out), tiles, CHUNK_BYTES)
 
 
 def _bt(d0, d1, d2, d3, out):
