@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import flat
 from .backend import BackendError, synchronize, to_device, to_numpy, xp_for
 from .optim import AdamW
 from .parallel import forward, loss_and_grads, resolve_workers
@@ -132,7 +133,7 @@ class MinidiffSide:
     def __init__(self, config, host_params, inputs, device, schedule, workers=1):
         self.config, self.device, self.schedule, self.workers = config, device, schedule, workers
         self.xp = xp_for(device)
-        self.params = to_device(host_params, device)
+        self.params = flat.flatten(to_device(host_params, device))  # as the Trainer's: one buffer
         self.opt = AdamW(self.params, lr=LR)
         self.x0, self.noise, self.t, self.x_s = (to_device(inputs[k], device) for k in ("x0", "noise", "t", "x_s"))
         self.x_t = add_noise(schedule, self.x0, self.noise, self.t)  # (N, C, S, S)

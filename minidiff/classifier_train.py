@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import flat
 from .backend import to_device, xp_for
 from .bundle import build_unet_config
 from .checkpoint import save_checkpoint
@@ -91,7 +92,7 @@ def train_classifier(cfg: ClassifierTrainConfig, log=print) -> dict:
         raise ValueError(f"data {dataset.name!r} has {K} classes; train-classifier needs labelled data with >= 2")
     config = build_unet_config(cfg.preset, dataset, "none")
     schedule = make_schedule(cfg.num_train_timesteps, cfg.beta_schedule)
-    params = to_device(classifier_init_params(config, K, cfg.seed, dtype), cfg.device)
+    params = flat.flatten(to_device(classifier_init_params(config, K, cfg.seed, dtype), cfg.device))  # one buffer
     opt = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)  # every draw of the run: data, flips, t, eps, dropout
     meta = {"kind": "classifier", "model_config": config.to_dict(), "num_classes": K,
@@ -119,6 +120,7 @@ def train_classifier(cfg: ClassifierTrainConfig, log=print) -> dict:
                                        f"checkpoint ({ckpt}, if one was saved) is kept. Try a lower --lr or "
                                        "--grad-clip")
             grads, _ = classifier_backward(softmax_cross_entropy_backward(1.0, ce), cache)
+            grads = flat.gather(grads, like=params)  # one buffer: clipping and AdamW act on it whole
             if cfg.grad_clip > 0:
                 clip_grad_norm(grads, cfg.grad_clip)
             opt.step(params, grads, lr=warmup_lr(step - 1, cfg.lr, cfg.warmup_steps))

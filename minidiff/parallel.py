@@ -27,6 +27,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from . import flat
 from .backend import get_array_module
 from .loss import diffusion_loss
 from .unet import unet_backward, unet_forward
@@ -104,7 +105,8 @@ def loss_and_grads(params, config, schedule, x_t, x0, noise, t, class_labels=Non
 
     Inputs: x_t, x0, noise (N, C, H, W); t (N,); class_labels (N,) or None; context (N, S) or None;
             rng: the host generator of the dropout masks (advanced as one unsplit forward would).
-    Returns (loss, grads): a 0-d array on x_t's backend and {name: dL/dparam}.
+    Returns (loss, grads): a 0-d array on x_t's backend and {name: dL/dparam}, a flat.FlatDict
+    (one buffer) when params is one.
     With workers = 1 this is unet_forward + diffusion_loss + unet_backward, op for op.
     """
     n = x_t.shape[0]
@@ -123,7 +125,7 @@ def loss_and_grads(params, config, schedule, x_t, x0, noise, t, class_labels=Non
             loss = loss * weight
             dout *= weight  # in place: diffusion_loss returns a new array
         grads, _ = unet_backward(dout, cache)
-        return loss, grads
+        return loss, flat.gather(grads, like=params)  # one buffer when params has one (flat.FlatDict)
 
     results = map_shards(shard, n, workers)
     if len(bounds) > 1 and rng is not None:
@@ -131,8 +133,9 @@ def loss_and_grads(params, config, schedule, x_t, x0, noise, t, class_labels=Non
     loss, grads = results[0]
     for part_loss, part_grads in results[1:]:
         loss = loss + part_loss
-        for key, g in part_grads.items():
-            grads[key] += g
+        summed = flat.buffers(grads, part_grads)
+        for g, part in flat.pieces(summed) if summed else [(g, part_grads[key]) for key, g in grads.items()]:
+            g += part
     return loss, grads
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import flat
 from .backend import to_device, xp_for
 from .bundle import Bundle, build_unet_config, choose_conditioning
 from .checkpoint import check_config, load_checkpoint, rng_from_state, rng_state, save_checkpoint
@@ -91,7 +92,7 @@ class Trainer:
         self.model_config = build_unet_config(cfg.preset, self.dataset, self.conditioning, vocab, cfg.dropout)
         self.schedule = make_schedule(cfg.num_train_timesteps, cfg.beta_schedule)
         host = init_params(self.model_config, seed=cfg.seed, dtype=self.dtype)
-        self.params = to_device(host, cfg.device)
+        self.params = flat.flatten(to_device(host, cfg.device))  # one buffer: the optimizer updates it whole
         opt_cls = AdamW if cfg.optimizer == "adamw" else Adam
         self.opt = opt_cls(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_warmup)
