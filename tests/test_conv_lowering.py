@@ -18,7 +18,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gradcheck import rel_error
-from minidiff.nn import conv2d
+from minidiff.nn import conv2d, im2col
 from minidiff.nn.conv2d import conv2d_backward, conv2d_forward
 from minidiff.nn.conv2d_naive import conv2d_naive_backward, conv2d_naive_forward
 
@@ -129,8 +129,23 @@ def test_chunks_cover_the_batch():
 
 @given(offset=st.integers(-5, 5), s=st.integers(1, 3), size=st.integers(1, 6), n_out=st.integers(1, 6))
 def test_taps_is_the_range_that_reads_inside(offset, s, size, n_out):
-    o0, o1, r0 = conv2d._taps(offset, s, size, n_out)
+    o0, o1, r0 = im2col._taps(offset, s, size, n_out)
     inside = [o for o in range(n_out) if 0 <= s * o + offset < size]
     assert list(range(o0, o1)) == inside
     if inside:
         assert r0 == s * o0 + offset
+
+
+@given(n=st.integers(1, 3), c=st.integers(1, 3), h=st.integers(1, 7), w=st.integers(1, 7), k=st.integers(1, 3),
+       s=st.integers(1, 3), pads=st.tuples(*[st.integers(0, 2)] * 4))
+@example(n=1, c=1, h=1, w=1, k=1, s=1, pads=(0, 0, 0, 0))  # 1x1 everything, no padding
+@example(n=2, c=3, h=6, w=5, k=3, s=2, pads=(1, 1, 1, 1))  # stride 2: the U-Net's downsample
+def test_strided_im2col_equals_the_per_tap_copy(n, c, h, w, k, s, pads):
+    """CuPy's im2col (a padded copy and one strided gather) gives the per-tap copies' columns, exactly."""
+    pt, pb, pl, pr = pads
+    if h + pt + pb < k or w + pl + pr < k:
+        return  # _setup refuses these (padded input smaller than the kernel)
+    Ho, Wo = (h + pt + pb - k) // s + 1, (w + pl + pr - k) // s + 1
+    x = np.random.default_rng(0).standard_normal((n, c, h, w))
+    np.testing.assert_array_equal(im2col._im2col_strided(x, k, k, s, pads, Ho, Wo),
+                                  im2col._im2col(x, k, k, s, pads, Ho, Wo))
