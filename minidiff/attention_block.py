@@ -51,7 +51,9 @@ def attention_block_forward(params, prefix, x, heads, groups, eps, context=None,
         k = xp.concatenate([ck, k], axis=1)  # (N, T, C): context keys first, as AttnAddedKVProcessor
         v = xp.concatenate([cv, v], axis=1)  # (N, T, C)
         mask = xp.concatenate([context_mask, xp.ones((N, L), dtype=bool)], axis=1)  # (N, T)
-    o, sdpa_cache = sdpa_forward(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), mask)
+    # every row keeps its L image tokens, so the mask needs no check (which would read it to the host)
+    o, sdpa_cache = sdpa_forward(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), mask,
+                                 check_mask=False)
     o = merge_heads(o)  # (N, L, C)
     out, out_cache = linear_forward(o, p("to_out.0.weight"), p("to_out.0.bias"))  # (N, L, C)
     out = out.transpose(0, 2, 1).reshape(N, C, H, W)  # (N, C, H, W)

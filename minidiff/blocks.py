@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .attention_block import attention_block_backward, attention_block_forward
-from .backend import device_of, get_array_module, to_device
+from .backend import get_array_module
 from .nn import (
     conv2d_backward,
     conv2d_forward,
@@ -87,7 +87,7 @@ def resnet_block_forward(params, prefix, x, temb, args: BlockArgs, output_scale_
         mask = None
         if args.rows is not None:  # a shard of a batch: its rows of the whole batch's mask
             start, stop, total = args.rows
-            mask = to_device(dropout_mask(seed, (total,) + h.shape[1:], args.dropout, (start, stop)), device_of(h))
+            mask = dropout_mask(seed, (total,) + h.shape[1:], args.dropout, (start, stop), xp=get_array_module(h))
         h, drop = dropout_forward(h, args.dropout, train=True, mask=mask, seed=seed)
     h, conv2 = conv2d_forward(h, p("conv2.weight"), p("conv2.bias"), padding=1)  # (N, C_out, H, W)
     skip, shortcut = x, None

@@ -150,8 +150,9 @@ class Trainer:
                               self.dataset.num_classes, cfg.p_uncond)
         t = sample_timesteps(rng, cfg.batch_size, cfg.num_train_timesteps)           # (B,)
         noise = rng.standard_normal(x0.shape)                                        # eps ~ N(0, I)
-        x0, noise, t = (xp.asarray(a, dtype=d) for a, d in ((x0, self.dtype), (noise, self.dtype), (t, np.int64)))
-        cond = None if cond is None else xp.asarray(cond)
+        # the images go to the device; t and the labels / token ids stay on the host, where the checks of
+        # add_noise, the loss and the U-Net read them (on a GPU, reading a device array back is a sync)
+        x0, noise = xp.asarray(x0, dtype=self.dtype), xp.asarray(noise, dtype=self.dtype)
         x_t = add_noise(self.schedule, x0, noise, t)
         loss, grads = loss_and_grads(self.params, self.model_config, self.schedule, x_t, x0, noise, t,
                                      class_labels=cond if self.conditioning == "class" else None,

@@ -107,6 +107,9 @@ def unet_forward(params, config, x, t, class_labels=None, context=None, train=Fa
     def on_x_backend(a):  # lists, NumPy or CuPy arrays -> arrays on x's backend
         return xp.asarray(to_numpy(a) if xp is np else a)
 
+    def as_array(a):  # lists -> NumPy; arrays stay where they are (host labels are checked without a sync)
+        return a if hasattr(a, "dtype") else np.asarray(a)
+
     t = on_x_backend(t)
     t = xp.broadcast_to(t, (N,)) if t.ndim == 0 else t
     check_shape("t", t, (N,), "(N,) or a scalar")
@@ -127,18 +130,20 @@ def unet_forward(params, config, x, t, class_labels=None, context=None, train=Fa
     temb, lin2 = linear_forward(e, p["time_embedding.linear_2.weight"], p["time_embedding.linear_2.bias"])
     cls = None
     if class_labels is not None:
-        labels = on_x_backend(class_labels)
+        labels = as_array(class_labels)
+        check_indices("class_labels", labels, c.num_class_embeds)  # before the copy: host labels, no sync
+        labels = on_x_backend(labels)
         check_shape("class_labels", labels, (N,), "(N,)")
-        check_indices("class_labels", labels, c.num_class_embeds)
-        y_emb, cls = embedding_forward(labels, p["class_embedding.weight"])  # (N, T)
+        y_emb, cls = embedding_forward(labels, p["class_embedding.weight"], check_ids=False)  # (N, T)
         temb = temb + y_emb  # (N, T)
     ctx = None
     if c.cross_attention_dim is not None:
-        ids = xp.zeros((N, 1), dtype=np.int64) if context is None else on_x_backend(context)  # empty: 1 pad
+        ids = np.zeros((N, 1), dtype=np.int64) if context is None else as_array(context)  # empty: 1 pad
         check_ndim("context", ids, 2, "(N, S)")
         check_shape("context", ids, (N, ids.shape[1]), "(N, S)")
-        check_indices("context", ids, c.context_vocab_size)
-        args.context, ctx = embedding_forward(ids, p["context_embedding.weight"])  # (N, S, Cd)
+        check_indices("context", ids, c.context_vocab_size)  # before the copy: host ids, no sync
+        ids = on_x_backend(ids)
+        args.context, ctx = embedding_forward(ids, p["context_embedding.weight"], check_ids=False)  # (N, S, Cd)
         args.context_mask = ids != 0  # (N, S) padding (id 0) is never attended to
     # 2. conv_in
     h, conv_in = conv2d_forward(x, p["conv_in.weight"], p["conv_in.bias"], padding=1)  # (N, C0, H, W)

@@ -16,12 +16,12 @@ import pytest
 cupy = pytest.importorskip("cupy")
 
 from gradcheck import rel_error  # noqa: E402
-from minidiff import bench  # noqa: E402
+from minidiff import bench, flat  # noqa: E402
 from minidiff.backend import gpu_available, to_device, to_numpy  # noqa: E402
 from minidiff.loss import diffusion_loss  # noqa: E402
 from minidiff.nn import (  # noqa: E402
     avgpool2x2_backward, avgpool2x2_forward, conv2d_backward, conv2d_forward, downsample_backward,
-    downsample_forward, dropout_backward, dropout_forward, embedding_backward, embedding_forward,
+    downsample_forward, dropout_backward, dropout_forward, dropout_mask, embedding_backward, embedding_forward,
     groupnorm_backward, groupnorm_forward, linear_backward, linear_forward, mha_backward, mha_forward,
     mse_backward, mse_forward, sdpa_backward, sdpa_forward, silu_backward, silu_forward,
     timestep_embedding_backward, timestep_embedding_forward, upsample_nearest2x_backward,
@@ -94,6 +94,11 @@ def test_groupnorm_and_silu():
 def test_dropout_same_mask():
     run = fwd_bwd(lambda x: dropout_forward(x, 0.3, train=True, seed=123), dropout_backward)
     assert_parity(run, randn(4, 8, 3))
+    # drawn on the GPU (SplitMix64 in uint64 ops), bit for bit the host's mask, whole or by rows
+    for rows in (None, (2, 5)):
+        got = dropout_mask(2**63 + 11, (6, 5, 7, 7), 0.1, rows, xp=cupy)
+        assert isinstance(got, cupy.ndarray)
+        np.testing.assert_array_equal(to_numpy(got), dropout_mask(2**63 + 11, (6, 5, 7, 7), 0.1, rows))
 
 
 def test_embeddings():
@@ -127,11 +132,13 @@ def test_resampling_and_mse():
     assert_parity(mse, randn(3, 4), randn(3, 4, seed=1))
 
 
-def training_step(device):
-    """One step of DDPM training of the tiny U-Net (dropout on, drawn on the host) on one backend."""
+def training_step(device, one_buffer=False):
+    """One step of DDPM training of the tiny U-Net (dropout on, drawn on the host) on one backend;
+    one_buffer: params, grads and AdamW state in one flat buffer each, as the Trainer has them."""
     config = dataclasses.replace(get_preset("tiny"), dropout=0.1)
     schedule = make_schedule(1000, "linear")
     params = to_device(init_params(config, seed=0, dtype=np.float64), device)
+    params = flat.flatten(params) if one_buffer else params
     opt = AdamW(params, lr=1e-3)
     x0, noise = randn(3, 3, 8, 8, seed=1), randn(3, 3, 8, 8, seed=2)
     t = np.array([5, 500, 999])
@@ -140,14 +147,18 @@ def training_step(device):
     eps, cache = unet_forward(params, config, x_t, t, train=True, rng=np.random.default_rng(7))
     loss, deps = diffusion_loss(schedule, eps, x0, noise, t)
     grads, dx = unet_backward(deps, cache)
+    grads = flat.gather(grads, like=params)  # unchanged unless params is flat
     norm = clip_grad_norm(grads, 0.05)  # small max_norm: the clipping branch runs
     opt.step(params, grads)
     return loss, norm, grads, dx, params
 
 
-def test_whole_training_step():
-    loss_c, norm_c, grads_c, dx_c, params_c = training_step("cpu")
-    loss_g, norm_g, grads_g, dx_g, params_g = training_step("gpu")
+@pytest.mark.parametrize("one_buffer", [False, True])
+def test_whole_training_step(one_buffer):
+    loss_c, norm_c, grads_c, dx_c, params_c = training_step("cpu", one_buffer)
+    loss_g, norm_g, grads_g, dx_g, params_g = training_step("gpu", one_buffer)
+    if one_buffer:
+        assert flat.buffers(params_g, grads_g) is not None and isinstance(params_g.buffer, cupy.ndarray)
     assert abs(float(loss_g) - float(loss_c)) <= TOL * abs(float(loss_c))
     assert abs(float(norm_g) - float(norm_c)) <= TOL * float(norm_c) and float(norm_c) > 0.05
     assert list(grads_g) == list(grads_c) and list(params_g) == list(params_c)
@@ -177,3 +188,32 @@ def test_bench_on_gpu():
     rows = bench.run_bench("tiny", batch=2, device="gpu", repeats=1, warmup=0, use_torch=True, log=lambda *a: None)
     assert [r["what"] for r in rows][:2] == ["train step (ms)", "sample step (ms)"]
     assert all(r["device"] == "gpu" and r["minidiff"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("conditioning", ["class", "text"])
+def test_train_steps_read_nothing_back_from_the_gpu(tmp_path, monkeypatch, conditioning):
+    """Between two loss reads the Trainer's steps copy nothing from the GPU to the host (each such
+    copy waits for the GPU): every to_numpy of minidiff is watched for CuPy arrays."""
+    import sys
+
+    from minidiff.config import TrainConfig
+    from minidiff.train import Trainer
+
+    trainer = Trainer(TrainConfig(out=str(tmp_path / "run"), preset="tiny", device="gpu", steps=3, batch_size=4,
+                                  conditioning=conditioning, log_every=10, save_every=100, sample_every=0),
+                      log=lambda *a, **k: None)
+    assert trainer.flush_every == 10
+    read_back = []
+    for name, module in list(sys.modules.items()):
+        if name.startswith("minidiff") and hasattr(module, "to_numpy"):
+            original = module.to_numpy
+
+            def watched(x, _original=original, _name=name):
+                if isinstance(x, cupy.ndarray):
+                    read_back.append((_name, x.shape))
+                return _original(x)
+            monkeypatch.setattr(module, "to_numpy", watched)
+    for _ in range(3):
+        trainer.train_step()
+    assert read_back == []
+    assert len(trainer.pending) == 3 and trainer.flush_losses() is not None

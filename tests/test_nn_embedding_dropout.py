@@ -2,6 +2,7 @@
 autograd, diffusers' get_timestep_embedding, hand values, seeds and masks, bad input."""
 
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -10,7 +11,9 @@ from hypothesis import strategies as st
 
 from gradcheck import check_grads, rel_error
 from minidiff.backend import gpu_available, to_device, to_numpy
-from minidiff.nn.dropout import dropout_backward, dropout_forward
+from minidiff.nn import dropout as dropout_module
+from minidiff.nn.dropout import dropout_backward, dropout_forward, dropout_mask
+from minidiff.nn.splitmix64 import splitmix64
 from minidiff.nn.embedding import (
     embedding_backward,
     embedding_forward,
@@ -271,6 +274,40 @@ def test_dropout_gradcheck(shape, p, seed):
     check_grads(lambda x: dropout_forward(x, p, mask=mask)[0], {"x": x}, grads, seed=seed)
 
 
+def reference_splitmix64(seed):
+    """The reference generator (splitmix64.c), one output at a time, in Python integers."""
+    state, m = seed % 2**64, 2**64 - 1
+    while True:
+        state = (state + 0x9E3779B97F4A7C15) & m
+        z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        yield z ^ (z >> 31)
+
+
+def test_splitmix64_gives_the_reference_outputs():
+    # the published first outputs for seed 1234567 (Rosetta Code, "Pseudo-random numbers/Splitmix64")
+    want = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431,
+            16408922859458223821]
+    assert splitmix64(1234567, 0, 5).tolist() == want
+    assert splitmix64(1234567, 3, 5).tolist() == want[3:]  # any range, computed directly
+    reference = reference_splitmix64(2**64 + 5)  # keys are taken mod 2^64
+    assert splitmix64(5, 0, 1000).tolist() == [next(reference) for _ in range(1000)]
+    with pytest.raises(ValueError, match="key"):
+        splitmix64(1.5, 0, 3)
+
+
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple), p=st.floats(0.0, 0.99),
+       seed=st.integers(0, 2**70), piece=st.sampled_from([1, 7, 2**16]))
+def test_dropout_mask_rows_and_pieces_are_slices_of_one_stream(shape, p, seed, piece):
+    with mock.patch.object(dropout_module, "PIECE", piece):
+        whole = dropout_mask(seed, shape, p)
+        assert whole.shape == shape and whole.dtype == np.bool_
+        for start in range(shape[0]):
+            np.testing.assert_array_equal(dropout_mask(seed, shape, p, rows=(start, shape[0])), whole[start:])
+    with mock.patch.object(dropout_module, "PIECE", 2**16):
+        np.testing.assert_array_equal(dropout_mask(seed, shape, p), whole)
+
+
 def test_dropout_seed_mask_and_identity():
     x = np.random.default_rng(0).standard_normal((8, 16)) + 5.0  # no zeros: y == 0 exactly where dropped
     y1, _ = dropout_forward(x, 0.4, seed=123)
@@ -278,8 +315,10 @@ def test_dropout_seed_mask_and_identity():
     y3, _ = dropout_forward(x, 0.4, seed=124)
     np.testing.assert_array_equal(y1, y2)
     assert np.any((y1 == 0) != (y3 == 0))
-    # the seeded mask is np.random.default_rng(seed).random(shape) >= p, drawn on the host
-    np.testing.assert_array_equal(y1 != 0, np.random.default_rng(123).random(x.shape) >= 0.4)
+    # the seeded mask: entry i kept when the i-th output of SplitMix64 seeded with 123 is >= 0.4 * 2^64
+    reference = reference_splitmix64(123)
+    want = np.array([next(reference) >= int(0.4 * 2.0**64) for _ in range(x.size)]).reshape(x.shape)
+    np.testing.assert_array_equal(y1 != 0, want)
     # an explicit mask is used as given, kept entries scaled by 1 / (1 - p)
     mask = np.zeros(x.shape, bool)
     mask[::2, 1::3] = True

@@ -126,17 +126,19 @@ def timestep_embedding(t, dim, flip_sin_to_cos=False, downscale_freq_shift=1.0, 
     return emb
 
 
-def embedding_forward(ids, weight):
+def embedding_forward(ids, weight, check_ids=True):
     """y[...] = weight[ids[...]]   (PyTorch F.embedding: a table lookup, e.g. class labels)
 
-    Inputs:  ids (...) integer array with 0 <= ids < V (checked on the host: CuPy does not raise);
+    Inputs:  ids (...) integer array with 0 <= ids < V (checked on the host: CuPy does not raise;
+             check_ids=False skips it for callers that checked the ids before copying them to the GPU);
              weight (V, D) float32 or float64.
     Returns: y (..., D) in weight's dtype, and the cache for embedding_backward.
     """
     check_same_backend(ids=ids, weight=weight)
     check_float("weight", weight)
     check_ndim("weight", weight, 2, "(V, D)")
-    check_indices("ids", ids, weight.shape[0])
+    if check_ids:
+        check_indices("ids", ids, weight.shape[0])
     y = weight[ids]  # (..., D)
     cache = (
         ids,  # (...) the looked-up rows, where the backward scatters dy
