@@ -12,7 +12,10 @@
 #   pytest.txt          pytest -m gpu (every CuPy-vs-NumPy float64 parity test) and the CuPy-only tests
 #   bench_*.json/.txt   minidiff bench rows (train step, sample step, peak memory) for the targets:
 #                       small and ddpm-cifar10 at batch 128, float32
-# Each part has its own timeout so that one hang cannot eat the session; the exit status is 0
+#   cpu_clock_small.txt the same steps of small timed in host CPU time (close to wall = launch-bound)
+#   profile_small.txt   cProfile of those steps, by own time: which Python functions the host spends it in
+# Each part has its own timeout (200 + 2 x 120 + 60 + 60 = 560 s at most, under one run call's 600 s) so
+# that one hang cannot eat the session; the exit status is 0
 # when every part ran (read the files for the results).
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-gpu_check}}
@@ -27,11 +30,16 @@ fi
   $PY -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__, 'cuda', cupy.cuda.runtime.runtimeGetVersion())" 2>&1
   $PY -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" 2>&1
 } > "$OUT_DIR/env.txt"
-timeout 240 $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests/ > "$OUT_DIR/pytest.txt" 2>&1
+timeout 200 $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests/ > "$OUT_DIR/pytest.txt" 2>&1
 echo "pytest exit $?" >> "$OUT_DIR/pytest.txt"
 for preset in small ddpm-cifar10; do
-  timeout 150 $PY scripts/bench.py --device gpu --preset "$preset" --batch 128 --repeats 10 --warmup 3 \
+  timeout 120 $PY scripts/bench.py --device gpu --preset "$preset" --batch 128 --repeats 10 --warmup 3 \
     --json "$OUT_DIR/bench_$preset.json" > "$OUT_DIR/bench_$preset.txt" 2>&1
   echo "bench exit $?" >> "$OUT_DIR/bench_$preset.txt"
 done
+# where the host time of a GPU step goes (launch-bound if the step's CPU time is close to its wall time)
+timeout 60 $PY scripts/bench.py --device gpu --preset small --batch 128 --repeats 5 --warmup 2 --no-torch \
+  --no-memory --clock cpu > "$OUT_DIR/cpu_clock_small.txt" 2>&1
+timeout 60 $PY -m cProfile -s tottime scripts/bench.py --device gpu --preset small --batch 128 --repeats 5 \
+  --warmup 2 --no-torch --no-memory 2>&1 | head -n 60 > "$OUT_DIR/profile_small.txt"
 tail -n 5 "$OUT_DIR"/*.txt
