@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from . import flat
-from .backend import BackendError, synchronize, to_device, to_numpy, xp_for
+from .backend import BackendError, check_tf32, set_tf32, synchronize, to_device, to_numpy, xp_for
 from .optim import AdamW
 from .parallel import forward, loss_and_grads, resolve_workers
 from .sampler import ddim_step
@@ -76,6 +76,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="wall: elapsed time; cpu: CPU time of the process (all its threads), for shared or busy "
                         "machines where elapsed time measures the neighbours; use it with --threads 1")
+    p.add_argument("--tf32", action="store_true",
+                   help="GPU float32 matmuls in TF32 on both sides (minidiff: cuBLAS compute type; torch: "
+                        "allow_tf32 for cuBLAS and cuDNN); default off, so float32 means float32 on both")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch/diffusers comparison")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory rows")
     p.add_argument("--seed", type=int, default=0)
@@ -197,7 +200,8 @@ def make_inputs(config, batch: int, size: int, dtype, seed: int, schedule) -> di
 
 
 def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="float32", repeats=5, warmup=2,
-              threads=None, use_torch=True, memory=True, seed=0, clock="wall", log=print) -> list[dict]:
+              threads=None, use_torch=True, memory=True, seed=0, clock="wall", tf32=False,
+              log=print) -> list[dict]:
     """Time both steps on both sides; return one dict per measurement (the printed rows)."""
     for name, value, low in (("batch", batch, 1), ("repeats", repeats, 1), ("warmup", warmup, 0),
                              ("threads", 1 if threads is None else threads, 1)):
@@ -214,6 +218,8 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
                          f"({levels} resolutions), got {size}")
     config = dataclasses.replace(base, sample_size=size)
     xp_for(device)  # BackendError with the install hint when the GPU is missing
+    if check_tf32(tf32, device, dtype):
+        set_tf32(True)
     make_torch_side = load_torch_side() if use_torch else None
     if device == "cpu" and threads is None:  # both sides get the same: one thread per core, at most 4
         threads = resolve_workers(0, device)
@@ -227,14 +233,14 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
     md = MinidiffSide(config, host_params, inputs, device, schedule, workers)
     th = None
     if make_torch_side is not None:
-        th = make_torch_side(config, host_params, inputs, device, dtype, notes.append, threads)
+        th = make_torch_side(config, host_params, inputs, device, dtype, notes.append, threads, tf32)
     if th is not None:  # the same network: compare one forward before timing anything
         eps_md = to_numpy(unet_forward(md.params, config, md.x_s, md.t_s)[0])
         eps_th = th.forward_eval()
         rel = float(np.abs(eps_md - eps_th).max() / max(np.abs(eps_th).max(), 1e-30))
         notes.append(f"same network check: max|eps_minidiff - eps_torch| / max|eps_torch| = {rel:.1e}")
     log(f"minidiff bench: preset {preset} ({count_params(config):,} params), {size}x{size}, batch {batch}, "
-        f"{device} {dtype}, median of {repeats} after {warmup} warm-up, {clock} clock, "
+        f"{device} {dtype}{' (TF32 matmuls)' * tf32}, median of {repeats} after {warmup} warm-up, {clock} clock, "
         f"minidiff in {workers} thread{'s' * (workers > 1)} (batch shards)")
     for n in notes:
         log("  " + n)
@@ -270,7 +276,8 @@ def format_rows(rows) -> str:
 
 def cmd_bench(args) -> int:
     rows = run_bench(args.preset, args.batch, args.image_size, args.device, args.dtype, args.repeats,
-                     args.warmup, args.threads, not args.no_torch, not args.no_memory, args.seed, args.clock)
+                     args.warmup, args.threads, not args.no_torch, not args.no_memory, args.seed, args.clock,
+                     args.tf32)
     print(format_rows(rows))
     if args.json:
         with open(args.json, "w") as f:

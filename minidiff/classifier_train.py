@@ -147,7 +147,8 @@ def cmd_train_classifier(args) -> int:
 
 def add_classifier_parser(subparsers) -> argparse.ArgumentParser:
     """Register `minidiff train-classifier`, its flags generated from ClassifierTrainConfig."""
-    p = subparsers.add_parser("train-classifier", help="train a noise-aware classifier for `sample --classifier`")
+    p = subparsers.add_parser("train-classifier", help="train a noise-aware classifier for `sample --classifier`",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dataclass_args(p, ClassifierTrainConfig)
     p.set_defaults(func=cmd_train_classifier)
     return p

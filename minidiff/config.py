@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import typing
 from dataclasses import dataclass
 
+from .backend import check_tf32
 from .parallel import resolve_workers
 from .schedule import check_choice
 
@@ -32,10 +35,10 @@ class TrainConfig:
     p_uncond: float = 0.1            # probability of dropping the condition (classifier-free guidance training)
     # --- optimisation (DDPM: Adam 2e-4, warm-up 5000, clip 1, EMA 0.9999) ---
     steps: int = 1200                # optimizer steps in total (default run: ~5 min on 2 CPU cores)
-    batch_size: int = 64
+    batch_size: int = 64             # images per optimizer step
     optimizer: str = "adamw"         # adam | adamw
-    lr: float = 2e-3
-    weight_decay: float = 0.0
+    lr: float = 2e-3                 # base learning rate (after the warm-up)
+    weight_decay: float = 0.0        # AdamW's decoupled weight decay
     warmup_steps: int = 100          # linear learning-rate warm-up
     grad_clip: float = 1.0           # global-norm clip; 0 = off
     ema_decay: float = 0.995         # EMA of the weights, used for sampling
@@ -49,10 +52,11 @@ class TrainConfig:
     guidance_scale: float = 3.0      # classifier-free guidance scale of the preview grids
     log_every: int = 10              # JSONL log line every N steps
     # --- run ---
-    seed: int = 0
+    seed: int = 0                    # seed of every random draw (weights, data, noise, dropout)
     device: str = "cpu"              # cpu | gpu (CuPy)
     dtype: str = "float32"           # float32 | float64
     threads: int = 0                 # CPU threads, each runs a shard of the batch; 0 = one per core (at most 4)
+    tf32: bool = False               # GPU float32 matmuls in TF32 on the tensor cores (faster, ~1e-3 relative error)
     resume: bool = False             # continue the run in --out from its latest checkpoint
 
 
@@ -72,30 +76,45 @@ class SampleConfig:
     classifier: str = ""             # classifier checkpoint for classifier guidance
     classifier_scale: float = 0.0    # classifier guidance scale
     no_ema: bool = False             # sample with the raw weights instead of the EMA
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
+    seed: int = 0                    # seed of the initial noise and of any sampling noise
+    device: str = "cpu"              # cpu | gpu (CuPy)
+    dtype: str = "float32"           # float32 | float64
     threads: int = 0                 # CPU threads, each runs a shard of the batch; 0 = one per core (at most 4)
+    tf32: bool = False               # GPU float32 matmuls in TF32 on the tensor cores (faster, ~1e-3 relative error)
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _field_comments(cls) -> dict:
+    """{field: its end-of-line comment in the class body}: the flags' help texts (none without the source)."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    found = (re.match(r"\s+(\w+): [^#]*#\s*(.+)$", line) for line in source.splitlines())
+    return {m.group(1): m.group(2).strip() for m in found if m}
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, exclude=(), renames=None) -> None:
-    """Add one flag per dataclass field: --field-name, typed, defaulting to the field's default."""
+    """Add one flag per dataclass field: --field-name, typed, defaulting to the field's default, with
+    the field's comment as its help (a parser with ArgumentDefaultsHelpFormatter adds the default)."""
     renames = renames or {}
     hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
         flag = renames.get(f.name, _flag(f.name))
         typ = hints[f.name]
+        help_text = comments.get(f.name, f.name.replace("_", " "))
         if typ is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=typ, default=f.default, metavar=typ.__name__.upper(),
-                                help=f"(default: {f.default!r})")
+                                help=help_text)
 
 
 def dataclass_from_args(cls, args: argparse.Namespace):
@@ -114,6 +133,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     resolve_workers(cfg.threads, cfg.device)  # --threads: an int >= 0
+    check_tf32(cfg.tf32, cfg.device, cfg.dtype)
     if not 0.0 <= cfg.p_uncond < 1.0:
         raise ValueError(f"--p-uncond must be in [0, 1), got {cfg.p_uncond}")
     if not 0.0 <= cfg.ema_decay < 1.0:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import flat
-from .backend import to_device, xp_for
+from .backend import set_tf32, to_device, xp_for
 from .bundle import Bundle, build_unet_config, choose_conditioning
 from .checkpoint import check_config, load_checkpoint, rng_from_state, rng_state, save_checkpoint
 from .config import TrainConfig, validate_train_config
@@ -81,6 +81,8 @@ class Trainer:
         validate_train_config(cfg)
         self.cfg, self.log = cfg, log
         self.xp = xp_for(cfg.device)
+        if cfg.tf32:
+            set_tf32(True)  # for the rest of the process: every float32 matmul on the GPU
         self.dtype = np.dtype(cfg.dtype)
         self.out = prepare_run_dir(cfg)
         self.dataset = load_dataset(cfg.data)

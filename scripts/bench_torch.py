@@ -10,7 +10,7 @@ from minidiff.bench import LR, T_SAMPLE
 from minidiff.unet_config import to_diffusers_config
 
 
-def make_torch_side(config, host_params, inputs, device, dtype, note, threads=None):
+def make_torch_side(config, host_params, inputs, device, dtype, note, threads=None, tf32=False):
     """diffusers' UNet2DModel twin (same config, same weights), or None with a note when unavailable."""
     try:
         import diffusers  # noqa: PLC0415  (optional: the comparison only)
@@ -25,18 +25,18 @@ def make_torch_side(config, host_params, inputs, device, dtype, note, threads=No
         if threads is not None:
             torch.set_num_threads(threads)
         note(f"torch threads: {torch.get_num_threads()}")
-    return TorchSide(torch, diffusers, config, host_params, inputs, device, dtype)
+    return TorchSide(torch, diffusers, config, host_params, inputs, device, dtype, tf32)
 
 
 class TorchSide:
     """The same network, weights and inputs as UNet2DModel in PyTorch eager mode."""
 
-    def __init__(self, torch, diffusers, config, host_params, inputs, device, dtype):
+    def __init__(self, torch, diffusers, config, host_params, inputs, device, dtype, tf32=False):
         self.torch = torch
         self.dev = torch.device("cuda" if device == "gpu" else "cpu")
-        if device == "gpu":  # float32 means float32 on both sides: no TF32 in cuDNN convs or matmuls
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+        if device == "gpu":  # float32 means float32 on both sides: TF32 in cuDNN convs and matmuls only with --tf32
+            torch.backends.cudnn.allow_tf32 = bool(tf32)
+            torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
         kwargs = {k: v for k, v in to_diffusers_config(config).items() if not k.startswith("_")}
         model = diffusers.UNet2DModel(**kwargs)
         model = model.double() if dtype == "float64" else model  # (not .to(): diffusers warns there)

@@ -217,3 +217,24 @@ def test_train_steps_read_nothing_back_from_the_gpu(tmp_path, monkeypatch, condi
         trainer.train_step()
     assert read_back == []
     assert len(trainer.pending) == 3 and trainer.flush_losses() is not None
+
+
+def test_tf32_only_when_asked():
+    """--tf32 switches CuPy's float32 matmuls to TF32 (error ~1e-3 relative), and back."""
+    from minidiff.backend import set_tf32
+
+    a, b = randn(256, 256, seed=1), randn(256, 256, seed=2)
+    exact = a @ b
+    a32, b32 = (cupy.asarray(m, dtype=cupy.float32) for m in (a, b))
+
+    def error():
+        return rel_error(to_numpy(a32 @ b32).astype(np.float64), exact)
+
+    set_tf32(False)
+    assert error() < 1e-5  # float32: ~1e-6
+    set_tf32(True)
+    try:
+        assert error() > 5e-5  # TF32 products keep 10 mantissa bits
+    finally:
+        set_tf32(False)
+    assert error() < 1e-5

@@ -139,3 +139,14 @@ def test_cli_class_conditioned_sample_rejects_a_class_out_of_range(tmp_path, cap
     assert "class" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(out), "--out", str(tmp_path / "s"), "--class", "7", "--n", "2",
                  "--steps", "2"]) == 0
+
+
+@pytest.mark.parametrize("argv", [["train", "--tf32"], ["sample", "--checkpoint", "x", "--tf32"],
+                                  ["eval", "--checkpoint", "x", "--tf32"], ["bench", "--tf32", "--no-torch"],
+                                  ["train", "--tf32", "--device", "gpu", "--dtype", "float64"]])
+def test_tf32_is_refused_off_the_gpu_and_for_float64(tmp_path, capsys, argv):
+    if "gpu" in argv:
+        pytest.importorskip("cupy")  # without CuPy the GPU error comes first
+    assert main(argv + (["--out", str(tmp_path / "run")] if argv[0] == "train" else [])) == 2
+    assert "--tf32 needs --device gpu and --dtype float32" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written
