@@ -16,7 +16,7 @@ import pytest
 cupy = pytest.importorskip("cupy")
 
 from gradcheck import rel_error  # noqa: E402
-from minidiff import bench, flat  # noqa: E402
+from minidiff import backend, bench, flat  # noqa: E402
 from minidiff.backend import gpu_available, to_device, to_numpy  # noqa: E402
 from minidiff.loss import diffusion_loss  # noqa: E402
 from minidiff.nn import (  # noqa: E402
@@ -89,6 +89,22 @@ def test_groupnorm_and_silu():
     assert_parity(fwd_bwd(lambda x, g, b: groupnorm_forward(x, g, b, 3, 1e-5), groupnorm_backward),
                   randn(2, 6, 4, 5), 1 + randn(6, seed=1), randn(6, seed=2))
     assert_parity(fwd_bwd(silu_forward, silu_backward), 4 * randn(3, 4, 5))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_silu_fused_kernels_and_plain_ops(monkeypatch, fused):
+    """SiLU on CuPy runs one fused kernel each way (MINIDIFF_FUSED=0: the array ops): both match NumPy,
+    in float64 to TOL and in float32 to a few ulp, the tails (|x| up to 200: exp overflows) included."""
+    monkeypatch.setattr(backend, "FUSED", fused)
+    x = 40 * randn(3, 4, 5)
+    x[0, 0, :3] = (-200.0, 200.0, 0.0)
+    assert_parity(fwd_bwd(silu_forward, silu_backward), x)
+    x32, dy32 = x.astype(np.float32), randn(3, 4, 5, seed=9).astype(np.float32)
+    y, cache = silu_forward(x32)
+    y_g, cache_g = silu_forward(to_device(x32, "gpu"))
+    assert y_g.dtype == np.float32 and rel_error(to_numpy(y_g), y) < 1e-6
+    dx_g = silu_backward(to_device(dy32, "gpu"), cache_g)
+    assert dx_g.dtype == np.float32 and rel_error(to_numpy(dx_g), silu_backward(dy32, cache)) < 1e-6
 
 
 def test_dropout_same_mask():
