@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from . import flat
+from .allocator import keep_freed_memory
 from .backend import BackendError, check_tf32, set_tf32, synchronize, to_device, to_numpy, xp_for
 from .optim import AdamW
 from .parallel import forward, loss_and_grads, resolve_workers
@@ -292,6 +293,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_bench_args(p)
     args = p.parse_args(argv)
+    keep_freed_memory()  # as the CLI does: both sides of the comparison run in this one process
     try:
         return cmd_bench(args)
     except (ValueError, BackendError) as err:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .allocator import keep_freed_memory
 from .backend import BackendError, check_tf32, set_tf32
 from .config import SampleConfig, TrainConfig, add_dataclass_args, dataclass_from_args
 
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run one subcommand; bad input becomes one error line and exit status 2 (a diverged run: 1)."""
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # this process's malloc keeps what a step frees for the next (allocator.py)
     try:
         return args.func(args)
     except KeyboardInterrupt:
