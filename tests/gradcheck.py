@@ -22,6 +22,22 @@ def rel_error(a, b) -> float:
     return float(np.abs(a - b).max(initial=0.0) / scale)
 
 
+def grads_rel_error(got: dict, want: dict) -> dict:
+    """{key: max|got - want| / max(max|got|, max|want|, 1e-6 * the largest gradient of all keys)}.
+
+    The floor is for gradients that are zero in exact arithmetic, such as an attention key bias
+    (softmax ignores a shift shared by all keys): both sides then hold rounding noise (~1e-22 in
+    float64), which two backends round differently, and plain rel_error would be O(1).
+    """
+    top = max(max(np.abs(to_numpy(g)).max(initial=0.0) for g in want.values()), 1e-300)
+    out = {}
+    for key, w in want.items():
+        a, b = np.asarray(to_numpy(got[key]), np.float64), np.asarray(to_numpy(w), np.float64)
+        scale = max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0), 1e-6 * top)
+        out[key] = float(np.abs(a - b).max(initial=0.0) / scale)
+    return out
+
+
 def numeric_grad(loss, x: np.ndarray, h: float = 1e-6, max_coords: int | None = 200, seed: int = 0):
     """Centered differences of the scalar loss() with respect to x (perturbed in place, restored).
 

@@ -1,0 +1,112 @@
+"""A stand-in for CuPy made of NumPy, so that the GPU code paths run on a machine without a GPU.
+
+minidiff picks its code by backend: `xp is not np` runs the strided im2col, the fused SiLU
+kernels, the whole-batch conv (no chunks, no Winograd), the flat buffers in one piece, the
+dropout masks drawn on "the device", the loss read every --log-every steps. With install(),
+backend.import_cupy() returns this module and its arrays (FakeDeviceArray, an ndarray subclass
+whose type claims to come from cupy) count as CuPy arrays, so all of those run here, on NumPy
+underneath: any logic error in them shows, and so does any read back to the host (to_numpy).
+
+What it cannot show: where CuPy's API differs from NumPy's, and anything about speed or CUDA.
+The two ElementwiseKernels minidiff defines are emulated by name, from the kernel bodies' formulas.
+
+Shape legend: none; arrays of any shape pass through.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+
+
+class FakeDeviceArray(np.ndarray):
+    """An array "on the device": backend.is_cupy_array says True; .get() copies it to the host."""
+
+    def get(self):
+        return np.array(self.view(np.ndarray), copy=True)
+
+
+FakeDeviceArray.__module__ = "cupy._fake"  # backend.is_cupy_array looks at the type's top-level module
+
+
+def _device(a):
+    """Results become device arrays (scalars, dtypes and tuples pass through)."""
+    if isinstance(a, np.ndarray) and not isinstance(a, FakeDeviceArray):
+        return a.view(FakeDeviceArray)
+    if isinstance(a, tuple):
+        return tuple(_device(x) for x in a)
+    return a
+
+
+def _wrap(fn):
+    def call(*args, **kwargs):
+        return _device(fn(*args, **kwargs))
+    call.__name__ = getattr(fn, "__name__", "fn")
+    return call
+
+
+_KERNELS = {  # the ElementwiseKernels of minidiff, by name: the formulas of their bodies
+    "minidiff_silu_forward": lambda x: x * (1 / (1 + np.exp(-x))),
+    "minidiff_silu_backward": lambda x, dy: ((1 - 1 / (1 + np.exp(-x))) * x + 1) * (1 / (1 + np.exp(-x))) * dy,
+}
+
+
+class _MemoryPool:
+    def used_bytes(self):
+        return 0
+
+    def total_bytes(self):
+        return 0
+
+    def free_all_blocks(self):
+        pass
+
+
+class FakeCupy(types.ModuleType):
+    """The module: NumPy's functions, with array results moved "to the device"."""
+
+    def __init__(self):
+        super().__init__("cupy")
+        self.ndarray = FakeDeviceArray
+        self.cuda = types.SimpleNamespace(
+            runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+            get_current_stream=lambda: types.SimpleNamespace(synchronize=lambda: None))
+        self.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(
+            as_strided=_wrap(np.lib.stride_tricks.as_strided)))
+        self.linalg = types.SimpleNamespace(norm=_wrap(np.linalg.norm))
+        self.kernels_called = []  # names of the ElementwiseKernels run, for the tests
+
+    def asarray(self, a, dtype=None):
+        return np.array(a, dtype=dtype, copy=True).view(FakeDeviceArray)  # a copy, as a host -> device one is
+
+    def asnumpy(self, a):
+        return np.array(a.view(np.ndarray) if isinstance(a, np.ndarray) else a, copy=True)
+
+    def get_default_memory_pool(self):
+        return _MemoryPool()
+
+    def ElementwiseKernel(self, in_params, out_params, body, name):  # noqa: N802  (CuPy's name)
+        formula = _KERNELS[name]
+
+        def run(*args):
+            self.kernels_called.append(name)
+            return _device(formula(*args))
+        return run
+
+    def __getattr__(self, name):
+        value = getattr(np, name)
+        if isinstance(value, np.ufunc) or isinstance(value, type) or not callable(value):
+            return value  # ufuncs keep the subclass of their inputs; dtypes and constants as they are
+        return _wrap(value)
+
+
+def install(monkeypatch) -> FakeCupy:
+    """Make minidiff's backend see the fake as CuPy with one GPU (undone by monkeypatch at the test's end)."""
+    from minidiff import backend
+    from minidiff.nn import activations
+
+    fake = FakeCupy()
+    monkeypatch.setattr(backend, "_CUPY", fake)
+    monkeypatch.setattr(activations, "_KERNELS", {})  # kernels made by the fake, dropped afterwards
+    return fake
