@@ -15,10 +15,12 @@ import pytest
 
 cupy = pytest.importorskip("cupy")
 
-from gradcheck import grads_rel_error, rel_error  # noqa: E402
-from minidiff import backend, bench, flat  # noqa: E402
+from device_checks import (  # noqa: E402
+    check_sampling_loop, check_trainer_steps_read_nothing_back, check_training_step, randn,
+)
+from gradcheck import rel_error  # noqa: E402
+from minidiff import backend, bench  # noqa: E402
 from minidiff.backend import gpu_available, to_device, to_numpy  # noqa: E402
-from minidiff.loss import diffusion_loss  # noqa: E402
 from minidiff.nn import (  # noqa: E402
     avgpool2x2_backward, avgpool2x2_forward, conv2d_backward, conv2d_forward, downsample_backward,
     downsample_forward, dropout_backward, dropout_forward, dropout_mask, embedding_backward, embedding_forward,
@@ -27,10 +29,6 @@ from minidiff.nn import (  # noqa: E402
     timestep_embedding_backward, timestep_embedding_forward, upsample_nearest2x_backward,
     upsample_nearest2x_forward,
 )
-from minidiff.optim import AdamW, clip_grad_norm  # noqa: E402
-from minidiff.sampler import sample  # noqa: E402
-from minidiff.schedule import add_noise, make_schedule  # noqa: E402
-from minidiff.unet import init_params, unet_backward, unet_forward  # noqa: E402
 from minidiff.unet_config import get_preset  # noqa: E402
 
 if not gpu_available():
@@ -38,10 +36,6 @@ if not gpu_available():
 
 pytestmark = pytest.mark.gpu
 TOL = 1e-10
-
-
-def randn(*shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape)
 
 
 def assert_parity(fn, *host_args):
@@ -148,57 +142,14 @@ def test_resampling_and_mse():
     assert_parity(mse, randn(3, 4), randn(3, 4, seed=1))
 
 
-def training_step(device, one_buffer=False):
-    """One step of DDPM training of the tiny U-Net (dropout on, drawn on the host) on one backend;
-    one_buffer: params, grads and AdamW state in one flat buffer each, as the Trainer has them."""
-    config = dataclasses.replace(get_preset("tiny"), dropout=0.1)
-    schedule = make_schedule(1000, "linear")
-    params = to_device(init_params(config, seed=0, dtype=np.float64), device)
-    params = flat.flatten(params) if one_buffer else params
-    opt = AdamW(params, lr=1e-3)
-    x0, noise = randn(3, 3, 8, 8, seed=1), randn(3, 3, 8, 8, seed=2)
-    t = np.array([5, 500, 999])
-    x0, noise, t = (to_device(a, device) for a in (x0, noise, t))
-    x_t = add_noise(schedule, x0, noise, t)
-    eps, cache = unet_forward(params, config, x_t, t, train=True, rng=np.random.default_rng(7))
-    loss, deps = diffusion_loss(schedule, eps, x0, noise, t)
-    grads, dx = unet_backward(deps, cache)
-    grads = flat.gather(grads, like=params)  # unchanged unless params is flat
-    norm = clip_grad_norm(grads, 0.05)  # small max_norm: the clipping branch runs
-    opt.step(params, grads)
-    return loss, norm, grads, dx, params
-
-
 @pytest.mark.parametrize("one_buffer", [False, True])
 def test_whole_training_step(one_buffer):
-    loss_c, norm_c, grads_c, dx_c, params_c = training_step("cpu", one_buffer)
-    loss_g, norm_g, grads_g, dx_g, params_g = training_step("gpu", one_buffer)
-    if one_buffer:
-        assert flat.buffers(params_g, grads_g) is not None and isinstance(params_g.buffer, cupy.ndarray)
-    assert abs(float(loss_g) - float(loss_c)) <= TOL * abs(float(loss_c))
-    assert abs(float(norm_g) - float(norm_c)) <= TOL * float(norm_c) and float(norm_c) > 0.05
-    assert list(grads_g) == list(grads_c) and list(params_g) == list(params_c)
-    grad_errors = grads_rel_error(grads_g, grads_c)  # zero-in-exact-arithmetic gradients: see its floor
-    for key in grads_c:
-        assert grad_errors[key] < TOL, (key, grad_errors[key])
-        assert rel_error(to_numpy(params_g[key]), params_c[key]) < TOL, key
-    assert rel_error(to_numpy(dx_g), dx_c) < TOL
+    check_training_step(dataclasses.replace(get_preset("tiny"), dropout=0.1), one_buffer, TOL)
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
 def test_sampling_loop(sampler, eta):
-    config = get_preset("tiny")
-    schedule = make_schedule(1000, "linear")
-    host = init_params(config, seed=1, dtype=np.float64)
-    out = {}
-    for device in ("cpu", "gpu"):
-        params = to_device(host, device)
-        model_fn = lambda x, t, cond: unet_forward(params, config, x, t)[0]  # noqa: E731
-        steps = dict(timesteps=np.array([999, 600, 300, 0])) if sampler == "ddpm" else dict(num_inference_steps=4)
-        out[device] = sample(model_fn, (2, 3, 8, 8), schedule, sampler=sampler, eta=eta, seed=3, device=device,
-                             dtype=np.float64, **steps)
-    assert isinstance(out["gpu"], cupy.ndarray)
-    assert rel_error(to_numpy(out["gpu"]), out["cpu"]) < TOL
+    check_sampling_loop(sampler, eta, TOL)
 
 
 def test_bench_on_gpu():
@@ -209,31 +160,7 @@ def test_bench_on_gpu():
 
 @pytest.mark.parametrize("conditioning", ["class", "text"])
 def test_train_steps_read_nothing_back_from_the_gpu(tmp_path, monkeypatch, conditioning):
-    """Between two loss reads the Trainer's steps copy nothing from the GPU to the host (each such
-    copy waits for the GPU): every to_numpy of minidiff is watched for CuPy arrays."""
-    import sys
-
-    from minidiff.config import TrainConfig
-    from minidiff.train import Trainer
-
-    trainer = Trainer(TrainConfig(out=str(tmp_path / "run"), preset="tiny", device="gpu", steps=3, batch_size=4,
-                                  conditioning=conditioning, log_every=10, save_every=100, sample_every=0),
-                      log=lambda *a, **k: None)
-    assert trainer.flush_every == 10
-    read_back = []
-    for name, module in list(sys.modules.items()):
-        if name.startswith("minidiff") and hasattr(module, "to_numpy"):
-            original = module.to_numpy
-
-            def watched(x, _original=original, _name=name):
-                if isinstance(x, cupy.ndarray):
-                    read_back.append((_name, x.shape))
-                return _original(x)
-            monkeypatch.setattr(module, "to_numpy", watched)
-    for _ in range(3):
-        trainer.train_step()
-    assert read_back == []
-    assert len(trainer.pending) == 3 and trainer.flush_losses() is not None
+    check_trainer_steps_read_nothing_back(tmp_path, monkeypatch, conditioning, 1e-10)
 
 
 def test_tf32_only_when_asked():

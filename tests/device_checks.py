@@ -1,0 +1,112 @@
+"""Whole-run checks of the "gpu" device against the CPU, shared by tests/test_gpu_parity.py (CuPy on
+a real GPU) and tests/test_fake_gpu.py (fake_cupy: NumPy standing in for CuPy).
+
+Every check runs the same float64 computation with device="cpu" and device="gpu" from the same host
+draws and asserts that they agree to tol: the two differ only in summation order (and, on the
+GPU side, in the code minidiff picks for it), so any logic or layout bug gives an O(1) error.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from gradcheck import grads_rel_error, rel_error
+from minidiff import flat
+from minidiff.backend import is_cupy_array, to_device, to_numpy
+from minidiff.config import TrainConfig
+from minidiff.loss import diffusion_loss
+from minidiff.optim import AdamW, clip_grad_norm
+from minidiff.sampler import sample
+from minidiff.schedule import add_noise, make_schedule
+from minidiff.train import Trainer
+from minidiff.unet import init_params, unet_backward, unet_forward
+from minidiff.unet_config import get_preset
+
+
+def randn(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+def training_step(device, config, one_buffer=False):
+    """One step of DDPM training (dropout drawn from a host seed) on one backend; one_buffer: params,
+    grads and AdamW state in one flat buffer each, as the Trainer has them."""
+    schedule = make_schedule(1000, "linear")
+    params = to_device(init_params(config, seed=0, dtype=np.float64), device)
+    params = flat.flatten(params) if one_buffer else params
+    opt = AdamW(params, lr=1e-3)
+    x0, noise = randn(3, 3, 8, 8, seed=1), randn(3, 3, 8, 8, seed=2)
+    t = np.array([5, 500, 999])  # on the host, as the Trainer keeps it
+    x0, noise = to_device(x0, device), to_device(noise, device)
+    x_t = add_noise(schedule, x0, noise, t)
+    eps, cache = unet_forward(params, config, x_t, t, train=True, rng=np.random.default_rng(7))
+    loss, deps = diffusion_loss(schedule, eps, x0, noise, t)
+    grads, dx = unet_backward(deps, cache)
+    grads = flat.gather(grads, like=params)  # unchanged unless params is flat
+    norm = clip_grad_norm(grads, 0.05)  # small max_norm: the clipping branch runs
+    opt.step(params, grads)
+    return loss, norm, grads, dx, params
+
+
+def check_training_step(config, one_buffer, tol):
+    """The loss, gradient norm, every gradient, dL/dx and the parameters after AdamW agree."""
+    loss_c, norm_c, grads_c, dx_c, params_c = training_step("cpu", config, one_buffer)
+    loss_g, norm_g, grads_g, dx_g, params_g = training_step("gpu", config, one_buffer)
+    assert is_cupy_array(loss_g) and is_cupy_array(dx_g)
+    if one_buffer:
+        assert flat.buffers(params_g, grads_g) is not None and is_cupy_array(params_g.buffer)
+    assert abs(float(loss_g) - float(loss_c)) <= tol * abs(float(loss_c))
+    assert abs(float(norm_g) - float(norm_c)) <= tol * float(norm_c) and float(norm_c) > 0.05
+    assert list(grads_g) == list(grads_c) and list(params_g) == list(params_c)
+    grad_errors = grads_rel_error(grads_g, grads_c)  # zero-in-exact-arithmetic gradients: see its floor
+    for key in grads_c:
+        assert is_cupy_array(grads_g[key]), key
+        assert grad_errors[key] < tol, (key, grad_errors[key])
+        assert rel_error(to_numpy(params_g[key]), params_c[key]) < tol, key
+    assert rel_error(to_numpy(dx_g), dx_c) < tol
+
+
+def check_sampling_loop(sampler, eta, tol):
+    """The whole sampling loop (host noise, device model) gives the CPU's samples."""
+    config = get_preset("tiny")
+    schedule = make_schedule(1000, "linear")
+    host = init_params(config, seed=1, dtype=np.float64)
+    out = {}
+    for device in ("cpu", "gpu"):
+        params = to_device(host, device)
+        model_fn = lambda x, t, cond: unet_forward(params, config, x, t)[0]  # noqa: E731
+        steps = dict(timesteps=np.array([999, 600, 300, 0])) if sampler == "ddpm" else dict(num_inference_steps=4)
+        out[device] = sample(model_fn, (2, 3, 8, 8), schedule, sampler=sampler, eta=eta, seed=3, device=device,
+                             dtype=np.float64, **steps)
+    assert is_cupy_array(out["gpu"])
+    assert rel_error(to_numpy(out["gpu"]), out["cpu"]) < tol
+
+
+def check_trainer_steps_read_nothing_back(tmp_path, monkeypatch, conditioning, tol):
+    """Between two loss reads the Trainer's steps copy nothing from the device to the host (on a GPU
+    each such copy waits for the GPU: every to_numpy of minidiff is watched), and the run takes the
+    same steps as on the CPU (float64, dropout on: the same losses to tol)."""
+    losses = {}
+    for device in ("cpu", "gpu"):
+        cfg = TrainConfig(out=str(tmp_path / device), preset="tiny", device=device, dtype="float64", steps=4,
+                          batch_size=4, conditioning=conditioning, dropout=0.1, log_every=10, save_every=100,
+                          sample_every=0, threads=1)
+        trainer = Trainer(cfg, log=lambda *a, **k: None)
+        read_back = []
+        if device == "gpu":
+            assert trainer.flush_every == 10 and is_cupy_array(trainer.params.buffer)
+            for name, module in list(sys.modules.items()):
+                if name.startswith("minidiff") and hasattr(module, "to_numpy"):
+                    def watched(x, _original=module.to_numpy, _name=name):
+                        if is_cupy_array(x):
+                            read_back.append((_name, x.shape))
+                        return _original(x)
+                    monkeypatch.setattr(module, "to_numpy", watched)
+        for _ in range(3):
+            trainer.train_step()
+        assert read_back == []
+        assert len(trainer.pending) == 3  # read by flush_losses, not by the steps
+        trainer.flush_losses()
+        losses[device] = trainer.losses
+    np.testing.assert_allclose(losses["gpu"], losses["cpu"], rtol=tol)
