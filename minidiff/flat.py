@@ -4,9 +4,9 @@ run a few whole-buffer ops per step instead of a few ops per tensor.
     buffer = [a_0.ravel(), 0 ... 0, a_1.ravel(), 0 ... 0, ...]     (the dict's key order)
     a_k    = buffer[o_k : o_k + n_k].reshape(shape_k)              (a view: writing a_k writes buffer)
 
-Each o_k is a multiple of ALIGN entries (the gaps hold zeros), so every array starts on a 256-byte
-boundary in float32, as a separately allocated one would: BLAS and cuBLAS pick their fast paths
-by alignment. Adam and the EMA are elementwise and map zeros to zeros, so applying them once to
+Each o_k is a multiple of ALIGN entries (the gaps hold zeros), 256 bytes in float32, so every view
+is as aligned as the buffer itself (CuPy's pool hands out 256-byte aligned blocks): BLAS and cuBLAS
+pick their fast paths by alignment. Adam and the EMA are elementwise and map zeros to zeros, so applying them once to
 the whole buffers gives the same numbers, bit for bit, as applying them tensor by tensor; the
 global gradient norm is the same sum in another order. What this saves is per-call cost: the
 `small` preset has 182 tensors, so one AdamW step is about 2500 array ops tensor by tensor (each
@@ -102,11 +102,11 @@ def buffers(*dicts):
     return tuple(d.buffer for d in dicts)
 
 
-_GAPS: dict = {}  # (backend, dtype, n) -> a read-only row of n zeros, made once
+_GAPS: dict = {}  # (array module, dtype, n) -> a read-only row of n zeros, made once
 
 
 def _gap(xp, n: int, dtype):
-    key = (xp.__name__, str(dtype), n)
+    key = (xp, str(dtype), n)
     if key not in _GAPS:
         _GAPS[key] = xp.zeros(n, dtype=dtype)
     return _GAPS[key]

@@ -423,3 +423,12 @@ def test_embedding_dropout_gpu_matches_cpu():
     y, _ = dropout_forward(x, 0.3, seed=5)
     yg, _ = dropout_forward(to_device(x, "gpu"), 0.3, seed=5)  # the same host-drawn mask
     assert rel_error(y, to_numpy(yg)) < 1e-15
+
+
+def test_dropout_mask_rejects_rows_outside_the_batch():
+    for rows in ((-1, 2), (2, 1), (0, 5)):
+        with pytest.raises(ValueError, match="rows"):
+            dropout_mask(1, (4, 3), 0.5, rows=rows)
+    with pytest.raises(ValueError, match="seed"):
+        dropout_mask("abc", (4, 3), 0.5)
+    assert dropout_mask(1, (4, 3), 0.5, rows=(2, 2)).shape == (0, 3)

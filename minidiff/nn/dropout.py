@@ -41,6 +41,9 @@ def dropout_mask(seed, shape, p, rows=None, xp=np):
     p = _check_p(p)
     shape = tuple(int(d) for d in shape)
     start, stop = (0, shape[0] if shape else 1) if rows is None else (int(rows[0]), int(rows[1]))
+    if rows is not None and not (shape and 0 <= start <= stop <= shape[0]):
+        raise ValueError(f"rows must be (start, stop) with 0 <= start <= stop <= shape[0], got {rows} "
+                         f"for shape {shape}")
     row = int(np.prod(shape[1:], dtype=np.int64)) if shape else 1  # M entries per row
     lo, hi = start * row, stop * row  # the stream positions of these rows
     threshold = np.uint64(min(int(p * 2.0**64), 2**64 - 1))  # p 2^64, exact for a float p
