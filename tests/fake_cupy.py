@@ -8,7 +8,8 @@ whose type claims to come from cupy) count as CuPy arrays, so all of those run h
 underneath: any logic error in them shows, and so does any read back to the host (to_numpy).
 
 What it cannot show: where CuPy's API differs from NumPy's, and anything about speed or CUDA.
-The two ElementwiseKernels minidiff defines are emulated by name, from the kernel bodies' formulas.
+The ElementwiseKernels and ReductionKernels minidiff defines are emulated by name, from the
+formulas of their bodies (so a fake run checks the Python around a kernel, not its CUDA text).
 
 Shape legend: none; arrays of any shape pass through.
 """
@@ -46,9 +47,21 @@ def _wrap(fn):
     return call
 
 
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
 _KERNELS = {  # the ElementwiseKernels of minidiff, by name: the formulas of their bodies
-    "minidiff_silu_forward": lambda x: x * (1 / (1 + np.exp(-x))),
-    "minidiff_silu_backward": lambda x, dy: ((1 - 1 / (1 + np.exp(-x))) * x + 1) * (1 / (1 + np.exp(-x))) * dy,
+    "minidiff_silu_forward": lambda x: x * _sigmoid(x),
+    "minidiff_silu_backward": lambda x, dy: ((1 - _sigmoid(x)) * x + 1) * _sigmoid(x) * dy,
+    "minidiff_gn_rstd": lambda s, m, eps: 1 / np.sqrt(s / m + eps),
+    "minidiff_gn_apply": lambda x, mean, a, b: (x - mean) * a + b,
+    "minidiff_gn_k": lambda rstd, a1, a2, m: (-(rstd * rstd * rstd) * a2 / m, -rstd * a1 / m),
+    "minidiff_gn_backward_apply": lambda dy, x, mean, a, k1, k0: dy * a + ((x - mean) * k1 + k0),
+}
+_REDUCTIONS = {  # and its ReductionKernels: the mapped value, summed over `axis`
+    "minidiff_gn_sq_dev_sum": lambda x, m: (x - m) * (x - m),
+    "minidiff_gn_dot_centered": lambda dy, x, m: dy * (x - m),
 }
 
 
@@ -94,6 +107,15 @@ class FakeCupy(types.ModuleType):
             return _device(formula(*args))
         return run
 
+    def ReductionKernel(self, in_params, out_params, map_expr, reduce_expr, post_map_expr, identity,  # noqa: N802
+                        name):
+        mapped = _REDUCTIONS[name]
+
+        def run(*args, axis=None):
+            self.kernels_called.append(name)
+            return _device(mapped(*args).sum(axis=axis))
+        return run
+
     def __getattr__(self, name):
         value = getattr(np, name)
         if isinstance(value, np.ufunc) or isinstance(value, type) or not callable(value):
@@ -104,9 +126,10 @@ class FakeCupy(types.ModuleType):
 def install(monkeypatch) -> FakeCupy:
     """Make minidiff's backend see the fake as CuPy with one GPU (undone by monkeypatch at the test's end)."""
     from minidiff import backend
-    from minidiff.nn import activations
+    from minidiff.nn import activations, groupnorm_cuda
 
     fake = FakeCupy()
     monkeypatch.setattr(backend, "_CUPY", fake)
     monkeypatch.setattr(activations, "_KERNELS", {})  # kernels made by the fake, dropped afterwards
+    monkeypatch.setattr(groupnorm_cuda, "_KERNELS", {})
     return fake

@@ -14,6 +14,7 @@ import pytest
 
 import fake_cupy
 from device_checks import check_sampling_loop, check_trainer_steps_read_nothing_back, check_training_step
+from minidiff import backend
 from minidiff.backend import is_cupy_array, to_numpy
 from minidiff.bench import run_bench
 from minidiff.nn.dropout import dropout_mask
@@ -27,11 +28,15 @@ def fake(monkeypatch):
     return fake_cupy.install(monkeypatch)
 
 
+@pytest.mark.parametrize("fused", [True, False])  # MINIDIFF_FUSED=0: CuPy runs the plain array ops
 @pytest.mark.parametrize("one_buffer", [False, True])
 @pytest.mark.parametrize("preset", ["tiny", "small"])  # small: >= 32 channels, Winograd on the CPU side
-def test_a_training_step_on_the_gpu_path_matches_numpy(fake, preset, one_buffer):
+def test_a_training_step_on_the_gpu_path_matches_numpy(fake, monkeypatch, preset, one_buffer, fused):
+    monkeypatch.setattr(backend, "FUSED", fused)
     check_training_step(dataclasses.replace(get_preset(preset), sample_size=8, dropout=0.1), one_buffer, TOL)
-    assert "minidiff_silu_forward" in fake.kernels_called and "minidiff_silu_backward" in fake.kernels_called
+    kernels = {"minidiff_silu_forward", "minidiff_silu_backward", "minidiff_gn_sq_dev_sum", "minidiff_gn_rstd",
+               "minidiff_gn_apply", "minidiff_gn_dot_centered", "minidiff_gn_k", "minidiff_gn_backward_apply"}
+    assert set(fake.kernels_called) == (kernels if fused else set())
 
 
 def test_dropout_masks_are_drawn_on_the_device(fake):

@@ -101,6 +101,28 @@ def test_silu_fused_kernels_and_plain_ops(monkeypatch, fused):
     assert dx_g.dtype == np.float32 and rel_error(to_numpy(dx_g), silu_backward(dy32, cache)) < 1e-6
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_groupnorm_fused_kernels_and_plain_ops(monkeypatch, fused):
+    """GroupNorm on CuPy (groupnorm_cuda.py: 5 kernels forward, 12 backward; MINIDIFF_FUSED=0: the array
+    ops) matches NumPy in float64 to TOL and in float32 to ~1e-5, with a large group mean (as on the
+    CPU, the sums are taken on x - mean), spatial and no spatial dims, one group and G = C."""
+    monkeypatch.setattr(backend, "FUSED", fused)
+    for shape, groups in (((2, 6, 4, 5), 3), ((3, 4), 1), ((2, 4, 3, 3), 4)):
+        c = shape[1]
+        x = 30 + randn(*shape)
+        assert_parity(fwd_bwd(lambda x, g, b: groupnorm_forward(x, g, b, groups, 1e-5), groupnorm_backward),
+                      x, 1 + randn(c, seed=1), randn(c, seed=2))
+        host = [a.astype(np.float32) for a in (x, 1 + randn(c, seed=1), randn(c, seed=2), randn(*shape, seed=9))]
+        y, cache = groupnorm_forward(*host[:3], groups, 1e-5)
+        y_g, cache_g = groupnorm_forward(*(to_device(a, "gpu") for a in host[:3]), groups, 1e-5)
+        # float32, mean 30: each side's mean is off by ~30 * 1e-7 in its own summation order (the fake
+        # CuPy, NumPy with the fused grouping, differs by 1.5e-7 at most); an indexing bug gives O(1)
+        assert y_g.dtype == np.float32 and rel_error(to_numpy(y_g), y) < 1e-5
+        for got, want in zip(groupnorm_backward(to_device(host[3], "gpu"), cache_g),
+                             groupnorm_backward(host[3], cache)):
+            assert got.dtype == np.float32 and rel_error(to_numpy(got), want) < 5e-5
+
+
 def test_dropout_same_mask():
     run = fwd_bwd(lambda x: dropout_forward(x, 0.3, train=True, seed=123), dropout_backward)
     assert_parity(run, randn(4, 8, 3))

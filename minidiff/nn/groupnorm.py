@@ -14,15 +14,20 @@ Speed (NumPy is memory-bound here): both passes fold everything per group or per
 into small (N, G) and (N, C) coefficients and touch the activation-sized arrays only in a few
 whole-array ops, written in place, with no product temporaries (_dot_last). Sums of products
 use x - mean, never x itself: with a large group mean, E[x^2] - E[x]^2 or
-sum(dy * x) - mean * sum(dy) would cancel in float32.
+sum(dy * x) - mean * sum(dy) would cancel in float32. On CuPy the same formulas run in fewer,
+fused kernels (groupnorm_cuda.py; MINIDIFF_FUSED=0 runs the code below there too).
 """
 
 from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
+from .. import backend
 from ..backend import get_array_module
 from ._check import check_float, check_same_backend, check_shape
+from .groupnorm_cuda import groupnorm_backward_cuda, groupnorm_forward_cuda
 
 
 def _check_num_groups(num_groups, channels: int) -> int:
@@ -69,6 +74,9 @@ def groupnorm_forward(x, gamma, beta, num_groups, eps=1e-5):
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < float("inf"):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     xp = get_array_module(x)
+    if xp is not np and backend.FUSED:  # the same formulas in 5 CuPy kernels (groupnorm_cuda.py)
+        y, mean, rstd = groupnorm_forward_cuda(xp, x, gamma, beta, g, float(eps))
+        return y, (x, gamma, mean, rstd, g)
 
     xg = x.reshape(n, g, -1)  # (N, G, M)
     mean = xg.mean(axis=2)  # (N, G)
@@ -110,6 +118,8 @@ def groupnorm_backward(dy, cache):
     x, gamma, mean, rstd, g = cache
     check_shape("dy", dy, x.shape, "(N, C, *spatial)")
     xp = get_array_module(dy, x)
+    if xp is not np and backend.FUSED:  # the same formulas in 12 CuPy kernels (groupnorm_cuda.py)
+        return groupnorm_backward_cuda(xp, dy, x, gamma, mean, rstd, g)
     n, c = x.shape[:2]
     xc = x.reshape(n, g, -1) - mean[:, :, None]  # (N, G, M) recomputed, as in the forward
     m = xc.shape[2]

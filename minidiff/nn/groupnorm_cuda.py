@@ -1,0 +1,74 @@
+"""GroupNorm on CuPy in fewer kernels: the formulas of groupnorm.py, its statistics and its
+activation-sized passes each fused into one kernel. groupnorm_forward / groupnorm_backward call
+these on CuPy unless MINIDIFF_FUSED=0 (backend.FUSED); the caches are the same on both paths.
+
+    forward   mean_g (a reduction), s_g = sum (x - mean_g)^2 (one reduction), rstd_g = 1 / sqrt(s_g / M + eps),
+              y = (x - mean_g) a_c + beta_c with a_c = rstd_g gamma_c (one kernel)          5 launches, not 10
+    backward  s1_c = sum dy, s2_c = sum dy (x - mean_g) (one reduction), the small (N, C) / (N, G) algebra,
+              dx = dy a_c + ((x - mean_g) k1_g + k0_g) (one kernel)                        12 launches, not 24
+
+Each launch is a few microseconds of host time on a GPU, and a `small` training step has 25
+GroupNorms. The kernels have not run on a GPU yet: tests/test_gpu_parity.py checks them against
+NumPy (and against MINIDIFF_FUSED=0) where one is available.
+
+Shape legend: N batch, C channels, G groups, Cg = C / G, L = prod(spatial), M = Cg * L.
+"""
+
+from __future__ import annotations
+
+_KERNELS: dict = {}  # name -> cupy kernel, made on first use
+
+
+def _kernels(xp) -> dict:
+    """The CuPy kernels, made once: two reductions over the last axis and three elementwise maps."""
+    if not _KERNELS:
+        _KERNELS["sq_dev_sum"] = xp.ReductionKernel(  # sum_k (x - m)^2
+            "T x, T m", "T s", "(x - m) * (x - m)", "a + b", "s = a", "0", "minidiff_gn_sq_dev_sum")
+        _KERNELS["dot_centered"] = xp.ReductionKernel(  # sum_k dy (x - m)
+            "T dy, T x, T m", "T s", "dy * (x - m)", "a + b", "s = a", "0", "minidiff_gn_dot_centered")
+        _KERNELS["rstd"] = xp.ElementwiseKernel(
+            "T s, T m, T eps", "T rstd", "rstd = 1 / sqrt(s / m + eps);", "minidiff_gn_rstd")
+        _KERNELS["apply"] = xp.ElementwiseKernel(
+            "T x, T mean, T a, T b", "T y", "y = (x - mean) * a + b;", "minidiff_gn_apply")
+        _KERNELS["k"] = xp.ElementwiseKernel(
+            "T rstd, T a1, T a2, T m", "T k1, T k0", "k1 = -(rstd * rstd * rstd) * a2 / m; k0 = -rstd * a1 / m;",
+            "minidiff_gn_k")
+        _KERNELS["backward_apply"] = xp.ElementwiseKernel(
+            "T dy, T x, T mean, T a, T k1, T k0", "T dx", "dx = dy * a + ((x - mean) * k1 + k0);",
+            "minidiff_gn_backward_apply")
+    return _KERNELS
+
+
+def groupnorm_forward_cuda(xp, x, gamma, beta, g: int, eps: float):
+    """groupnorm_forward's y and (mean, rstd) (N, G), in 5 kernels; x (N, C, *S) on CuPy."""
+    k = _kernels(xp)
+    n, c = x.shape[:2]
+    xg = x.reshape(n, g, -1)  # (N, G, M)
+    m = xg.shape[2]
+    mean = xg.mean(axis=2)  # (N, G)
+    s = k["sq_dev_sum"](xg, xp.broadcast_to(mean[:, :, None], xg.shape), axis=2)  # (N, G) sum (x - mean)^2
+    rstd = k["rstd"](s, float(m), float(eps))  # (N, G) 1 / sqrt(var + eps), var = s / M (biased)
+    x4 = x.reshape(n, g, c // g, -1)  # (N, G, Cg, L)
+    a = rstd[:, :, None] * gamma.reshape(g, -1)  # (N, G, Cg) the folded scale rstd_g gamma_c
+    y = k["apply"](x4, mean[:, :, None, None], a[..., None], beta.reshape(1, g, -1, 1))  # (N, G, Cg, L)
+    return y.reshape(x.shape), mean, rstd
+
+
+def groupnorm_backward_cuda(xp, dy, x, gamma, mean, rstd, g: int):
+    """groupnorm_backward's (dx, dgamma, dbeta), in 12 kernels; the same expansion as there."""
+    k = _kernels(xp)
+    n, c = x.shape[:2]
+    x4, dy4 = x.reshape(n, g, c // g, -1), dy.reshape(n, g, c // g, -1)  # (N, G, Cg, L)
+    m = x4.shape[2] * x4.shape[3]  # M
+    mean4 = mean[:, :, None, None]  # (N, G, 1, 1)
+    s1 = dy4.sum(axis=3)  # (N, G, Cg) sum_S dy
+    s2 = k["dot_centered"](dy4, x4, xp.broadcast_to(mean4, x4.shape), axis=3)  # (N, G, Cg) sum_S dy (x - mean)
+    gamma_g = gamma.reshape(g, -1)  # (G, Cg)
+    dbeta = s1.sum(axis=0).reshape(c)  # (C,)
+    dgamma = (s2 * rstd[:, :, None]).sum(axis=0).reshape(c)  # (C,)
+    a1 = (s1 * gamma_g).sum(axis=2)  # (N, G) sum_g dxhat
+    a2 = (s2 * gamma_g).sum(axis=2)  # (N, G) sum_g dxhat (x - mean)
+    k1, k0 = k["k"](rstd, a1, a2, float(m))  # (N, G)
+    a = rstd[:, :, None] * gamma_g  # (N, G, Cg)
+    dx = k["backward_apply"](dy4, x4, mean4, a[..., None], k1[:, :, None, None], k0[:, :, None, None])
+    return dx.reshape(x.shape), dgamma, dbeta
