@@ -12,8 +12,8 @@
 #   pytest.txt          pytest -m gpu (every CuPy-vs-NumPy float64 parity test) and the CuPy-only tests
 #   bench_*.json/.txt   minidiff bench rows (train step, sample step, peak memory) for the targets:
 #                       small and ddpm-cifar10 at batch 128, float32
-#   cpu_clock_small.txt the same steps of small timed in host CPU time (close to wall = launch-bound)
-#   profile_small.txt   cProfile of those steps, by own time: which Python functions the host spends it in
+#   bench_small_unfused.txt  small's steps with MINIDIFF_FUSED=0 (no fused SiLU / GroupNorm kernels)
+#   profile_small.txt   cProfile of small's steps, by own time: which Python functions the host spends it in
 # Each part has its own timeout (200 + 2 x 120 + 60 + 60 = 560 s at most, under one run call's 600 s) so
 # that one hang cannot eat the session; the exit status is 0
 # when every part ran (read the files for the results).
@@ -37,9 +37,10 @@ for preset in small ddpm-cifar10; do
     --json "$OUT_DIR/bench_$preset.json" > "$OUT_DIR/bench_$preset.txt" 2>&1
   echo "bench exit $?" >> "$OUT_DIR/bench_$preset.txt"
 done
-# where the host time of a GPU step goes (launch-bound if the step's CPU time is close to its wall time)
-timeout 60 $PY scripts/bench.py --device gpu --preset small --batch 128 --repeats 5 --warmup 2 --no-torch \
-  --no-memory --clock cpu > "$OUT_DIR/cpu_clock_small.txt" 2>&1
+# the fused kernels (SiLU, GroupNorm) against the plain array ops, same preset and batch
+MINIDIFF_FUSED=0 timeout 60 $PY scripts/bench.py --device gpu --preset small --batch 128 --repeats 10 --warmup 3 \
+  --no-torch --no-memory > "$OUT_DIR/bench_small_unfused.txt" 2>&1
+# where the host time of a GPU step goes (launch-bound if its Python time is close to the step's wall time)
 timeout 60 $PY -m cProfile -s tottime scripts/bench.py --device gpu --preset small --batch 128 --repeats 5 \
   --warmup 2 --no-torch --no-memory 2>&1 | head -n 60 > "$OUT_DIR/profile_small.txt"
 tail -n 5 "$OUT_DIR"/*.txt
