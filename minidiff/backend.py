@@ -64,7 +64,7 @@ def is_cupy_array(x) -> bool:
 def get_array_module(*arrays):
     """Return cupy if any argument is a CuPy array, else numpy (None and scalars are ignored)."""
     for a in arrays:
-        if is_cupy_array(a):
+        if type(a) is not np.ndarray and is_cupy_array(a):  # (the first test: this runs ~1000 times a forward)
             return import_cupy()
     return np
 

@@ -13,7 +13,7 @@ from ..backend import get_array_module, to_numpy
 def check_float(name: str, x) -> None:
     """Raise ValueError unless x is a floating-point array."""
     dt = getattr(x, "dtype", None)
-    if dt is None or not np.issubdtype(np.dtype(dt), np.floating):
+    if getattr(dt, "kind", None) != "f":  # NumPy's (and CuPy's) float16/32/64
         raise ValueError(f"{name} must be a floating-point array (float32 or float64), got {dt}")
 
 
