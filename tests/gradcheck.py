@@ -118,3 +118,35 @@ def check_network_grads(forward, params: dict, x, g, grads: dict, dx, coords: in
     directional = float(np.sum(g * (shifted[0] - shifted[1]))) / (2 * h)
     analytic = sum(float(np.sum(grads[k] * v[k])) for k in params)
     assert abs(directional - analytic) < 1e-7 * abs(analytic), (directional, analytic)
+
+
+def check_weight_bias_grads(forward, backward, x, w, b, max_coords: int | None = 200) -> dict:
+    """check_grads for an op y, cache = forward(x, w, b) with the optional bias b (None: no bias),
+    whose backward(dy, cache) returns (dx, dw, db); db must be None exactly when b is."""
+    inputs = dict(x=x, w=w) if b is None else dict(x=x, w=w, b=b)
+
+    def backward_grads(g):
+        dx, dw, db = backward(g, forward(**inputs)[1])
+        assert (db is None) == (b is None) and dx.shape == x.shape and dw.shape == w.shape
+        return dict(x=dx, w=dw) if b is None else dict(x=dx, w=dw, b=db)
+
+    return check_grads(lambda **a: forward(**a)[0], inputs, backward_grads, max_coords=max_coords)
+
+
+def check_weight_bias_against_torch(torch, forward, backward, torch_forward, x, w, b, seed: int,
+                                    tol: float = 1e-10) -> None:
+    """y and (dx, dw, db) of forward/backward against torch autograd through torch_forward(xt, wt, bt),
+    for a random upstream gradient (float64; b None: no bias). torch: the module (tests skip without it)."""
+    y, cache = forward(x, w, b)
+    dy = np.random.default_rng(seed).standard_normal(y.shape)
+    dx, dw, db = backward(dy, cache)
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    bt = None if b is None else torch.tensor(b, requires_grad=True)
+    yt = torch_forward(xt, wt, bt)
+    yt.backward(torch.tensor(dy))
+    assert rel_error(y, yt.detach().numpy()) < tol
+    assert rel_error(dx, xt.grad.numpy()) < tol
+    assert rel_error(dw, wt.grad.numpy()) < tol
+    assert (db is None) == (b is None)
+    if b is not None:
+        assert rel_error(db, bt.grad.numpy()) < tol

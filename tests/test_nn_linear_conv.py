@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from gradcheck import check_grads, rel_error
+from gradcheck import check_weight_bias_against_torch, check_weight_bias_grads, rel_error
 from minidiff.nn.conv2d import conv2d_backward, conv2d_forward
 from minidiff.nn.conv2d_naive import conv2d_naive_backward, conv2d_naive_forward
 from minidiff.nn.linear import linear_backward, linear_forward
@@ -89,32 +89,15 @@ def make_linear(cfg, seed=0, dtype=np.float64):
 @example(cfg=dict(lead=(2, 3), fin=4, fout=3, bias=True))  # tokens (N, L, in)
 def test_linear_finite_differences(cfg):
     x, w, b = make_linear(cfg)
-    inputs = dict(x=x, w=w) if b is None else dict(x=x, w=w, b=b)
-
-    def backward_grads(g):
-        dx, dw, db = linear_backward(g, linear_forward(**inputs)[1])
-        assert (db is None) == (b is None)
-        return dict(x=dx, w=dw) if b is None else dict(x=dx, w=dw, b=db)
-
-    check_grads(lambda **a: linear_forward(**a)[0], inputs, backward_grads, max_coords=MAX_COORDS)
+    check_weight_bias_grads(linear_forward, linear_backward, x, w, b, MAX_COORDS)
 
 
 @given(cfg=linear_cfgs())
 def test_linear_matches_torch(cfg):
     torch = pytest.importorskip("torch")
     x, w, b = make_linear(cfg, seed=1)
-    y, cache = linear_forward(x, w, b)
-    g = np.random.default_rng(2).standard_normal(y.shape)
-    dx, dw, db = linear_backward(g, cache)
-    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
-    bt = None if b is None else torch.tensor(b, requires_grad=True)
-    yt = torch.nn.functional.linear(xt, wt, bt)
-    yt.backward(torch.tensor(g))
-    assert rel_error(y, yt.detach().numpy()) < 1e-10
-    assert rel_error(dx, xt.grad.numpy()) < 1e-10
-    assert rel_error(dw, wt.grad.numpy()) < 1e-10
-    if b is not None:
-        assert rel_error(db, bt.grad.numpy()) < 1e-10
+    check_weight_bias_against_torch(torch, linear_forward, linear_backward, torch.nn.functional.linear, x, w, b,
+                                    seed=2)
 
 
 def test_linear_float32_and_purity():
@@ -193,15 +176,11 @@ def conv_case(fn):
 @conv_case
 def test_conv2d_finite_differences(cfg):
     x, w, b = make_conv(cfg)
-    inputs = dict(x=x, w=w) if b is None else dict(x=x, w=w, b=b)
-    kw = dict(stride=cfg["stride"], padding=cfg["padding"])
 
-    def backward_grads(g):
-        dx, dw, db = conv2d_backward(g, conv2d_forward(**inputs, **kw)[1])
-        assert (db is None) == (b is None) and dx.shape == x.shape
-        return dict(x=dx, w=dw) if b is None else dict(x=dx, w=dw, b=db)
+    def forward(x, w, b=None):
+        return conv2d_forward(x, w, b, stride=cfg["stride"], padding=cfg["padding"])
 
-    check_grads(lambda **a: conv2d_forward(**a, **kw)[0], inputs, backward_grads, max_coords=MAX_COORDS)
+    check_weight_bias_grads(forward, conv2d_backward, x, w, b, MAX_COORDS)
 
 
 @conv_case
@@ -223,22 +202,17 @@ def test_conv2d_matches_torch(cfg):
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
     x, w, b = make_conv(cfg, seed=6)
-    y, cache = conv2d_forward(x, w, b, cfg["stride"], cfg["padding"])
-    dy = np.random.default_rng(7).standard_normal(y.shape)
-    dx, dw, db = conv2d_backward(dy, cache)
-    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
-    bt = None if b is None else torch.tensor(b, requires_grad=True)
-    if isinstance(cfg["padding"], tuple):
-        pt, pb, pl, pr = cfg["padding"]
-        yt = F.conv2d(F.pad(xt, (pl, pr, pt, pb)), wt, bt, stride=cfg["stride"])  # F.pad: last dim first
-    else:
-        yt = F.conv2d(xt, wt, bt, stride=cfg["stride"], padding=cfg["padding"])
-    yt.backward(torch.tensor(dy))
-    assert rel_error(y, yt.detach().numpy()) < 1e-10
-    assert rel_error(dx, xt.grad.numpy()) < 1e-10
-    assert rel_error(dw, wt.grad.numpy()) < 1e-10
-    if b is not None:
-        assert rel_error(db, bt.grad.numpy()) < 1e-10
+
+    def torch_conv(xt, wt, bt):
+        if isinstance(cfg["padding"], tuple):
+            pt, pb, pl, pr = cfg["padding"]
+            return F.conv2d(F.pad(xt, (pl, pr, pt, pb)), wt, bt, stride=cfg["stride"])  # F.pad: last dim first
+        return F.conv2d(xt, wt, bt, stride=cfg["stride"], padding=cfg["padding"])
+
+    def forward(x, w, b):
+        return conv2d_forward(x, w, b, cfg["stride"], cfg["padding"])
+
+    check_weight_bias_against_torch(torch, forward, conv2d_backward, torch_conv, x, w, b, seed=7)
 
 
 @pytest.mark.parametrize("fwd,bwd", [(conv2d_forward, conv2d_backward),

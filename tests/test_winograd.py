@@ -14,7 +14,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from gradcheck import check_grads, rel_error
+from gradcheck import check_weight_bias_against_torch, check_weight_bias_grads, rel_error
 from minidiff.nn import winograd
 from minidiff.nn.conv2d import conv2d_backward, conv2d_forward
 from minidiff.nn.winograd import winograd_conv3x3_backward, winograd_conv3x3_forward
@@ -79,32 +79,16 @@ def test_equals_conv2d(c):
 @winograd_case
 def test_finite_differences(c):
     x, w, b = make(c)
-    inputs = dict(x=x, w=w) if b is None else dict(x=x, w=w, b=b)
-
-    def backward_grads(g):
-        dx, dw, db = winograd_conv3x3_backward(g, winograd_conv3x3_forward(**inputs)[1])
-        assert (db is None) == (b is None)
-        return dict(x=dx, w=dw) if b is None else dict(x=dx, w=dw, b=db)
-
-    check_grads(lambda **a: winograd_conv3x3_forward(**a)[0], inputs, backward_grads, max_coords=MAX_COORDS)
+    check_weight_bias_grads(winograd_conv3x3_forward, winograd_conv3x3_backward, x, w, b, MAX_COORDS)
 
 
 @winograd_case
 def test_matches_torch(c):
     torch = pytest.importorskip("torch")
     x, w, b = make(c, seed=3)
-    y, cache = winograd_conv3x3_forward(x, w, b)
-    dy = np.random.default_rng(4).standard_normal(y.shape)
-    dx, dw, db = winograd_conv3x3_backward(dy, cache)
-    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
-    bt = None if b is None else torch.tensor(b, requires_grad=True)
-    yt = torch.nn.functional.conv2d(xt, wt, bt, padding=1)
-    yt.backward(torch.tensor(dy))
-    assert rel_error(y, yt.detach().numpy()) < 1e-10
-    assert rel_error(dx, xt.grad.numpy()) < 1e-10
-    assert rel_error(dw, wt.grad.numpy()) < 1e-10
-    if b is not None:
-        assert rel_error(db, bt.grad.numpy()) < 1e-10
+    check_weight_bias_against_torch(torch, winograd_conv3x3_forward, winograd_conv3x3_backward,
+                                    lambda xt, wt, bt: torch.nn.functional.conv2d(xt, wt, bt, padding=1), x, w, b,
+                                    seed=4)
 
 
 def float32_errors(fwd, bwd, x, w, b, dy):
