@@ -33,8 +33,8 @@ from .nn import (
     dropout_backward,
     dropout_forward,
     dropout_mask,
-    groupnorm_backward,
-    groupnorm_forward,
+    groupnorm_silu_backward,
+    groupnorm_silu_forward,
     linear_backward,
     linear_forward,
     silu_backward,
@@ -72,14 +72,12 @@ def resnet_block_forward(params, prefix, x, temb, args: BlockArgs, output_scale_
     def p(name):  # this block's parameter called name
         return params[prefix + name]
 
-    h, norm1 = groupnorm_forward(x, p("norm1.weight"), p("norm1.bias"), args.groups, args.eps)
-    h, act1 = silu_forward(h)  # (N, C_in, H, W)
+    h, norm_act1 = groupnorm_silu_forward(x, p("norm1.weight"), p("norm1.bias"), args.groups, args.eps)  # silu(GN1(x))
     h, conv1 = conv2d_forward(h, p("conv1.weight"), p("conv1.bias"), padding=1)  # (N, C_out, H, W)
     e, temb_act = silu_forward(temb)  # (N, T)
     e, temb_proj = linear_forward(e, p("time_emb_proj.weight"), p("time_emb_proj.bias"))  # (N, C_out)
     h += e[:, :, None, None]  # (N, C_out, H, W) the time embedding, one shift per channel (in place)
-    h, norm2 = groupnorm_forward(h, p("norm2.weight"), p("norm2.bias"), args.groups, args.eps)
-    h, act2 = silu_forward(h)
+    h, norm_act2 = groupnorm_silu_forward(h, p("norm2.weight"), p("norm2.bias"), args.groups, args.eps)
     drawing = args.train and args.dropout > 0
     seed = int(args.rng.integers(2**63 - 1)) if drawing else None  # host draw: NumPy == CuPy
     drop = None  # dropout is the identity unless training with p > 0: no op, no copy
@@ -100,7 +98,7 @@ def resnet_block_forward(params, prefix, x, temb, args: BlockArgs, output_scale_
     cache = (
         prefix,  # the key prefix, so the backward names its gradients
         output_scale_factor,  # the output divisor
-        norm1, act1, conv1, temb_act, temb_proj, norm2, act2, drop, conv2,  # op caches, in forward order
+        norm_act1, conv1, temb_act, temb_proj, norm_act2, drop, conv2,  # op caches, in forward order
         shortcut,  # the 1x1 conv's cache, or None for the identity shortcut
     )
     return y, cache
@@ -111,7 +109,7 @@ def resnet_block_backward(dy, cache, grads):
 
     Returns: dx (N, C_in, H, W), dtemb (N, T).
     """
-    prefix, osf, norm1, act1, conv1, temb_act, temb_proj, norm2, act2, drop, conv2, shortcut = cache
+    prefix, osf, norm_act1, conv1, temb_act, temb_proj, norm_act2, drop, conv2, shortcut = cache
     # forward: y = (skip + h) / output_scale_factor
     dh = dy / osf if osf != 1 else dy  # (N, C_out, H, W) (no op mutates its dy: no copy needed)
     dskip = dh
@@ -126,8 +124,7 @@ def resnet_block_backward(dy, cache, grads):
     # forward: h = dropout(h);  h = silu(h);  h = norm2(h)
     if drop is not None:
         dh = dropout_backward(dh, drop)
-    dh = silu_backward(dh, act2)
-    dh, dgamma, dbeta = groupnorm_backward(dh, norm2)
+    dh, dgamma, dbeta = groupnorm_silu_backward(dh, norm_act2)
     _put(grads, prefix + "norm2", dgamma, dbeta)
     # forward: h = h + e[:, :, None, None]
     de = dh.sum(axis=(2, 3))  # (N, C_out)
@@ -138,11 +135,10 @@ def resnet_block_backward(dy, cache, grads):
     # forward: h = conv1(silu(norm1(x)))
     dh, dw, db = conv2d_backward(dh, conv1)
     _put(grads, prefix + "conv1", dw, db)
-    dh = silu_backward(dh, act1)
-    dx, dgamma, dbeta = groupnorm_backward(dh, norm1)
+    dx, dgamma, dbeta = groupnorm_silu_backward(dh, norm_act1)
     _put(grads, prefix + "norm1", dgamma, dbeta)
     # forward: x feeds norm1 and the shortcut (fan-in summed)
-    dx += dx_skip  # (N, C_in, H, W) in place: dx is groupnorm_backward's new array
+    dx += dx_skip  # (N, C_in, H, W) in place: dx is groupnorm_silu_backward's new array
     return dx, dtemb
 
 

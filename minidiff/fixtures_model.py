@@ -43,6 +43,8 @@ NN_CASES = {
     "groupnorm.g6": (nn.groupnorm_forward, dict(x=(2, 6, 3, 3), gamma=(6,), beta=(6,)),
                      dict(num_groups=6, eps=1e-5), ("x", "gamma", "beta")),
     "silu": (nn.silu_forward, dict(x=(2, 3, 4)), {}, ("x",)),
+    "groupnorm_silu.g3": (nn.groupnorm_silu_forward, dict(x=(2, 6, 3, 3), gamma=(6,), beta=(6,)),
+                          dict(num_groups=3, eps=1e-5), ("x", "gamma", "beta")),
     "sdpa": (nn.sdpa_forward, dict(q=(2, 2, 3, 4), k=(2, 2, 5, 4), v=(2, 2, 5, 3)), {}, ("q", "k", "v")),
     "sdpa.masked": (nn.sdpa_forward, dict(q=(2, 2, 3, 4), k=(2, 2, 5, 4), v=(2, 2, 5, 3),
                                           mask=("mask", 0.6, (2, 5))), {}, ("q", "k", "v")),
@@ -66,6 +68,7 @@ NN_CASES = {
 }
 BACKWARDS = {nn.linear_forward: nn.linear_backward, nn.conv2d_forward: nn.conv2d_backward,
              nn.groupnorm_forward: nn.groupnorm_backward, nn.silu_forward: nn.silu_backward,
+             nn.groupnorm_silu_forward: nn.groupnorm_silu_backward,
              nn.sdpa_forward: nn.sdpa_backward, nn.mha_forward: nn.mha_backward,
              nn.embedding_forward: nn.embedding_backward, nn.upsample_nearest2x_forward: nn.upsample_nearest2x_backward,
              nn.downsample_forward: nn.downsample_backward, nn.avgpool2x2_forward: nn.avgpool2x2_backward,

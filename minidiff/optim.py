@@ -24,15 +24,19 @@ EMA of the weights (what sampling uses), update number n = 1, 2, ...:
 
 When the params are a flat.FlatDict (one buffer behind all tensors, as the Trainer makes them),
 the state is one too, and each rule runs once on the whole buffers instead of once per tensor:
-the same numbers (bit for bit for Adam and the EMA), a few array ops instead of thousands.
+the same numbers (bit for bit for Adam and the EMA), a few array ops instead of thousands. On CuPy
+each update is one kernel (optim_cuda.py: the same lines, rounded as the array ops round them).
 """
 
 from __future__ import annotations
 
 import math
 
-from . import flat
+import numpy as np
+
+from . import backend, flat
 from .backend import get_array_module, to_numpy
+from .optim_cuda import adam_update_cuda, ema_update_cuda
 
 
 def _check_keys(name: str, got: dict, want: dict) -> None:
@@ -87,6 +91,11 @@ class Adam:
                                                     for k in params]
         for p, g, m, v in groups:
             xp = get_array_module(p)
+            if xp is not np and backend.FUSED:  # the lines below in one CuPy kernel (optim_cuda.py)
+                adam_update_cuda(xp, p, g, m, v, lr=lr, betas=self.betas, eps=self.eps, weight_decay=wd,
+                                 decoupled=self.decoupled, bias_correction2_sqrt=bias_correction2_sqrt,
+                                 step_size=step_size)
+                continue
             if wd != 0.0 and self.decoupled:
                 p *= 1.0 - lr * wd  # p = p (1 - lr wd)
             elif wd != 0.0:
@@ -194,6 +203,9 @@ class EMA:
         d = self.decay_at(self.num_updates)
         whole = flat.buffers(self.shadow, params)  # both flat: one update of the whole buffers
         for e, p in flat.pieces(whole) if whole else [(e, params[k]) for k, e in self.shadow.items()]:
+            if get_array_module(e) is not np and backend.FUSED:
+                ema_update_cuda(get_array_module(e), e, p, d)  # the line below in one CuPy kernel
+                continue
             e -= (1.0 - d) * (e - p)  # ema = ema - (1 - decay) (ema - p)
         return d
 

@@ -35,8 +35,8 @@ from .nn import (
     conv2d_forward,
     embedding_backward,
     embedding_forward,
-    groupnorm_backward,
-    groupnorm_forward,
+    groupnorm_silu_backward,
+    groupnorm_silu_forward,
     linear_backward,
     linear_forward,
     silu_backward,
@@ -169,9 +169,8 @@ def unet_forward(params, config, x, t, class_labels=None, context=None, train=Fa
         ups.append(uc if for_backward else None)
         del block_skips, uc  # without a backward the skips are freed here
     # 6. out
-    h, norm_out = groupnorm_forward(h, p["conv_norm_out.weight"], p["conv_norm_out.bias"], c.norm_num_groups,
-                                    c.norm_eps)
-    h, act_out = silu_forward(h)
+    h, norm_act_out = groupnorm_silu_forward(h, p["conv_norm_out.weight"], p["conv_norm_out.bias"],
+                                             c.norm_num_groups, c.norm_eps)  # silu(conv_norm_out(h))
     eps, conv_out = conv2d_forward(h, p["conv_out.weight"], p["conv_out.bias"], padding=1)  # (N, C_out, H, W)
     if not for_backward:
         return eps, None
@@ -184,7 +183,7 @@ def unet_forward(params, config, x, t, class_labels=None, context=None, train=Fa
         downs=downs,  # per down block: (block cache, how many skips it pushed)
         mid=mid,  # mid-block cache
         ups=ups,  # per up block: its cache
-        norm_out=norm_out, act_out=act_out, conv_out=conv_out,  # caches of the output head
+        norm_act_out=norm_act_out, conv_out=conv_out,  # caches of the output head
     )
     return eps, cache
 
@@ -199,8 +198,7 @@ def unet_backward(deps, cache):
     g, k = {}, cache
     # 6. out -- forward: eps = conv_out(silu(conv_norm_out(h)))
     dh, g["conv_out.weight"], g["conv_out.bias"] = conv2d_backward(deps, k["conv_out"])
-    dh = silu_backward(dh, k["act_out"])
-    dh, g["conv_norm_out.weight"], g["conv_norm_out.bias"] = groupnorm_backward(dh, k["norm_out"])
+    dh, g["conv_norm_out.weight"], g["conv_norm_out.bias"] = groupnorm_silu_backward(dh, k["norm_act_out"])
     # 5. up -- forward: h = up_block(h, skips.pop(layers + 1), temb); each block took the LAST skips,
     # so walking the blocks backwards rebuilds the skip gradients in push order
     dtemb, dctx, dskips = None, None, []

@@ -17,7 +17,7 @@ from minidiff import flat
 from minidiff.backend import is_cupy_array, to_device, to_numpy
 from minidiff.config import TrainConfig
 from minidiff.loss import diffusion_loss
-from minidiff.optim import AdamW, clip_grad_norm
+from minidiff.optim import EMA, Adam, AdamW, clip_grad_norm
 from minidiff.sampler import sample
 from minidiff.schedule import add_noise, make_schedule
 from minidiff.train import Trainer
@@ -47,6 +47,37 @@ def training_step(device, config, one_buffer=False):
     norm = clip_grad_norm(grads, 0.05)  # small max_norm: the clipping branch runs
     opt.step(params, grads)
     return loss, norm, grads, dx, params
+
+
+OPTIMIZERS = {  # name -> make(params): the update variants of optim.py
+    "adam": lambda p: Adam(p, lr=1e-2),
+    "adam_l2": lambda p: Adam(p, lr=1e-2, weight_decay=0.1),  # the L2 term in the gradient
+    "adamw": lambda p: AdamW(p, lr=1e-2, weight_decay=0.1),  # decoupled decay
+    "adam_eps0": lambda p: Adam(p, lr=1e-2, eps=0.0),  # per tensor even on flat buffers
+}
+
+
+def check_optimizer_bit_for_bit(make, dtype):
+    """Four steps of the optimizer and the EMA on device flat buffers (one fused kernel per update on
+    CuPy, optim_cuda.py) give the NumPy per-tensor numbers bit for bit: params, both moments, the EMA."""
+    rng = np.random.default_rng(0)
+    host = {f"p{i}.weight": rng.standard_normal(s).astype(dtype)
+            for i, s in enumerate([(4, 3, 3, 3), (4,), (7, 5), (1,), (65,)])}
+    dev = flat.flatten(to_device(host, "gpu"))
+    opt_h, opt_d = make(host), make(dev)
+    ema_h, ema_d = EMA(host, 0.99), EMA(dev, 0.99)
+    for step in range(4):
+        grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in host.items()}
+        opt_h.step(host, grads, lr=1e-2 * (step + 1))
+        opt_d.step(dev, to_device(grads, "gpu"), lr=1e-2 * (step + 1))
+        ema_h.update(host)
+        ema_d.update(dev)
+    for name, got, want in (("params", dev, host), ("exp_avg", opt_d.exp_avg, opt_h.exp_avg),
+                            ("exp_avg_sq", opt_d.exp_avg_sq, opt_h.exp_avg_sq), ("ema", ema_d.shadow, ema_h.shadow)):
+        for k in host:
+            assert is_cupy_array(got[k]) and got[k].dtype == dtype
+            diff = np.abs(to_numpy(got[k]).astype(np.float64) - want[k]).max()
+            assert np.array_equal(to_numpy(got[k]), want[k]), f"{name}[{k}] differs by up to {diff:.3g}"
 
 
 def check_training_step(config, one_buffer, tol):

@@ -51,6 +51,25 @@ def _sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
 
+def _adam_update(g, keep, wd, beta1, c1, beta2, c2, bc2_sqrt, eps, step_size, p, m, v):
+    """minidiff_adam_update's body line for line (NumPy casts the Python scalars to the buffers' dtype, as the
+    kernel's T parameters do); returns the new (p, m, v)."""
+    gw = g + wd * p
+    p = p * keep
+    m = m * beta1 + c1 * gw
+    v = v * beta2 + c2 * (gw * gw)
+    p = p - step_size * (m / (np.sqrt(v) / bc2_sqrt + eps))
+    return p, m, v
+
+
+def _silu(h):
+    return h * _sigmoid(h)
+
+
+def _silu_grad(h, dy):  # the device function minidiff_silu_grad of groupnorm_cuda.py
+    return ((1 - _sigmoid(h)) * h + 1) * _sigmoid(h) * dy
+
+
 _KERNELS = {  # the ElementwiseKernels of minidiff, by name: the formulas of their bodies
     "minidiff_silu_forward": lambda x: x * _sigmoid(x),
     "minidiff_silu_backward": lambda x, dy: ((1 - _sigmoid(x)) * x + 1) * _sigmoid(x) * dy,
@@ -58,10 +77,20 @@ _KERNELS = {  # the ElementwiseKernels of minidiff, by name: the formulas of the
     "minidiff_gn_apply": lambda x, mean, a, b: (x - mean) * a + b,
     "minidiff_gn_k": lambda rstd, a1, a2, m: (-(rstd * rstd * rstd) * a2 / m, -rstd * a1 / m),
     "minidiff_gn_backward_apply": lambda dy, x, mean, a, k1, k0: dy * a + ((x - mean) * k1 + k0),
+    "minidiff_gn_apply_silu": lambda x, mean, a, b: _silu((x - mean) * a + b),
+    "minidiff_gn_silu_backward_apply": lambda dy, x, mean, a, b, k1, k0: (
+        _silu_grad((x - mean) * a + b, dy) * a + ((x - mean) * k1 + k0)),
+}
+_UPDATES = {  # and its in-place updates: the new values of the outputs, from the inputs and the old outputs
+    "minidiff_adam_update": _adam_update,
+    "minidiff_ema_update": lambda p, c, e: (e - c * (e - p),),
 }
 _REDUCTIONS = {  # and its ReductionKernels: the mapped value, summed over `axis`
     "minidiff_gn_sq_dev_sum": lambda x, m: (x - m) * (x - m),
     "minidiff_gn_dot_centered": lambda dy, x, m: dy * (x - m),
+    "minidiff_gn_silu_grad_sum": lambda dy, x, m, scale, shift: _silu_grad((x - m) * scale + shift, dy),
+    "minidiff_gn_silu_grad_dot_centered": lambda dy, x, m, scale, shift: (
+        _silu_grad((x - m) * scale + shift, dy) * (x - m)),
 }
 
 
@@ -99,8 +128,17 @@ class FakeCupy(types.ModuleType):
     def get_default_memory_pool(self):
         return _MemoryPool()
 
-    def ElementwiseKernel(self, in_params, out_params, body, name):  # noqa: N802  (CuPy's name)
-        formula = _KERNELS[name]
+    def ElementwiseKernel(self, in_params, out_params, body, name, preamble="", options=()):  # noqa: N802
+        formula = _KERNELS.get(name)
+        if formula is None:  # an in-place update: the outputs are passed in and written
+            n_in = len(in_params.split(","))
+            update = _UPDATES[name]
+
+            def run(*args):
+                self.kernels_called.append(name)
+                for out, value in zip(args[n_in:], update(*args)):
+                    out[...] = value
+            return run
 
         def run(*args):
             self.kernels_called.append(name)
@@ -108,7 +146,7 @@ class FakeCupy(types.ModuleType):
         return run
 
     def ReductionKernel(self, in_params, out_params, map_expr, reduce_expr, post_map_expr, identity,  # noqa: N802
-                        name):
+                        name, preamble=""):
         mapped = _REDUCTIONS[name]
 
         def run(*args, axis=None):
@@ -126,10 +164,12 @@ class FakeCupy(types.ModuleType):
 def install(monkeypatch) -> FakeCupy:
     """Make minidiff's backend see the fake as CuPy with one GPU (undone by monkeypatch at the test's end)."""
     from minidiff import backend
+    from minidiff import optim_cuda
     from minidiff.nn import activations, groupnorm_cuda
 
     fake = FakeCupy()
     monkeypatch.setattr(backend, "_CUPY", fake)
     monkeypatch.setattr(activations, "_KERNELS", {})  # kernels made by the fake, dropped afterwards
     monkeypatch.setattr(groupnorm_cuda, "_KERNELS", {})
+    monkeypatch.setattr(optim_cuda, "_KERNELS", {})
     return fake

@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 import fake_cupy
-from device_checks import check_sampling_loop, check_trainer_steps_read_nothing_back, check_training_step
+from device_checks import (
+    OPTIMIZERS, check_optimizer_bit_for_bit, check_sampling_loop, check_trainer_steps_read_nothing_back,
+    check_training_step,
+)
 from minidiff import backend
 from minidiff.backend import is_cupy_array, to_numpy
 from minidiff.bench import run_bench
@@ -35,8 +38,21 @@ def test_a_training_step_on_the_gpu_path_matches_numpy(fake, monkeypatch, preset
     monkeypatch.setattr(backend, "FUSED", fused)
     check_training_step(dataclasses.replace(get_preset(preset), sample_size=8, dropout=0.1), one_buffer, TOL)
     kernels = {"minidiff_silu_forward", "minidiff_silu_backward", "minidiff_gn_sq_dev_sum", "minidiff_gn_rstd",
-               "minidiff_gn_apply", "minidiff_gn_dot_centered", "minidiff_gn_k", "minidiff_gn_backward_apply"}
+               "minidiff_gn_apply", "minidiff_gn_dot_centered", "minidiff_gn_k", "minidiff_gn_backward_apply",
+               "minidiff_gn_apply_silu", "minidiff_gn_silu_grad_sum", "minidiff_gn_silu_grad_dot_centered",
+               "minidiff_gn_silu_backward_apply",  # GroupNorm alone in the attention blocks, with SiLU elsewhere
+               "minidiff_adam_update"}
     assert set(fake.kernels_called) == (kernels if fused else set())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizer_updates_on_the_gpu_path_are_bit_for_bit_numpy(fake, monkeypatch, name, dtype, fused):
+    monkeypatch.setattr(backend, "FUSED", fused)
+    check_optimizer_bit_for_bit(OPTIMIZERS[name], dtype)
+    want = {"minidiff_adam_update", "minidiff_ema_update"} if fused else set()
+    assert set(fake.kernels_called) == want
 
 
 def test_dropout_masks_are_drawn_on_the_device(fake):

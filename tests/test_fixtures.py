@@ -255,6 +255,8 @@ def torch_op(torch, op: str, a: dict):
         return F.group_norm(a["x"], int(a["num_groups"]), a["gamma"], a["beta"], eps=float(a["eps"]))
     if name == "silu":
         return F.silu(a["x"])
+    if name == "groupnorm_silu":
+        return F.silu(F.group_norm(a["x"], int(a["num_groups"]), a["gamma"], a["beta"], eps=float(a["eps"])))
     if name == "sdpa":
         mask = a["mask"][:, None, None, :] if "mask" in a else None
         return F.scaled_dot_product_attention(a["q"], a["k"], a["v"], attn_mask=mask)

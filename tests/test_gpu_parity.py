@@ -16,15 +16,16 @@ import pytest
 cupy = pytest.importorskip("cupy")
 
 from device_checks import (  # noqa: E402
-    check_sampling_loop, check_trainer_steps_read_nothing_back, check_training_step, randn,
+    OPTIMIZERS, check_optimizer_bit_for_bit, check_sampling_loop, check_trainer_steps_read_nothing_back,
+    check_training_step, randn,
 )
 from gradcheck import rel_error  # noqa: E402
 from minidiff import backend, bench  # noqa: E402
-from minidiff.backend import gpu_available, to_device, to_numpy  # noqa: E402
+from minidiff.backend import gpu_available, is_cupy_array, to_device, to_numpy  # noqa: E402
 from minidiff.nn import (  # noqa: E402
     avgpool2x2_backward, avgpool2x2_forward, conv2d_backward, conv2d_forward, downsample_backward,
     downsample_forward, dropout_backward, dropout_forward, dropout_mask, embedding_backward, embedding_forward,
-    groupnorm_backward, groupnorm_forward, linear_backward, linear_forward, mha_backward, mha_forward,
+    groupnorm_backward, groupnorm_forward, groupnorm_silu_backward, groupnorm_silu_forward, linear_backward, linear_forward, mha_backward, mha_forward,
     mse_backward, mse_forward, sdpa_backward, sdpa_forward, silu_backward, silu_forward,
     timestep_embedding_backward, timestep_embedding_forward, upsample_nearest2x_backward,
     upsample_nearest2x_forward,
@@ -57,7 +58,7 @@ def fwd_bwd(forward, backward, dy_seed=9):
     def run(*args):
         y, cache = forward(*args)
         dy = randn(*y.shape, seed=dy_seed)
-        dy = dy if isinstance(y, np.ndarray) else to_device(dy, "gpu")
+        dy = to_device(dy, "gpu") if is_cupy_array(y) else dy
         grads = backward(dy, cache)
         return (y, *(grads if isinstance(grads, tuple) else (grads,)))
     return run
@@ -121,6 +122,36 @@ def test_groupnorm_fused_kernels_and_plain_ops(monkeypatch, fused):
         for got, want in zip(groupnorm_backward(to_device(host[3], "gpu"), cache_g),
                              groupnorm_backward(host[3], cache)):
             assert got.dtype == np.float32 and rel_error(to_numpy(got), want) < 5e-5
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_groupnorm_silu_fused_kernels_and_plain_ops(monkeypatch, fused):
+    """silu(GroupNorm(x)) on CuPy (fused: GroupNorm's kernels with SiLU applied in them, h recomputed in the
+    backward; MINIDIFF_FUSED=0: the two ops in turn) matches NumPy: float64 to TOL, float32 to ~1e-5."""
+    monkeypatch.setattr(backend, "FUSED", fused)
+    for shape, groups in (((2, 6, 4, 5), 3), ((3, 6), 1), ((2, 4, 3, 3), 4)):
+        c = shape[1]
+        x = 3 + 2 * randn(*shape)
+        assert_parity(fwd_bwd(lambda x, g, b: groupnorm_silu_forward(x, g, b, groups, 1e-5), groupnorm_silu_backward),
+                      x, 1 + randn(c, seed=1), randn(c, seed=2))
+        host = [a.astype(np.float32) for a in (x, 1 + randn(c, seed=1), randn(c, seed=2), randn(*shape, seed=9))]
+        y, cache = groupnorm_silu_forward(*host[:3], groups, 1e-5)
+        y_g, cache_g = groupnorm_silu_forward(*(to_device(a, "gpu") for a in host[:3]), groups, 1e-5)
+        assert (cache_g[1] is None) == fused  # fused: h is not kept
+        assert y_g.dtype == np.float32 and rel_error(to_numpy(y_g), y) < 1e-5
+        for got, want in zip(groupnorm_silu_backward(to_device(host[3], "gpu"), cache_g),
+                             groupnorm_silu_backward(host[3], cache)):
+            assert got.dtype == np.float32 and rel_error(to_numpy(got), want) < 5e-5
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizer_updates_bit_for_bit(monkeypatch, name, dtype, fused):
+    """Adam/AdamW and the EMA on CuPy, fused (optim_cuda.py, compiled with --fmad=false) or as array ops,
+    round every operation as NumPy does: the same numbers to the last bit, float32 and float64."""
+    monkeypatch.setattr(backend, "FUSED", fused)
+    check_optimizer_bit_for_bit(OPTIMIZERS[name], dtype)
 
 
 def test_dropout_same_mask():

@@ -20,6 +20,7 @@ from .embedding import (
     timestep_embedding_forward,
 )
 from .groupnorm import groupnorm_backward, groupnorm_forward
+from .groupnorm_silu import groupnorm_silu_backward, groupnorm_silu_forward
 from .linear import linear_backward, linear_forward
 from .mse import mse_backward, mse_forward
 from .resample import (

@@ -50,6 +50,24 @@ def _dot_last(u, v):
     return (u[..., None, :] @ v[..., :, None])[..., 0, 0]
 
 
+def check_groupnorm_args(x, gamma, beta, num_groups, eps) -> int:
+    """Raise ValueError naming the argument unless x (N, C, *S) is float, gamma and beta are (C,) in
+    x's dtype on x's backend, num_groups divides C and eps is finite >= 0; return G."""
+    check_same_backend(x=x, gamma=gamma, beta=beta)
+    check_float("x", x)
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (N, C, *spatial) (at least 2 dims), got shape {tuple(x.shape)}")
+    g = _check_num_groups(num_groups, x.shape[1])
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        check_float(name, p)
+        check_shape(name, p, (x.shape[1],), "(C,)")
+        if p.dtype != x.dtype:
+            raise ValueError(f"{name} must have the dtype of x ({x.dtype}), got {p.dtype}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return g
+
+
 def groupnorm_forward(x, gamma, beta, num_groups, eps=1e-5):
     """y = gamma_c * (x - mean_g) / sqrt(var_g + eps) + beta_c   (PyTorch F.group_norm)
 
@@ -60,19 +78,8 @@ def groupnorm_forward(x, gamma, beta, num_groups, eps=1e-5):
              gamma (C,), beta (C,) in x's dtype; num_groups G int dividing C; eps >= 0.
     Returns: y (N, C, *S) in x's dtype, and the cache for groupnorm_backward.
     """
-    check_same_backend(x=x, gamma=gamma, beta=beta)
-    check_float("x", x)
-    if x.ndim < 2:
-        raise ValueError(f"x must have shape (N, C, *spatial) (at least 2 dims), got shape {tuple(x.shape)}")
+    g = check_groupnorm_args(x, gamma, beta, num_groups, eps)
     n, c = x.shape[:2]
-    g = _check_num_groups(num_groups, c)
-    for name, p in (("gamma", gamma), ("beta", beta)):
-        check_float(name, p)
-        check_shape(name, p, (c,), "(C,)")
-        if p.dtype != x.dtype:
-            raise ValueError(f"{name} must have the dtype of x ({x.dtype}), got {p.dtype}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < float("inf"):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     xp = get_array_module(x)
     if xp is not np and backend.FUSED:  # the same formulas in 5 CuPy kernels (groupnorm_cuda.py)
         y, mean, rstd = groupnorm_forward_cuda(xp, x, gamma, beta, g, float(eps))

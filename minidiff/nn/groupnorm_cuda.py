@@ -7,6 +7,10 @@ these on CuPy unless MINIDIFF_FUSED=0 (backend.FUSED); the caches are the same o
     backward  s1_c = sum dy, s2_c = sum dy (x - mean_g) (one reduction), the small (N, C) / (N, G) algebra,
               dx = dy a_c + ((x - mean_g) k1_g + k0_g) (one kernel)                        12 launches, not 24
 
+With silu=True (groupnorm_silu.py: y = silu(GroupNorm(x))) the same launches also apply SiLU:
+the forward's last kernel writes silu(h), h = (x - mean_g) a_c + beta_c, and never h itself; the
+backward recomputes h and dh = silu'(h) dy inside s1's and s2's reductions and its last kernel.
+
 Each launch is a few microseconds of host time on a GPU, and a `small` training step has 25
 GroupNorms. The kernels have not run on a GPU yet: tests/test_gpu_parity.py checks them against
 NumPy (and against MINIDIFF_FUSED=0) where one is available.
@@ -18,29 +22,52 @@ from __future__ import annotations
 
 _KERNELS: dict = {}  # name -> cupy kernel, made on first use
 
+# dL/dh of y = h sigma(h) given dy = dL/dy: silu_backward's formula (activations.py), as a device function
+_SILU_GRAD = """
+template <typename T> __device__ T minidiff_silu_grad(T h, T dy) {
+    T s = 1 / (1 + exp(-h));
+    return ((1 - s) * h + 1) * s * dy;
+}
+"""
+
 
 def _kernels(xp) -> dict:
-    """The CuPy kernels, made once: two reductions over the last axis and three elementwise maps."""
+    """The CuPy kernels, made once: reductions over the last axis and elementwise maps."""
     if not _KERNELS:
-        _KERNELS["sq_dev_sum"] = xp.ReductionKernel(  # sum_k (x - m)^2
+        red, ew = xp.ReductionKernel, xp.ElementwiseKernel
+        _KERNELS["sq_dev_sum"] = red(  # sum_k (x - m)^2
             "T x, T m", "T s", "(x - m) * (x - m)", "a + b", "s = a", "0", "minidiff_gn_sq_dev_sum")
-        _KERNELS["dot_centered"] = xp.ReductionKernel(  # sum_k dy (x - m)
+        _KERNELS["dot_centered"] = red(  # sum_k dy (x - m)
             "T dy, T x, T m", "T s", "dy * (x - m)", "a + b", "s = a", "0", "minidiff_gn_dot_centered")
-        _KERNELS["rstd"] = xp.ElementwiseKernel(
+        _KERNELS["rstd"] = ew(
             "T s, T m, T eps", "T rstd", "rstd = 1 / sqrt(s / m + eps);", "minidiff_gn_rstd")
-        _KERNELS["apply"] = xp.ElementwiseKernel(
+        _KERNELS["apply"] = ew(
             "T x, T mean, T a, T b", "T y", "y = (x - mean) * a + b;", "minidiff_gn_apply")
-        _KERNELS["k"] = xp.ElementwiseKernel(
+        _KERNELS["k"] = ew(
             "T rstd, T a1, T a2, T m", "T k1, T k0", "k1 = -(rstd * rstd * rstd) * a2 / m; k0 = -rstd * a1 / m;",
             "minidiff_gn_k")
-        _KERNELS["backward_apply"] = xp.ElementwiseKernel(
+        _KERNELS["backward_apply"] = ew(
             "T dy, T x, T mean, T a, T k1, T k0", "T dx", "dx = dy * a + ((x - mean) * k1 + k0);",
             "minidiff_gn_backward_apply")
+        # silu=True: h = (x - m) * scale + shift recomputed where needed (a, b are the reductions' own names)
+        _KERNELS["apply_silu"] = ew(
+            "T x, T mean, T a, T b", "T y", "T h = (x - mean) * a + b; T s = 1 / (1 + exp(-h)); y = h * s;",
+            "minidiff_gn_apply_silu")
+        _KERNELS["silu_grad_sum"] = red(  # sum_k dh, dh = silu'(h) dy
+            "T dy, T x, T m, T scale, T shift", "T s", "minidiff_silu_grad((x - m) * scale + shift, dy)",
+            "a + b", "s = a", "0", "minidiff_gn_silu_grad_sum", preamble=_SILU_GRAD)
+        _KERNELS["silu_grad_dot_centered"] = red(  # sum_k dh (x - m)
+            "T dy, T x, T m, T scale, T shift", "T s", "minidiff_silu_grad((x - m) * scale + shift, dy) * (x - m)",
+            "a + b", "s = a", "0", "minidiff_gn_silu_grad_dot_centered", preamble=_SILU_GRAD)
+        _KERNELS["silu_backward_apply"] = ew(
+            "T dy, T x, T mean, T a, T b, T k1, T k0", "T dx",
+            "T dh = minidiff_silu_grad((x - mean) * a + b, dy); dx = dh * a + ((x - mean) * k1 + k0);",
+            "minidiff_gn_silu_backward_apply", preamble=_SILU_GRAD)
     return _KERNELS
 
 
-def groupnorm_forward_cuda(xp, x, gamma, beta, g: int, eps: float):
-    """groupnorm_forward's y and (mean, rstd) (N, G), in 5 kernels; x (N, C, *S) on CuPy."""
+def groupnorm_forward_cuda(xp, x, gamma, beta, g: int, eps: float, silu: bool = False):
+    """groupnorm_forward's y (silu(y) with silu=True) and (mean, rstd) (N, G), in 5 kernels; x (N, C, *S) on CuPy."""
     k = _kernels(xp)
     n, c = x.shape[:2]
     xg = x.reshape(n, g, -1)  # (N, G, M)
@@ -50,25 +77,39 @@ def groupnorm_forward_cuda(xp, x, gamma, beta, g: int, eps: float):
     rstd = k["rstd"](s, float(m), float(eps))  # (N, G) 1 / sqrt(var + eps), var = s / M (biased)
     x4 = x.reshape(n, g, c // g, -1)  # (N, G, Cg, L)
     a = rstd[:, :, None] * gamma.reshape(g, -1)  # (N, G, Cg) the folded scale rstd_g gamma_c
-    y = k["apply"](x4, mean[:, :, None, None], a[..., None], beta.reshape(1, g, -1, 1))  # (N, G, Cg, L)
+    apply = k["apply_silu" if silu else "apply"]
+    y = apply(x4, mean[:, :, None, None], a[..., None], beta.reshape(1, g, -1, 1))  # (N, G, Cg, L)
     return y.reshape(x.shape), mean, rstd
 
 
-def groupnorm_backward_cuda(xp, dy, x, gamma, mean, rstd, g: int):
-    """groupnorm_backward's (dx, dgamma, dbeta), in 12 kernels; the same expansion as there."""
+def groupnorm_backward_cuda(xp, dy, x, gamma, mean, rstd, g: int, beta=None):
+    """groupnorm_backward's (dx, dgamma, dbeta), in 12 kernels; the same expansion as there.
+
+    With beta given, dy is the gradient of silu(GroupNorm(x)) (groupnorm_forward_cuda's silu=True), and
+    dh = silu'(h) dy takes dy's place in every formula, recomputed from h = (x - mean) a + beta."""
     k = _kernels(xp)
     n, c = x.shape[:2]
     x4, dy4 = x.reshape(n, g, c // g, -1), dy.reshape(n, g, c // g, -1)  # (N, G, Cg, L)
     m = x4.shape[2] * x4.shape[3]  # M
     mean4 = mean[:, :, None, None]  # (N, G, 1, 1)
-    s1 = dy4.sum(axis=3)  # (N, G, Cg) sum_S dy
-    s2 = k["dot_centered"](dy4, x4, xp.broadcast_to(mean4, x4.shape), axis=3)  # (N, G, Cg) sum_S dy (x - mean)
     gamma_g = gamma.reshape(g, -1)  # (G, Cg)
+    a4 = (rstd[:, :, None] * gamma_g)[..., None]  # (N, G, Cg, 1) the forward's folded scale rstd_g gamma_c
+    if beta is None:
+        s1 = dy4.sum(axis=3)  # (N, G, Cg) sum_S dy
+        s2 = k["dot_centered"](dy4, x4, xp.broadcast_to(mean4, x4.shape), axis=3)  # (N, G, Cg) sum_S dy (x - mean)
+    else:
+        beta4 = beta.reshape(1, g, -1, 1)  # (1, G, Cg, 1)
+        args = [dy4, x4] + [xp.broadcast_to(v, x4.shape) for v in (mean4, a4, beta4)]
+        s1 = k["silu_grad_sum"](*args, axis=3)  # (N, G, Cg) sum_S dh
+        s2 = k["silu_grad_dot_centered"](*args, axis=3)  # (N, G, Cg) sum_S dh (x - mean)
     dbeta = s1.sum(axis=0).reshape(c)  # (C,)
     dgamma = (s2 * rstd[:, :, None]).sum(axis=0).reshape(c)  # (C,)
     a1 = (s1 * gamma_g).sum(axis=2)  # (N, G) sum_g dxhat
     a2 = (s2 * gamma_g).sum(axis=2)  # (N, G) sum_g dxhat (x - mean)
     k1, k0 = k["k"](rstd, a1, a2, float(m))  # (N, G)
-    a = rstd[:, :, None] * gamma_g  # (N, G, Cg)
-    dx = k["backward_apply"](dy4, x4, mean4, a[..., None], k1[:, :, None, None], k0[:, :, None, None])
+    k1, k0 = k1[:, :, None, None], k0[:, :, None, None]  # (N, G, 1, 1)
+    if beta is None:
+        dx = k["backward_apply"](dy4, x4, mean4, a4, k1, k0)
+    else:
+        dx = k["silu_backward_apply"](dy4, x4, mean4, a4, beta4, k1, k0)
     return dx.reshape(x.shape), dgamma, dbeta
