@@ -12,15 +12,18 @@
 #   pytest.txt          pytest -m gpu (every CuPy-vs-NumPy float64 parity test) and the CuPy-only tests
 #   bench_*.json/.txt   minidiff bench rows (train step, sample step, peak memory) for the targets:
 #                       small and ddpm-cifar10 at batch 128, float32
-#   bench_small_unfused.txt  small's steps with MINIDIFF_FUSED=0 (no fused SiLU / GroupNorm kernels)
+#   bench_small_unfused.txt  small's steps with MINIDIFF_FUSED=0 (no fused SiLU / GroupNorm / Adam kernels)
 #   profile_small.txt   cProfile of small's steps, by own time: which Python functions the host spends it in
-# Each part has its own timeout (200 + 2 x 120 + 60 + 60 = 560 s at most, under one run call's 600 s) so
-# that one hang cannot eat the session; the exit status is 0
-# when every part ran (read the files for the results).
+# Each part has its own timeout (150 + 2 x 90 + 45 + 40 = 415 s at most) so that one hang cannot eat
+# the session, and a device session (15 minutes, the machine's start included) keeps time to rerun
+# what failed: PARTS="pytest bench unfused profile" (the default) picks the parts to run, e.g.
+# PARTS=bench scripts/gpu_check.sh "$OUT" after a fix. The exit status is 0 when every part ran
+# (read the files for the results).
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-gpu_check}}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
+PARTS=" ${PARTS:-pytest bench unfused profile} "
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .whl ]; then
   $PY -m pip install -q --no-index --no-deps --find-links .whl .whl/*.whl > "$OUT_DIR/wheels.txt" 2>&1
@@ -30,17 +33,23 @@ fi
   $PY -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__, 'cuda', cupy.cuda.runtime.runtimeGetVersion())" 2>&1
   $PY -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" 2>&1
 } > "$OUT_DIR/env.txt"
-timeout 200 $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests/ > "$OUT_DIR/pytest.txt" 2>&1
-echo "pytest exit $?" >> "$OUT_DIR/pytest.txt"
-for preset in small ddpm-cifar10; do
-  timeout 120 $PY scripts/bench.py --device gpu --preset "$preset" --batch 128 --repeats 10 --warmup 3 \
-    --json "$OUT_DIR/bench_$preset.json" > "$OUT_DIR/bench_$preset.txt" 2>&1
-  echo "bench exit $?" >> "$OUT_DIR/bench_$preset.txt"
-done
-# the fused kernels (SiLU, GroupNorm) against the plain array ops, same preset and batch
-MINIDIFF_FUSED=0 timeout 60 $PY scripts/bench.py --device gpu --preset small --batch 128 --repeats 10 --warmup 3 \
-  --no-torch --no-memory > "$OUT_DIR/bench_small_unfused.txt" 2>&1
-# where the host time of a GPU step goes (launch-bound if its Python time is close to the step's wall time)
-timeout 60 $PY -m cProfile -s tottime scripts/bench.py --device gpu --preset small --batch 128 --repeats 5 \
-  --warmup 2 --no-torch --no-memory 2>&1 | head -n 60 > "$OUT_DIR/profile_small.txt"
+if [[ $PARTS == *" pytest "* ]]; then
+  timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests/ > "$OUT_DIR/pytest.txt" 2>&1
+  echo "pytest exit $?" >> "$OUT_DIR/pytest.txt"
+fi
+if [[ $PARTS == *" bench "* ]]; then
+  for preset in small ddpm-cifar10; do
+    timeout 90 $PY scripts/bench.py --device gpu --preset "$preset" --batch 128 --repeats 10 --warmup 3 \
+      --json "$OUT_DIR/bench_$preset.json" > "$OUT_DIR/bench_$preset.txt" 2>&1
+    echo "bench exit $?" >> "$OUT_DIR/bench_$preset.txt"
+  done
+fi
+if [[ $PARTS == *" unfused "* ]]; then  # the fused kernels (SiLU, GroupNorm, Adam) against the plain array ops
+  MINIDIFF_FUSED=0 timeout 45 $PY scripts/bench.py --device gpu --preset small --batch 128 --repeats 10 --warmup 3 \
+    --no-torch --no-memory > "$OUT_DIR/bench_small_unfused.txt" 2>&1
+fi
+if [[ $PARTS == *" profile "* ]]; then  # host time by function: launch-bound if it is close to the step's wall time
+  timeout 40 $PY -m cProfile -s tottime scripts/bench.py --device gpu --preset small --batch 128 --repeats 5 \
+    --warmup 2 --no-torch --no-memory 2>&1 | head -n 60 > "$OUT_DIR/profile_small.txt"
+fi
 tail -n 5 "$OUT_DIR"/*.txt
