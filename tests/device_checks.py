@@ -81,9 +81,12 @@ def check_optimizer_bit_for_bit(make, dtype):
 
 
 def check_training_step(config, one_buffer, tol):
-    """The loss, gradient norm, every gradient, dL/dx and the parameters after AdamW agree."""
+    """The loss, gradient norm, every gradient, dL/dx and the parameters after AdamW agree, and (on the fake
+    CuPy) the step reads no device value on the host."""
     loss_c, norm_c, grads_c, dx_c, params_c = training_step("cpu", config, one_buffer)
+    implicit = _implicit_reads()
     loss_g, norm_g, grads_g, dx_g, params_g = training_step("gpu", config, one_buffer)
+    assert implicit == [], f"float()/bool()/item() of device arrays in a training step: {implicit}"
     assert is_cupy_array(loss_g) and is_cupy_array(dx_g)
     if one_buffer:
         assert flat.buffers(params_g, grads_g) is not None and is_cupy_array(params_g.buffer)
@@ -98,6 +101,14 @@ def check_training_step(config, one_buffer, tol):
     assert rel_error(to_numpy(dx_g), dx_c) < tol
 
 
+def _implicit_reads() -> list:
+    """The fake CuPy's record of float(a), bool(a), a.item(), ... of device arrays, emptied now (a fresh
+    list where the fake is not in use: a real GPU has no such record)."""
+    reads = getattr(sys.modules.get("fake_cupy"), "IMPLICIT_READS", [])
+    reads.clear()
+    return reads
+
+
 def check_sampling_loop(sampler, eta, tol):
     """The whole sampling loop (host noise, device model) gives the CPU's samples."""
     config = get_preset("tiny")
@@ -108,8 +119,10 @@ def check_sampling_loop(sampler, eta, tol):
         params = to_device(host, device)
         model_fn = lambda x, t, cond: unet_forward(params, config, x, t)[0]  # noqa: E731
         steps = dict(timesteps=np.array([999, 600, 300, 0])) if sampler == "ddpm" else dict(num_inference_steps=4)
+        implicit = _implicit_reads()
         out[device] = sample(model_fn, (2, 3, 8, 8), schedule, sampler=sampler, eta=eta, seed=3, device=device,
                              dtype=np.float64, **steps)
+        assert implicit == [], f"float()/bool()/item() of device arrays while sampling: {implicit}"
     assert is_cupy_array(out["gpu"])
     assert rel_error(to_numpy(out["gpu"]), out["cpu"]) < tol
 
@@ -134,9 +147,11 @@ def check_trainer_steps_read_nothing_back(tmp_path, monkeypatch, conditioning, t
                             read_back.append((_name, x.shape))
                         return _original(x)
                     monkeypatch.setattr(module, "to_numpy", watched)
+        implicit = _implicit_reads()
         for _ in range(3):
             trainer.train_step()
         assert read_back == []
+        assert implicit == [], f"float()/bool()/item() of device arrays in a step: {implicit}"
         assert len(trainer.pending) == 3  # read by flush_losses, not by the steps
         trainer.flush_losses()
         losses[device] = trainer.losses

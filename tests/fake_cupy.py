@@ -7,6 +7,9 @@ backend.import_cupy() returns this module and its arrays (FakeDeviceArray, an nd
 whose type claims to come from cupy) count as CuPy arrays, so all of those run here, on NumPy
 underneath: any logic error in them shows, and so does any read back to the host (to_numpy).
 
+Reads of a device value by the host (float(a), bool(a), int(a), a.item(), a.tolist(): each a
+sync on a GPU) are recorded in IMPLICIT_READS, which the checks of the steps expect to stay empty.
+
 What it cannot show: where CuPy's API differs from NumPy's, and anything about speed or CUDA.
 The ElementwiseKernels and ReductionKernels minidiff defines are emulated by name, from the
 formulas of their bodies (so a fake run checks the Python around a kernel, not its CUDA text).
@@ -29,6 +32,21 @@ class FakeDeviceArray(np.ndarray):
 
 
 FakeDeviceArray.__module__ = "cupy._fake"  # backend.is_cupy_array looks at the type's top-level module
+
+IMPLICIT_READS: list = []  # (what, shape) of each float(a), bool(a), a.item(), ... of a device array
+
+
+def _implicit_read(name):
+    """A conversion that reads a device array's value on the host: on a GPU it waits for the GPU (a sync)."""
+    def read(self, *args):
+        IMPLICIT_READS.append((name, self.shape))
+        return getattr(self.view(np.ndarray), name)(*args)
+    read.__name__ = name
+    return read
+
+
+for _name in ("__float__", "__int__", "__bool__", "__index__", "__complex__", "item", "tolist"):
+    setattr(FakeDeviceArray, _name, _implicit_read(_name))
 
 
 def _device(a):

@@ -75,3 +75,14 @@ def test_the_bench_runs_on_the_gpu_path(fake):
     rows = run_bench("tiny", batch=2, device="gpu", repeats=1, warmup=0, use_torch=False, log=lambda *a: None)
     assert [r["what"] for r in rows][:2] == ["train step (ms)", "sample step (ms)"]
     assert all(r["device"] == "gpu" and r["minidiff"] > 0 for r in rows[:2])
+
+
+def test_the_fake_records_host_reads_of_device_values(fake):
+    """What the steps' checks rely on: float(), bool(), item() and tolist() of a device array are recorded."""
+    a = fake.asarray(np.array([1.5, -2.0]))
+    fake_cupy.IMPLICIT_READS.clear()
+    float(a[0]), bool(a[1] > 0), a.max().item(), a.tolist()
+    assert [name for name, _ in fake_cupy.IMPLICIT_READS] == ["__float__", "__bool__", "item", "tolist"]
+    fake_cupy.IMPLICIT_READS.clear()
+    _ = a * 2 + a.sum()  # device arithmetic reads nothing
+    assert fake_cupy.IMPLICIT_READS == []
