@@ -30,6 +30,10 @@ class FakeDeviceArray(np.ndarray):
     def get(self):
         return np.array(self.view(np.ndarray), copy=True)
 
+    def __getitem__(self, key):  # a[i] of CuPy is a 0-d device array, never a host scalar
+        out = super().__getitem__(key)
+        return out if isinstance(out, np.ndarray) else np.asarray(out).view(FakeDeviceArray)
+
 
 FakeDeviceArray.__module__ = "cupy._fake"  # backend.is_cupy_array looks at the type's top-level module
 
