@@ -33,6 +33,7 @@ from .config import add_dataclass_args, dataclass_from_args
 from .data import load_dataset
 from .loss import sample_timesteps
 from .nn import softmax_cross_entropy_backward, softmax_cross_entropy_forward
+from .nn._check import check_indices
 from .optim import AdamW, clip_grad_norm, warmup_lr
 from .report import ProgressBar
 from .schedule import add_noise, check_choice, make_schedule
@@ -100,9 +101,26 @@ def train_classifier(cfg: ClassifierTrainConfig, log=print) -> dict:
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(meta, indent=2))
     ckpt, losses, accs = out / "checkpoints" / "latest.npz", [], []
+    pending = []  # (loss, accuracy) 0-d device arrays of the steps not read yet
+    flush_every = 1 if xp is np else cfg.log_every  # host reads: free on a CPU, a sync on a GPU
+
+    def flush(step: int) -> None:
+        """Read the pending losses and accuracies to the host in one copy; stop on the first bad loss."""
+        if pending:
+            values = xp.stack([v for pair in pending for v in pair]).astype(np.float64).tolist()
+            first = step - len(pending) + 1
+            pending.clear()
+            for i, loss in enumerate(values[0::2]):
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(f"loss became {loss} at step {first + i}; training stopped, the last "
+                                           f"good checkpoint ({ckpt}, if one was saved) is kept. Try a lower --lr "
+                                           "or --grad-clip")
+            losses.extend(values[0::2])
+            accs.extend(values[1::2])
+
     log(f"minidiff train-classifier: {dataset.name} ({K} classes), preset {cfg.preset}, "
         f"{sum(int(v.size) for v in params.values()):,} params, {cfg.device} {cfg.dtype}, {cfg.steps} steps")
-    bar = ProgressBar(cfg.steps)
+    bar, bar_step = ProgressBar(cfg.steps), 0
     with open(out / "log.jsonl", "w") as logf:
         for step in range(1, cfg.steps + 1):
             x0, labels, _ = dataset.batch(rng, cfg.batch_size)  # (B, C, S, S), (B,)
@@ -111,24 +129,23 @@ def train_classifier(cfg: ClassifierTrainConfig, log=print) -> dict:
             t = sample_timesteps(rng, cfg.batch_size, cfg.num_train_timesteps)  # (B,) t ~ U{0..T-1}
             noise = rng.standard_normal(x0.shape)  # eps ~ N(0, I), drawn on the host
             x_t = add_noise(schedule, xp.asarray(x0, dtype=dtype), xp.asarray(noise, dtype=dtype), t)
+            check_indices("labels", labels, K)  # on the host, before the copy: no read back
             y = xp.asarray(labels)
             logits, cache = classifier_forward(params, config, x_t, t, train=True, rng=rng)
-            loss, ce = softmax_cross_entropy_forward(logits, y)
-            loss, acc = float(loss), float((logits.argmax(axis=1) == y).mean())
-            if not math.isfinite(loss):
-                raise TrainingDiverged(f"loss became {loss} at step {step}; training stopped, the last good "
-                                       f"checkpoint ({ckpt}, if one was saved) is kept. Try a lower --lr or "
-                                       "--grad-clip")
+            loss, ce = softmax_cross_entropy_forward(logits, y, check_labels=False)
+            pending.append((loss, (logits.argmax(axis=1) == y).mean()))  # read by flush()
             grads, _ = classifier_backward(softmax_cross_entropy_backward(1.0, ce), cache)
             grads = flat.gather(grads, like=params)  # one buffer: clipping and AdamW act on it whole
             if cfg.grad_clip > 0:
                 clip_grad_norm(grads, cfg.grad_clip)
             opt.step(params, grads, lr=warmup_lr(step - 1, cfg.lr, cfg.warmup_steps))
-            losses.append(loss)
-            accs.append(acc)
-            bar.update(step, cfg.batch_size, loss=loss, acc=acc)
+            if step % flush_every == 0 or step % cfg.log_every == 0 or step % cfg.save_every == 0 \
+                    or step == cfg.steps:
+                flush(step)
+                bar.update(step, cfg.batch_size * (step - bar_step), loss=losses[-1], acc=accs[-1])
+                bar_step = step
             if step % cfg.log_every == 0 or step == cfg.steps:
-                logf.write(json.dumps({"step": step, "loss": loss, "accuracy": acc}) + "\n")
+                logf.write(json.dumps({"step": step, "loss": losses[-1], "accuracy": accs[-1]}) + "\n")
                 logf.flush()
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save_checkpoint(ckpt, {"params": params}, meta | {"step": step, "losses": losses, "accuracies": accs})

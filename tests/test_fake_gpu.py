@@ -86,3 +86,26 @@ def test_the_fake_records_host_reads_of_device_values(fake):
     fake_cupy.IMPLICIT_READS.clear()
     _ = a * 2 + a.sum()  # device arithmetic reads nothing
     assert fake_cupy.IMPLICIT_READS == []
+
+
+def test_classifier_training_on_the_gpu_path_reads_its_losses_once_per_log(fake, tmp_path, monkeypatch):
+    """train-classifier keeps each step's loss and accuracy on the device and reads them in one copy per
+    --log-every (here once, at the last of 3 steps); its numbers are the CPU run's."""
+    from minidiff.classifier_train import ClassifierTrainConfig, train_classifier
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(16) % 2
+    colors = np.array([[220, 40, 40], [40, 40, 220]])[labels][:, None, None]  # red (0) and blue (1), jittered
+    images = np.clip(colors + rng.integers(-20, 21, (16, 8, 8, 3)),
+                     0, 255)
+    np.savez(tmp_path / "two.npz", images=images.astype(np.uint8), labels=labels)
+    runs = {}
+    for device in ("cpu", "gpu"):
+        cfg = ClassifierTrainConfig(data=str(tmp_path / "two.npz"), out=str(tmp_path / device), preset="tiny",
+                                    steps=3, batch_size=4, log_every=10, save_every=100, device=device,
+                                    dtype="float64")
+        fake_cupy.IMPLICIT_READS.clear()
+        runs[device] = train_classifier(cfg, log=lambda *a: None)
+    assert fake_cupy.IMPLICIT_READS == [("tolist", (6,))]  # 3 losses and 3 accuracies, read together
+    np.testing.assert_allclose(runs["gpu"]["losses"], runs["cpu"]["losses"], rtol=1e-10)
+    assert runs["gpu"]["accuracies"] == runs["cpu"]["accuracies"]

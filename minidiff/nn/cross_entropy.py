@@ -26,10 +26,12 @@ def log_softmax(logits, axis: int = -1):
     return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
 
 
-def softmax_cross_entropy_forward(logits, labels):
+def softmax_cross_entropy_forward(logits, labels, check_labels: bool = True):
     """loss = -1/N sum_n log_softmax(z)_{n, y_n}   (F.cross_entropy(logits, labels), reduction="mean")
 
-    Inputs:  logits z (N, K) float32 or float64, N >= 1; labels y (N,) integers in [0, K).
+    Inputs:  logits z (N, K) float32 or float64, N >= 1; labels y (N,) integers in [0, K);
+             check_labels=False skips the range check of labels, which reads device labels back to
+             the host (a GPU sync): for labels the caller checked on the host before copying them.
     Returns: loss, a 0-d array in logits' dtype, and the cache for softmax_cross_entropy_backward.
     """
     check_same_backend(logits=logits, labels=labels)
@@ -38,7 +40,8 @@ def softmax_cross_entropy_forward(logits, labels):
     n, k = logits.shape
     if n < 1 or k < 1:
         raise ValueError(f"logits must have shape (N, K) with N >= 1 and K >= 1, got {tuple(logits.shape)}")
-    check_indices("labels", labels, k)  # on the host
+    if check_labels:
+        check_indices("labels", labels, k)  # on the host
     check_shape("labels", labels, (n,), "(N,)")
     xp = get_array_module(logits)
     logp = log_softmax(logits, axis=1)  # (N, K)
