@@ -7,7 +7,7 @@ in the same order, with every scalar that the array code computes in float64 on 
 with --fmad=false, so no multiply-add is contracted into one rounding: each operation rounds as the
 array ops do, and the fused update gives the array ops' numbers bit for bit (tests/test_gpu_parity.py).
 
-    Adam   10 array ops over four buffers (14 with weight decay), 1 launch here
+    Adam   13 array ops over four buffers (14 with AdamW's decay, 15 with Adam's L2 term), 1 launch here
     EMA    3 array ops, 1 launch here
 
 Shape legend: P, the length of the flat buffers (every parameter, with zero gaps for alignment).

@@ -102,8 +102,8 @@ def check_training_step(config, one_buffer, tol):
 
 
 def _implicit_reads() -> list:
-    """The fake CuPy's record of float(a), bool(a), a.item(), ... of device arrays, emptied now (a fresh
-    list where the fake is not in use: a real GPU has no such record)."""
+    """The fake CuPy's record of float(a), bool(a), a.item(), ... of device arrays, emptied now (nothing
+    records into it on a real GPU, where such reads cannot be watched; a fresh list without the fake)."""
     reads = getattr(sys.modules.get("fake_cupy"), "IMPLICIT_READS", [])
     reads.clear()
     return reads

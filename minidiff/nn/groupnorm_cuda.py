@@ -49,7 +49,8 @@ def _kernels(xp) -> dict:
         _KERNELS["backward_apply"] = ew(
             "T dy, T x, T mean, T a, T k1, T k0", "T dx", "dx = dy * a + ((x - mean) * k1 + k0);",
             "minidiff_gn_backward_apply")
-        # silu=True: h = (x - m) * scale + shift recomputed where needed (a, b are the reductions' own names)
+        # silu=True: h = (x - m) * scale + shift recomputed where needed (in a ReductionKernel the names a and b
+        # belong to reduce_expr's operands, so the folded scale and beta are called scale and shift there)
         _KERNELS["apply_silu"] = ew(
             "T x, T mean, T a, T b", "T y", "T h = (x - mean) * a + b; T s = 1 / (1 + exp(-h)); y = h * s;",
             "minidiff_gn_apply_silu")
