@@ -24,8 +24,31 @@ import types
 import numpy as np
 
 
+LAUNCHES = {"ops": 0, "h2d": 0}  # device array operations (~ kernel launches or cuBLAS calls on CuPy), host -> device copies
+_INSIDE = [0]  # > 0 while one counted operation runs its NumPy stand-in (its inner steps are not launches)
+
+
+class _Launch:
+    """Count one device operation, and none for whatever NumPy does inside it."""
+
+    def __enter__(self):
+        if not _INSIDE[0]:
+            LAUNCHES["ops"] += 1
+        _INSIDE[0] += 1
+
+    def __exit__(self, *exc):
+        _INSIDE[0] -= 1
+
+
+def _host(a):
+    return a.view(np.ndarray) if isinstance(a, FakeDeviceArray) else a
+
+
 class FakeDeviceArray(np.ndarray):
-    """An array "on the device": backend.is_cupy_array says True; .get() copies it to the host."""
+    """An array "on the device": backend.is_cupy_array says True; .get() copies it to the host.
+    Every ufunc call (elementwise, reduction, .at), slice assignment, copy and cast on it counts as
+    one device operation in LAUNCHES, as each is one kernel launch on CuPy (roughly: CuPy's mean is
+    one kernel where NumPy's is two ufuncs)."""
 
     def get(self):
         return np.array(self.view(np.ndarray), copy=True)
@@ -33,6 +56,29 @@ class FakeDeviceArray(np.ndarray):
     def __getitem__(self, key):  # a[i] of CuPy is a 0-d device array, never a host scalar
         out = super().__getitem__(key)
         return out if isinstance(out, np.ndarray) else np.asarray(out).view(FakeDeviceArray)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        if out is not None:
+            kwargs["out"] = tuple(_host(o) for o in out)
+        with _Launch():
+            result = getattr(ufunc, method)(*(_host(i) for i in inputs), **kwargs)
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        return None if method == "at" else _device(result)
+
+    def __setitem__(self, key, value):
+        with _Launch():
+            self.view(np.ndarray)[key] = _host(value)
+
+    def copy(self, order="C"):
+        with _Launch():
+            return self.view(np.ndarray).copy(order).view(FakeDeviceArray)
+
+    def astype(self, dtype, order="K", casting="unsafe", subok=True, copy=True):
+        if not copy and np.dtype(dtype) == self.dtype:
+            return self
+        with _Launch():
+            return self.view(np.ndarray).astype(dtype, order, casting).view(FakeDeviceArray)
 
 
 FakeDeviceArray.__module__ = "cupy._fake"  # backend.is_cupy_array looks at the type's top-level module
@@ -54,18 +100,29 @@ for _name in ("__float__", "__int__", "__bool__", "__index__", "__complex__", "i
 
 
 def _device(a):
-    """Results become device arrays (scalars, dtypes and tuples pass through)."""
+    """Results become device arrays, NumPy scalars 0-d ones as CuPy returns them (dtypes, Python
+    numbers and tuples pass through)."""
     if isinstance(a, np.ndarray) and not isinstance(a, FakeDeviceArray):
         return a.view(FakeDeviceArray)
+    if isinstance(a, np.generic):
+        return np.asarray(a).view(FakeDeviceArray)
     if isinstance(a, tuple):
         return tuple(_device(x) for x in a)
     return a
 
 
+_NO_LAUNCH = {"empty", "empty_like", "broadcast_to", "swapaxes", "as_strided", "result_type"}  # views, allocations
+
+
 def _wrap(fn):
+    name = getattr(fn, "__name__", "fn")
+
     def call(*args, **kwargs):
-        return _device(fn(*args, **kwargs))
-    call.__name__ = getattr(fn, "__name__", "fn")
+        if name in _NO_LAUNCH:
+            return _device(fn(*args, **kwargs))
+        with _Launch():
+            return _device(fn(*args, **kwargs))
+    call.__name__ = name
     return call
 
 
@@ -95,24 +152,26 @@ def _silu_grad(h, dy):  # the device function minidiff_silu_grad of groupnorm_cu
 _KERNELS = {  # the ElementwiseKernels of minidiff, by name: the formulas of their bodies
     "minidiff_silu_forward": lambda x: x * _sigmoid(x),
     "minidiff_silu_backward": lambda x, dy: ((1 - _sigmoid(x)) * x + 1) * _sigmoid(x) * dy,
-    "minidiff_gn_rstd": lambda s, m, eps: 1 / np.sqrt(s / m + eps),
-    "minidiff_gn_apply": lambda x, mean, a, b: (x - mean) * a + b,
+    "minidiff_gn_apply": lambda x, mean, rstd, gamma, beta: (x - mean) * (rstd * gamma) + beta,
     "minidiff_gn_k": lambda rstd, a1, a2, m: (-(rstd * rstd * rstd) * a2 / m, -rstd * a1 / m),
-    "minidiff_gn_backward_apply": lambda dy, x, mean, a, k1, k0: dy * a + ((x - mean) * k1 + k0),
-    "minidiff_gn_apply_silu": lambda x, mean, a, b: _silu((x - mean) * a + b),
-    "minidiff_gn_silu_backward_apply": lambda dy, x, mean, a, b, k1, k0: (
-        _silu_grad((x - mean) * a + b, dy) * a + ((x - mean) * k1 + k0)),
+    "minidiff_gn_backward_apply": lambda dy, x, mean, rstd, gamma, k1, k0: (
+        dy * (rstd * gamma) + ((x - mean) * k1 + k0)),
+    "minidiff_gn_apply_silu": lambda x, mean, rstd, gamma, beta: _silu((x - mean) * (rstd * gamma) + beta),
+    "minidiff_gn_silu_backward_apply": lambda dy, x, mean, rstd, gamma, beta, k1, k0: (
+        _silu_grad((x - mean) * (rstd * gamma) + beta, dy) * (rstd * gamma) + ((x - mean) * k1 + k0)),
 }
 _UPDATES = {  # and its in-place updates: the new values of the outputs, from the inputs and the old outputs
     "minidiff_adam_update": _adam_update,
     "minidiff_ema_update": lambda p, c, e: (e - c * (e - p),),
 }
-_REDUCTIONS = {  # and its ReductionKernels: the mapped value, summed over `axis`
-    "minidiff_gn_sq_dev_sum": lambda x, m: (x - m) * (x - m),
-    "minidiff_gn_dot_centered": lambda dy, x, m: dy * (x - m),
-    "minidiff_gn_silu_grad_sum": lambda dy, x, m, scale, shift: _silu_grad((x - m) * scale + shift, dy),
-    "minidiff_gn_silu_grad_dot_centered": lambda dy, x, m, scale, shift: (
-        _silu_grad((x - m) * scale + shift, dy) * (x - m)),
+_REDUCTIONS = {  # and its ReductionKernels: (the mapped value, summed over `axis`; the post-map of the sum a)
+    "minidiff_gn_rstd": (lambda x, m, size, eps: (x - m) * (x - m), lambda a, x, m, size, eps: 1 / np.sqrt(a / size + eps)),
+    "minidiff_gn_dot_centered": (lambda dy, x, m: dy * (x - m), None),
+    "minidiff_gn_dot": (lambda u, v: u * v, None),
+    "minidiff_gn_silu_grad_sum": (lambda dy, x, m, rstd, gamma, beta: _silu_grad((x - m) * (rstd * gamma) + beta, dy),
+                                  None),
+    "minidiff_gn_silu_grad_dot_centered": (lambda dy, x, m, rstd, gamma, beta: (
+        _silu_grad((x - m) * (rstd * gamma) + beta, dy) * (x - m)), None),
 }
 
 
@@ -142,6 +201,9 @@ class FakeCupy(types.ModuleType):
         self.kernels_called = []  # names of the ElementwiseKernels run, for the tests
 
     def asarray(self, a, dtype=None):
+        if isinstance(a, FakeDeviceArray):  # already on the device: a view, or one cast
+            return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
+        LAUNCHES["h2d"] += 1
         return np.array(a, dtype=dtype, copy=True).view(FakeDeviceArray)  # a copy, as a host -> device one is
 
     def asnumpy(self, a):
@@ -158,22 +220,26 @@ class FakeCupy(types.ModuleType):
 
             def run(*args):
                 self.kernels_called.append(name)
-                for out, value in zip(args[n_in:], update(*args)):
-                    out[...] = value
+                with _Launch():
+                    for out, value in zip(args[n_in:], update(*args)):
+                        out[...] = value
             return run
 
         def run(*args):
             self.kernels_called.append(name)
-            return _device(formula(*args))
+            with _Launch():
+                return _device(formula(*args))
         return run
 
     def ReductionKernel(self, in_params, out_params, map_expr, reduce_expr, post_map_expr, identity,  # noqa: N802
                         name, preamble=""):
-        mapped = _REDUCTIONS[name]
+        mapped, post = _REDUCTIONS[name]
 
         def run(*args, axis=None):
             self.kernels_called.append(name)
-            return _device(mapped(*args).sum(axis=axis))
+            with _Launch():
+                a = mapped(*args).sum(axis=axis)
+                return _device(a if post is None else post(a, *args))
         return run
 
     def __getattr__(self, name):
@@ -181,6 +247,13 @@ class FakeCupy(types.ModuleType):
         if isinstance(value, np.ufunc) or isinstance(value, type) or not callable(value):
             return value  # ufuncs keep the subclass of their inputs; dtypes and constants as they are
         return _wrap(value)
+
+
+def count(fn) -> dict:
+    """{"ops": device operations, "h2d": host -> device copies} that fn() makes on the fake."""
+    before = dict(LAUNCHES)
+    fn()
+    return {k: LAUNCHES[k] - before[k] for k in LAUNCHES}
 
 
 def install(monkeypatch) -> FakeCupy:

@@ -35,7 +35,7 @@ from minidiff.nn import activations, groupnorm_cuda  # noqa: E402
 
 ARCH = "90"  # an H100 (sm_90)
 SCALAR_PARAMS = {  # the parameters each kernel's caller passes as Python numbers (the rest are arrays)
-    "minidiff_gn_rstd": {"m", "eps"},
+    "minidiff_gn_rstd": {"size", "eps"},
     "minidiff_gn_k": {"m"},
     "minidiff_ema_update": {"c"},
     "minidiff_adam_update": {"keep", "wd", "beta1", "c1", "beta2", "c2", "bc2_sqrt", "eps", "step_size"},
@@ -60,14 +60,15 @@ def _compile(code: str, name: str, options=()) -> bytes:
 def _source(kernel, dtype, ndim: int, contiguous: bool) -> str:
     """The CUDA source CuPy generates for this kernel called with arrays of this dtype and layout."""
     dt = np.dtype(dtype)
+    scalars = SCALAR_PARAMS.get(kernel.name, set())
     if isinstance(kernel, cupy.ElementwiseKernel):
-        scalars = SCALAR_PARAMS.get(kernel.name, set())
         infos = tuple(_arginfo(_SCALAR, dt) if p.name in scalars else _arginfo(_NDARRAY, dt, ndim, contiguous)
                       for p in kernel.in_params + kernel.out_params) + (_arginfo(_INDEXER, None, ndim),)
         return _GEN_ELEMENTWISE(infos, _kernel._TypeMap((("T", dt),)), kernel.params, kernel.operation, kernel.name,
                                 kernel.preamble, "", "", tuple(kernel.kwargs.get("options", ())))
-    out_ndim = max(ndim - 1, 1)  # minidiff reduces over the last axis
-    infos = (tuple(_arginfo(_NDARRAY, dt, ndim, contiguous) for _ in kernel.in_params)
+    out_ndim = max(ndim - 1, 1)  # minidiff reduces over one axis
+    infos = (tuple(_arginfo(_SCALAR, dt) if p.name in scalars else _arginfo(_NDARRAY, dt, ndim, contiguous)
+                   for p in kernel.in_params)
              + tuple(_arginfo(_NDARRAY, dt, out_ndim) for _ in kernel.out_params)
              + (_arginfo(_INDEXER, None, ndim), _arginfo(_INDEXER, None, out_ndim), _arginfo(_SCALAR, np.dtype(np.int32))))
     type_map = _kernel._TypeMap((("IndexT", np.dtype(np.int32)), ("T", dt)))
@@ -100,7 +101,7 @@ def kernels():
 
 KERNEL_NAMES = [
     "minidiff_silu_forward", "minidiff_silu_backward",
-    "minidiff_gn_sq_dev_sum", "minidiff_gn_dot_centered", "minidiff_gn_rstd", "minidiff_gn_apply", "minidiff_gn_k",
+    "minidiff_gn_rstd", "minidiff_gn_dot_centered", "minidiff_gn_dot", "minidiff_gn_apply", "minidiff_gn_k",
     "minidiff_gn_backward_apply", "minidiff_gn_apply_silu", "minidiff_gn_silu_grad_sum",
     "minidiff_gn_silu_grad_dot_centered", "minidiff_gn_silu_backward_apply",
     "minidiff_adam_update", "minidiff_ema_update",

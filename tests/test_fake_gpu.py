@@ -37,7 +37,7 @@ def fake(monkeypatch):
 def test_a_training_step_on_the_gpu_path_matches_numpy(fake, monkeypatch, preset, one_buffer, fused):
     monkeypatch.setattr(backend, "FUSED", fused)
     check_training_step(dataclasses.replace(get_preset(preset), sample_size=8, dropout=0.1), one_buffer, TOL)
-    kernels = {"minidiff_silu_forward", "minidiff_silu_backward", "minidiff_gn_sq_dev_sum", "minidiff_gn_rstd",
+    kernels = {"minidiff_silu_forward", "minidiff_silu_backward", "minidiff_gn_rstd", "minidiff_gn_dot",
                "minidiff_gn_apply", "minidiff_gn_dot_centered", "minidiff_gn_k", "minidiff_gn_backward_apply",
                "minidiff_gn_apply_silu", "minidiff_gn_silu_grad_sum", "minidiff_gn_silu_grad_dot_centered",
                "minidiff_gn_silu_backward_apply",  # GroupNorm alone in the attention blocks, with SiLU elsewhere
@@ -109,3 +109,33 @@ def test_classifier_training_on_the_gpu_path_reads_its_losses_once_per_log(fake,
     assert fake_cupy.IMPLICIT_READS == [("tolist", (6,))]  # 3 losses and 3 accuracies, read together
     np.testing.assert_allclose(runs["gpu"]["losses"], runs["cpu"]["losses"], rtol=1e-10)
     assert runs["gpu"]["accuracies"] == runs["cpu"]["accuracies"]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_the_fused_kernels_cut_the_device_operations_of_a_step(fake, tmp_path, monkeypatch, capsys, preset):
+    """Device operations (each about one kernel launch or cuBLAS call on CuPy, counted by the fake) of one
+    Trainer step and one DDIM sampling step, with MINIDIFF_FUSED=0 and with the fused kernels."""
+    from minidiff.config import TrainConfig
+    from minidiff.sampler import ddim_step
+    from minidiff.train import Trainer
+
+    counts = {}
+    for fused in (False, True):
+        monkeypatch.setattr(backend, "FUSED", fused)
+        cfg = TrainConfig(out=str(tmp_path / f"{preset}{fused}"), preset=preset, device="gpu", steps=4, batch_size=2,
+                          log_every=10, save_every=100, sample_every=0, threads=1)
+        trainer = Trainer(cfg, log=lambda *a, **k: None)
+        trainer.train_step()  # the first step makes the kernels
+        train = fake_cupy.count(trainer.train_step)
+        b = trainer.bundle()
+        x = fake.asarray(np.zeros((2, 3, b.image_size, b.image_size), np.float32))
+        cond = b.encode(prompts=b.default_prompts(2), n=2) if b.conditioning == "text" else None
+        cond = None if cond is None else fake.asarray(cond)
+        sample = fake_cupy.count(lambda: ddim_step(b.schedule, b.model_fn(x, fake.asarray(np.full(2, 500)), cond),
+                                                   500, 480, x))
+        counts[fused] = (train, sample)
+    with capsys.disabled():
+        print(f"\n{preset}: device ops per training step {counts[False][0]['ops']} -> {counts[True][0]['ops']} fused "
+              f"(host -> device copies {counts[True][0]['h2d']}), per sampling step {counts[False][1]['ops']} -> "
+              f"{counts[True][1]['ops']} (copies {counts[True][1]['h2d']})")
+    assert counts[True][0]["ops"] < counts[False][0]["ops"] and counts[True][1]["ops"] < counts[False][1]["ops"]

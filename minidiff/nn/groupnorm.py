@@ -81,7 +81,7 @@ def groupnorm_forward(x, gamma, beta, num_groups, eps=1e-5):
     g = check_groupnorm_args(x, gamma, beta, num_groups, eps)
     n, c = x.shape[:2]
     xp = get_array_module(x)
-    if xp is not np and backend.FUSED:  # the same formulas in 5 CuPy kernels (groupnorm_cuda.py)
+    if xp is not np and backend.FUSED:  # the same formulas in 3 CuPy kernels (groupnorm_cuda.py)
         y, mean, rstd = groupnorm_forward_cuda(xp, x, gamma, beta, g, float(eps))
         return y, (x, gamma, mean, rstd, g)
 
@@ -125,7 +125,7 @@ def groupnorm_backward(dy, cache):
     x, gamma, mean, rstd, g = cache
     check_shape("dy", dy, x.shape, "(N, C, *spatial)")
     xp = get_array_module(dy, x)
-    if xp is not np and backend.FUSED:  # the same formulas in 12 CuPy kernels (groupnorm_cuda.py)
+    if xp is not np and backend.FUSED:  # the same formulas in 8 CuPy kernels (groupnorm_cuda.py)
         return groupnorm_backward_cuda(xp, dy, x, gamma, mean, rstd, g)
     n, c = x.shape[:2]
     xc = x.reshape(n, g, -1) - mean[:, :, None]  # (N, G, M) recomputed, as in the forward

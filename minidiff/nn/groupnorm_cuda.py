@@ -2,10 +2,10 @@
 activation-sized passes each fused into one kernel. groupnorm_forward / groupnorm_backward call
 these on CuPy unless MINIDIFF_FUSED=0 (backend.FUSED); the caches are the same on both paths.
 
-    forward   mean_g (a reduction), s_g = sum (x - mean_g)^2 (one reduction), rstd_g = 1 / sqrt(s_g / M + eps),
-              y = (x - mean_g) a_c + beta_c with a_c = rstd_g gamma_c (one kernel)          5 launches, not 10
-    backward  s1_c = sum dy, s2_c = sum dy (x - mean_g) (one reduction), the small (N, C) / (N, G) algebra,
-              dx = dy a_c + ((x - mean_g) k1_g + k0_g) (one kernel)                        12 launches, not 24
+    forward   mean_g (a reduction), rstd_g = 1 / sqrt(sum (x - mean_g)^2 / M + eps) (one reduction),
+              y = (x - mean_g) a_c + beta_c with a_c = rstd_g gamma_c (one kernel)           3 launches, not 10
+    backward  s1_c = sum dy, s2_c = sum dy (x - mean_g) (one reduction), the small (N, C) / (N, G) sums
+              (one reduction each), dx = dy a_c + ((x - mean_g) k1_g + k0_g) (one kernel)    8 launches, not 24
 
 With silu=True (groupnorm_silu.py: y = silu(GroupNorm(x))) the same launches also apply SiLU:
 the forward's last kernel writes silu(h), h = (x - mean_g) a_c + beta_c, and never h itself; the
@@ -32,85 +32,89 @@ template <typename T> __device__ T minidiff_silu_grad(T h, T dy) {
 
 
 def _kernels(xp) -> dict:
-    """The CuPy kernels, made once: reductions over the last axis and elementwise maps."""
+    """The CuPy kernels, made once: reductions (over the axis given at the call) and elementwise maps."""
     if not _KERNELS:
         red, ew = xp.ReductionKernel, xp.ElementwiseKernel
-        _KERNELS["sq_dev_sum"] = red(  # sum_k (x - m)^2
-            "T x, T m", "T s", "(x - m) * (x - m)", "a + b", "s = a", "0", "minidiff_gn_sq_dev_sum")
+        _KERNELS["rstd"] = red(  # rstd = 1 / sqrt(sum_k (x - m)^2 / size + eps); size, eps: numbers
+            "T x, T m, T size, T eps", "T rstd", "(x - m) * (x - m)", "a + b", "rstd = 1 / sqrt(a / size + eps)", "0",
+            "minidiff_gn_rstd")
         _KERNELS["dot_centered"] = red(  # sum_k dy (x - m)
             "T dy, T x, T m", "T s", "dy * (x - m)", "a + b", "s = a", "0", "minidiff_gn_dot_centered")
-        _KERNELS["rstd"] = ew(
-            "T s, T m, T eps", "T rstd", "rstd = 1 / sqrt(s / m + eps);", "minidiff_gn_rstd")
+        _KERNELS["dot"] = red(  # sum_k u v
+            "T u, T v", "T s", "u * v", "a + b", "s = a", "0", "minidiff_gn_dot")
         _KERNELS["apply"] = ew(
-            "T x, T mean, T a, T b", "T y", "y = (x - mean) * a + b;", "minidiff_gn_apply")
+            "T x, T mean, T rstd, T gamma, T beta", "T y", "y = (x - mean) * (rstd * gamma) + beta;", "minidiff_gn_apply")
         _KERNELS["k"] = ew(
             "T rstd, T a1, T a2, T m", "T k1, T k0", "k1 = -(rstd * rstd * rstd) * a2 / m; k0 = -rstd * a1 / m;",
             "minidiff_gn_k")
         _KERNELS["backward_apply"] = ew(
-            "T dy, T x, T mean, T a, T k1, T k0", "T dx", "dx = dy * a + ((x - mean) * k1 + k0);",
-            "minidiff_gn_backward_apply")
-        # silu=True: h = (x - m) * scale + shift recomputed where needed (in a ReductionKernel the names a and b
-        # belong to reduce_expr's operands, so the folded scale and beta are called scale and shift there)
+            "T dy, T x, T mean, T rstd, T gamma, T k1, T k0", "T dx",
+            "dx = dy * (rstd * gamma) + ((x - mean) * k1 + k0);", "minidiff_gn_backward_apply")
+        # silu=True: h = (x - m) (rstd gamma) + beta recomputed where needed
         _KERNELS["apply_silu"] = ew(
-            "T x, T mean, T a, T b", "T y", "T h = (x - mean) * a + b; T s = 1 / (1 + exp(-h)); y = h * s;",
-            "minidiff_gn_apply_silu")
+            "T x, T mean, T rstd, T gamma, T beta", "T y",
+            "T h = (x - mean) * (rstd * gamma) + beta; T s = 1 / (1 + exp(-h)); y = h * s;", "minidiff_gn_apply_silu")
         _KERNELS["silu_grad_sum"] = red(  # sum_k dh, dh = silu'(h) dy
-            "T dy, T x, T m, T scale, T shift", "T s", "minidiff_silu_grad((x - m) * scale + shift, dy)",
+            "T dy, T x, T m, T rstd, T gamma, T beta", "T s",
+            "minidiff_silu_grad((x - m) * (rstd * gamma) + beta, dy)",
             "a + b", "s = a", "0", "minidiff_gn_silu_grad_sum", preamble=_SILU_GRAD)
         _KERNELS["silu_grad_dot_centered"] = red(  # sum_k dh (x - m)
-            "T dy, T x, T m, T scale, T shift", "T s", "minidiff_silu_grad((x - m) * scale + shift, dy) * (x - m)",
+            "T dy, T x, T m, T rstd, T gamma, T beta", "T s",
+            "minidiff_silu_grad((x - m) * (rstd * gamma) + beta, dy) * (x - m)",
             "a + b", "s = a", "0", "minidiff_gn_silu_grad_dot_centered", preamble=_SILU_GRAD)
         _KERNELS["silu_backward_apply"] = ew(
-            "T dy, T x, T mean, T a, T b, T k1, T k0", "T dx",
-            "T dh = minidiff_silu_grad((x - mean) * a + b, dy); dx = dh * a + ((x - mean) * k1 + k0);",
+            "T dy, T x, T mean, T rstd, T gamma, T beta, T k1, T k0", "T dx",
+            "T dh = minidiff_silu_grad((x - mean) * (rstd * gamma) + beta, dy); "
+            "dx = dh * (rstd * gamma) + ((x - mean) * k1 + k0);",
             "minidiff_gn_silu_backward_apply", preamble=_SILU_GRAD)
     return _KERNELS
 
 
 def groupnorm_forward_cuda(xp, x, gamma, beta, g: int, eps: float, silu: bool = False):
-    """groupnorm_forward's y (silu(y) with silu=True) and (mean, rstd) (N, G), in 5 kernels; x (N, C, *S) on CuPy."""
+    """groupnorm_forward's y (silu(y) with silu=True) and (mean, rstd) (N, G), in 3 kernels; x (N, C, *S) on CuPy."""
     k = _kernels(xp)
     n, c = x.shape[:2]
     xg = x.reshape(n, g, -1)  # (N, G, M)
     m = xg.shape[2]
     mean = xg.mean(axis=2)  # (N, G)
-    s = k["sq_dev_sum"](xg, xp.broadcast_to(mean[:, :, None], xg.shape), axis=2)  # (N, G) sum (x - mean)^2
-    rstd = k["rstd"](s, float(m), float(eps))  # (N, G) 1 / sqrt(var + eps), var = s / M (biased)
+    # (N, G) 1 / sqrt(var + eps), var = sum (x - mean)^2 / M (biased)
+    rstd = k["rstd"](xg, xp.broadcast_to(mean[:, :, None], xg.shape), float(m), float(eps), axis=2)
     x4 = x.reshape(n, g, c // g, -1)  # (N, G, Cg, L)
-    a = rstd[:, :, None] * gamma.reshape(g, -1)  # (N, G, Cg) the folded scale rstd_g gamma_c
     apply = k["apply_silu" if silu else "apply"]
-    y = apply(x4, mean[:, :, None, None], a[..., None], beta.reshape(1, g, -1, 1))  # (N, G, Cg, L)
+    # y = (x - mean_g) a_c + beta_c with the folded scale a_c = rstd_g gamma_c, formed in the kernel
+    y = apply(x4, mean[:, :, None, None], rstd[:, :, None, None], gamma.reshape(1, g, -1, 1), beta.reshape(1, g, -1, 1))
     return y.reshape(x.shape), mean, rstd
 
 
 def groupnorm_backward_cuda(xp, dy, x, gamma, mean, rstd, g: int, beta=None):
-    """groupnorm_backward's (dx, dgamma, dbeta), in 12 kernels; the same expansion as there.
+    """groupnorm_backward's (dx, dgamma, dbeta), in 8 kernels; the same expansion as there.
 
     With beta given, dy is the gradient of silu(GroupNorm(x)) (groupnorm_forward_cuda's silu=True), and
     dh = silu'(h) dy takes dy's place in every formula, recomputed from h = (x - mean) a + beta."""
     k = _kernels(xp)
     n, c = x.shape[:2]
     x4, dy4 = x.reshape(n, g, c // g, -1), dy.reshape(n, g, c // g, -1)  # (N, G, Cg, L)
-    m = x4.shape[2] * x4.shape[3]  # M
-    mean4 = mean[:, :, None, None]  # (N, G, 1, 1)
-    gamma_g = gamma.reshape(g, -1)  # (G, Cg)
-    a4 = (rstd[:, :, None] * gamma_g)[..., None]  # (N, G, Cg, 1) the forward's folded scale rstd_g gamma_c
+    shape4 = x4.shape
+    m = shape4[2] * shape4[3]  # M
+    mean4, rstd4 = mean[:, :, None, None], rstd[:, :, None, None]  # (N, G, 1, 1)
+    gamma4 = gamma.reshape(1, g, -1, 1)  # (1, G, Cg, 1)
     if beta is None:
         s1 = dy4.sum(axis=3)  # (N, G, Cg) sum_S dy
-        s2 = k["dot_centered"](dy4, x4, xp.broadcast_to(mean4, x4.shape), axis=3)  # (N, G, Cg) sum_S dy (x - mean)
+        s2 = k["dot_centered"](dy4, x4, xp.broadcast_to(mean4, shape4), axis=3)  # (N, G, Cg) sum_S dy (x - mean)
     else:
         beta4 = beta.reshape(1, g, -1, 1)  # (1, G, Cg, 1)
-        args = [dy4, x4] + [xp.broadcast_to(v, x4.shape) for v in (mean4, a4, beta4)]
+        args = [dy4, x4] + [xp.broadcast_to(v, shape4) for v in (mean4, rstd4, gamma4, beta4)]
         s1 = k["silu_grad_sum"](*args, axis=3)  # (N, G, Cg) sum_S dh
         s2 = k["silu_grad_dot_centered"](*args, axis=3)  # (N, G, Cg) sum_S dh (x - mean)
     dbeta = s1.sum(axis=0).reshape(c)  # (C,)
-    dgamma = (s2 * rstd[:, :, None]).sum(axis=0).reshape(c)  # (C,)
-    a1 = (s1 * gamma_g).sum(axis=2)  # (N, G) sum_g dxhat
-    a2 = (s2 * gamma_g).sum(axis=2)  # (N, G) sum_g dxhat (x - mean)
+    dgamma = k["dot"](s2, xp.broadcast_to(rstd[:, :, None], s2.shape), axis=0).reshape(c)  # (C,) sum_N rstd s2
+    gamma_g = xp.broadcast_to(gamma.reshape(1, g, -1), s1.shape)  # (N, G, Cg)
+    a1 = k["dot"](s1, gamma_g, axis=2)  # (N, G) sum_g dxhat
+    a2 = k["dot"](s2, gamma_g, axis=2)  # (N, G) sum_g dxhat (x - mean)
     k1, k0 = k["k"](rstd, a1, a2, float(m))  # (N, G)
     k1, k0 = k1[:, :, None, None], k0[:, :, None, None]  # (N, G, 1, 1)
     if beta is None:
-        dx = k["backward_apply"](dy4, x4, mean4, a4, k1, k0)
+        dx = k["backward_apply"](dy4, x4, mean4, rstd4, gamma4, k1, k0)
     else:
-        dx = k["silu_backward_apply"](dy4, x4, mean4, a4, beta4, k1, k0)
+        dx = k["silu_backward_apply"](dy4, x4, mean4, rstd4, gamma4, beta4, k1, k0)
     return dx.reshape(x.shape), dgamma, dbeta
