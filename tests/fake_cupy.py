@@ -118,7 +118,7 @@ def _wrap(fn):
     name = getattr(fn, "__name__", "fn")
 
     def call(*args, **kwargs):
-        if name in _NO_LAUNCH:
+        if name in _NO_LAUNCH or (name == "ascontiguousarray" and args[0].flags.c_contiguous):  # no copy made
             return _device(fn(*args, **kwargs))
         with _Launch():
             return _device(fn(*args, **kwargs))
@@ -160,8 +160,43 @@ _KERNELS = {  # the ElementwiseKernels of minidiff, by name: the formulas of the
     "minidiff_gn_silu_backward_apply": lambda dy, x, mean, rstd, gamma, beta, k1, k0: (
         _silu_grad((x - mean) * (rstd * gamma) + beta, dy) * (rstd * gamma) + ((x - mean) * k1 + k0)),
 }
-_UPDATES = {  # and its in-place updates: the new values of the outputs, from the inputs and the old outputs
+def _flat_index_parts(size, dims):
+    """The kernels' index split: i -> (i % dims[-1], ...), last dim first, as C integer division does it."""
+    r, parts = np.arange(size), []
+    for d in reversed(dims):
+        parts.append(r % d)
+        r = r // d
+    return parts[::-1]
+
+
+def _im2col_kernel(x, N, C, H, W, kh, kw, s, pt, pl, Ho, Wo, col):
+    """minidiff_im2col's body, vectorized over i (x raw: its flat contiguous entries)."""
+    c, ti, tj, n, oh, ow = _flat_index_parts(col.size, (C, kh, kw, N, Ho, Wo))
+    h, w = s * oh + ti - pt, s * ow + tj - pl
+    inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    src = np.where(inside, ((n * C + c) * H + h) * W + w, 0)
+    return (np.where(inside, _host(x).reshape(-1)[src], 0).astype(col.dtype).reshape(col.shape),)
+
+
+def _col2im_kernel(dcols, N, C, H, W, kh, kw, s, pt, pl, Ho, Wo, dx):
+    """minidiff_col2im's body, vectorized over i; the taps added in the kernel's order."""
+    c, n, h, w = _flat_index_parts(dx.size, (C, N, H, W))
+    flat, acc = _host(dcols).reshape(-1), np.zeros(dx.size, dx.dtype)
+    for ti in range(kh):
+        hs = h + pt - ti
+        ok_h = (hs >= 0) & (hs % s == 0) & (hs // s < Ho)
+        for tj in range(kw):
+            ws = w + pl - tj
+            ok = ok_h & (ws >= 0) & (ws % s == 0) & (ws // s < Wo)
+            src = np.where(ok, ((((c * kh + ti) * kw + tj) * N + n) * Ho + hs // s) * Wo + ws // s, 0)
+            acc += np.where(ok, flat[src], 0)
+    return (acc.reshape(dx.shape),)
+
+
+_UPDATES = {  # and its kernels that write outputs passed in: the new values of the outputs, from the inputs and the old outputs
     "minidiff_adam_update": _adam_update,
+    "minidiff_im2col": _im2col_kernel,
+    "minidiff_col2im": _col2im_kernel,
     "minidiff_ema_update": lambda p, c, e: (e - c * (e - p),),
 }
 _REDUCTIONS = {  # and its ReductionKernels: (the mapped value, summed over `axis`; the post-map of the sum a)
@@ -260,11 +295,12 @@ def install(monkeypatch) -> FakeCupy:
     """Make minidiff's backend see the fake as CuPy with one GPU (undone by monkeypatch at the test's end)."""
     from minidiff import backend
     from minidiff import optim_cuda
-    from minidiff.nn import activations, groupnorm_cuda
+    from minidiff.nn import activations, groupnorm_cuda, im2col_cuda
 
     fake = FakeCupy()
     monkeypatch.setattr(backend, "_CUPY", fake)
     monkeypatch.setattr(activations, "_KERNELS", {})  # kernels made by the fake, dropped afterwards
     monkeypatch.setattr(groupnorm_cuda, "_KERNELS", {})
     monkeypatch.setattr(optim_cuda, "_KERNELS", {})
+    monkeypatch.setattr(im2col_cuda, "_KERNELS", {})
     return fake

@@ -149,3 +149,32 @@ def test_strided_im2col_equals_the_per_tap_copy(n, c, h, w, k, s, pads):
     x = np.random.default_rng(0).standard_normal((n, c, h, w))
     np.testing.assert_array_equal(im2col._im2col_strided(x, k, k, s, pads, Ho, Wo),
                                   im2col._im2col(x, k, k, s, pads, Ho, Wo))
+
+
+@given(n=st.integers(1, 3), c=st.integers(1, 3), h=st.integers(1, 7), w=st.integers(1, 7), kh=st.integers(1, 3),
+       kw=st.integers(1, 3), s=st.integers(1, 3), pads=st.tuples(*[st.integers(0, 2)] * 4))
+@example(n=1, c=1, h=1, w=1, kh=1, kw=1, s=1, pads=(0, 0, 0, 0))  # 1x1 everything, no padding
+@example(n=2, c=3, h=6, w=5, kh=3, kw=3, s=2, pads=(1, 1, 1, 1))  # stride 2: the U-Net's downsample
+@example(n=2, c=2, h=5, w=4, kh=3, kw=2, s=2, pads=(0, 1, 0, 1))  # diffusers' asymmetric padding, kh != kw
+def test_the_cuda_im2col_and_col2im_kernels_equal_the_array_ops(n, c, h, w, kh, kw, s, pads):
+    """im2col_cuda.py's two kernels, their bodies' index arithmetic run by the fake CuPy (tests/fake_cupy.py),
+    give the NumPy columns and col2im sums exactly (a copy; the same taps added in the same order)."""
+    import fake_cupy
+    from minidiff import backend
+
+    pt, pb, pl, pr = pads
+    if h + pt + pb < kh or w + pl + pr < kw:
+        return  # _setup refuses these (padded input smaller than the kernel)
+    Ho, Wo = (h + pt + pb - kh) // s + 1, (w + pl + pr - kw) // s + 1
+    rng = np.random.default_rng(0)
+    x, dcols = rng.standard_normal((n, c, h, w)), rng.standard_normal((c, kh, kw, n, Ho, Wo))
+    want = im2col._im2col(x, kh, kw, s, pads, Ho, Wo), im2col._col2im(dcols, x.shape, s, pads, Ho, Wo)
+    with pytest.MonkeyPatch.context() as mp:
+        fake = fake_cupy.install(mp)
+        mp.setattr(backend, "FUSED", True)
+        got = (im2col._im2col(fake.asarray(x), kh, kw, s, pads, Ho, Wo),
+               im2col._col2im(fake.asarray(dcols), x.shape, s, pads, Ho, Wo))
+        assert fake.kernels_called == ["minidiff_im2col", "minidiff_col2im"]
+    for g, want_ in zip(got, want):
+        assert g.shape == want_.shape
+        np.testing.assert_array_equal(np.asarray(g), want_)

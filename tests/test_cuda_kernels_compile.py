@@ -31,7 +31,7 @@ except (ImportError, AttributeError) as err:  # pragma: no cover (another CuPy)
     pytest.skip(f"this CuPy's kernel internals differ from CuPy 14's ({err})", allow_module_level=True)
 
 from minidiff import optim_cuda  # noqa: E402
-from minidiff.nn import activations, groupnorm_cuda  # noqa: E402
+from minidiff.nn import activations, groupnorm_cuda, im2col_cuda  # noqa: E402
 
 ARCH = "90"  # an H100 (sm_90)
 SCALAR_PARAMS = {  # the parameters each kernel's caller passes as Python numbers (the rest are arrays)
@@ -39,6 +39,8 @@ SCALAR_PARAMS = {  # the parameters each kernel's caller passes as Python number
     "minidiff_gn_k": {"m"},
     "minidiff_ema_update": {"c"},
     "minidiff_adam_update": {"keep", "wd", "beta1", "c1", "beta2", "c2", "bc2_sqrt", "eps", "step_size"},
+    "minidiff_im2col": {"N", "C", "H", "W", "kh", "kw", "s", "pt", "pl", "Ho", "Wo"},
+    "minidiff_col2im": {"N", "C", "H", "W", "kh", "kw", "s", "pt", "pl", "Ho", "Wo"},
 }
 
 
@@ -62,7 +64,9 @@ def _source(kernel, dtype, ndim: int, contiguous: bool) -> str:
     dt = np.dtype(dtype)
     scalars = SCALAR_PARAMS.get(kernel.name, set())
     if isinstance(kernel, cupy.ElementwiseKernel):
-        infos = tuple(_arginfo(_SCALAR, dt) if p.name in scalars else _arginfo(_NDARRAY, dt, ndim, contiguous)
+        infos = tuple(_arginfo(_SCALAR, dt if p.dtype is None else np.dtype(p.dtype)) if p.name in scalars
+                      else _arginfo(_NDARRAY, dt, 4, True) if p.raw  # a raw array keeps its shape: 4-d, contiguous
+                      else _arginfo(_NDARRAY, dt, ndim, contiguous)
                       for p in kernel.in_params + kernel.out_params) + (_arginfo(_INDEXER, None, ndim),)
         return _GEN_ELEMENTWISE(infos, _kernel._TypeMap((("T", dt),)), kernel.params, kernel.operation, kernel.name,
                                 kernel.preamble, "", "", tuple(kernel.kwargs.get("options", ())))
@@ -87,7 +91,7 @@ def kernels():
     with pytest.MonkeyPatch.context() as mp:
         found = {}
         for module, make in ((activations, activations._cuda_kernels), (groupnorm_cuda, groupnorm_cuda._kernels),
-                             (optim_cuda, optim_cuda._kernels)):
+                             (optim_cuda, optim_cuda._kernels), (im2col_cuda, im2col_cuda._kernels)):
             mp.setattr(module, "_KERNELS", {})
             found.update({k.name: k for k in make(cupy).values()})
     try:
@@ -104,7 +108,7 @@ KERNEL_NAMES = [
     "minidiff_gn_rstd", "minidiff_gn_dot_centered", "minidiff_gn_dot", "minidiff_gn_apply", "minidiff_gn_k",
     "minidiff_gn_backward_apply", "minidiff_gn_apply_silu", "minidiff_gn_silu_grad_sum",
     "minidiff_gn_silu_grad_dot_centered", "minidiff_gn_silu_backward_apply",
-    "minidiff_adam_update", "minidiff_ema_update",
+    "minidiff_adam_update", "minidiff_ema_update", "minidiff_im2col", "minidiff_col2im",
 ]
 
 

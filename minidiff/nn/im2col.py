@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import backend
 from ..backend import get_array_module
+from .im2col_cuda import col2im_cuda, im2col_cuda
 
 
 def _taps(offset: int, s: int, size: int, n_out: int) -> tuple:
@@ -29,10 +31,13 @@ def _im2col(x, kh, kw, s, pads, Ho, Wo):
 
     On NumPy x_pad is never built: each kernel offset (i, j) copies the part of x it sees with one
     strided copy and writes zeros where it reads padding (this saves a full copy of x per conv). On
-    CuPy, where each copy is a kernel launch, _im2col_strided does it in three. The batch sits
+    CuPy, where each copy is a kernel launch, im2col_cuda does it in one (im2col_cuda.py), or with
+    MINIDIFF_FUSED=0 _im2col_strided in three array ops. The batch sits
     inside the column index, so a whole (chunk of the) batch is ONE 2-D BLAS matmul (K, N*L).
     """
     xp = get_array_module(x)
+    if xp is not np and backend.FUSED:
+        return im2col_cuda(xp, x, kh, kw, s, pads, Ho, Wo)
     if xp is not np:
         return _im2col_strided(x, kh, kw, s, pads, Ho, Wo)
     N, C, H, W = x.shape
@@ -70,6 +75,8 @@ def _col2im(dcols, x_shape, s, pads, Ho, Wo):
     """The adjoint of _im2col: dx_c[c, n, r, q] = sum of dcols[c, i, j, n, oh, ow] over the taps that
     copied x[n, c, r, q] (overlaps summed, padding taps dropped). Returns dx (C, N, H, W), channel-major."""
     xp = get_array_module(dcols)
+    if xp is not np and backend.FUSED:  # the loop below in one CuPy kernel (im2col_cuda.py)
+        return col2im_cuda(xp, dcols, x_shape, s, pads, Ho, Wo)
     N, C, H, W = x_shape
     _, kh, kw = dcols.shape[:3]
     pt, _, pl, _ = pads
