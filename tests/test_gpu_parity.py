@@ -70,7 +70,9 @@ def fwd_bwd(forward, backward, dy_seed=9):
     (1, 1, 1, 6, 3),  # conv_in-like: C_out > 2 C_in (dx by col2im)
     (1, 0, 4, 6, 1),  # the 1x1 shortcut
 ])
-def test_conv2d(stride, padding, c_in, c_out, k):
+@pytest.mark.parametrize("fused", [True, False])  # im2col / col2im as one kernel each, or as array ops
+def test_conv2d(monkeypatch, stride, padding, c_in, c_out, k, fused):
+    monkeypatch.setattr(backend, "FUSED", fused)
     run = fwd_bwd(lambda x, w, b: conv2d_forward(x, w, b, stride, padding), conv2d_backward)
     assert_parity(run, randn(3, c_in, 7, 6), randn(c_out, c_in, k, k, seed=1), randn(c_out, seed=2))
 
