@@ -231,7 +231,7 @@ def conv2d_backward(dy, cache, lowering="auto"):
     # forward: y_col += b[:, None]
     db = dy.sum(axis=(0, 2, 3)) if has_bias else None  # (C_out,)
     dt = xp.result_type(dy.dtype, w.dtype)  # the dtype the matmuls give (dy's and x's, normally equal)
-    dw_col = xp.zeros((w_col.shape[1], C_out), dtype=dt)  # (K, C_out), summed over the chunks
+    dw_col = None  # (K, C_out), summed over the chunks (the first chunk's product starts the sum)
     dx = xp.empty(x.shape, dtype=dt)  # (N, C_in, H, W), filled chunk by chunk
     for nb in _chunks(x, w_col.shape[1], Ho * Wo):
         # forward: y_col = w_col @ cols,  y[nb] = y_col as (n, C_out, Ho, Wo)
@@ -239,7 +239,11 @@ def conv2d_backward(dy, cache, lowering="auto"):
         cols = _im2col(x[nb], kh, kw, s, pads, Ho, Wo)  # (K, n*L), rebuilt (see the cache note)
         # dw = dy_col @ cols^T, evaluated as (cols @ dy_col^T)^T: same numbers, but OpenBLAS is several
         # times faster when the long n*L axis is the inner dimension of a row-major (K, n*L) operand
-        dw_col += cols @ dy_col.T  # (K, C_out)
+        dw_part = cols @ dy_col.T  # (K, C_out)
+        if dw_col is None:
+            dw_col = dw_part  # one chunk, as always on CuPy: no zero-fill and no add
+        else:
+            dw_col += dw_part
         if gather:
             # dx[n, c, r, q] = sum_{o, i, j} w[o, c, i, j] dy_pad'[n, o, r + kh-1-i, q + kw-1-j]
             dx_c = (w_flip @ _im2col(dy[nb], kh, kw, 1, flip_pads, H, W)).reshape(C_in, -1, H, W)
