@@ -1,14 +1,18 @@
 """A stand-in for CuPy made of NumPy, so that the GPU code paths run on a machine without a GPU.
 
-minidiff picks its code by backend: `xp is not np` runs the strided im2col, the fused SiLU
-kernels, the whole-batch conv (no chunks, no Winograd), the flat buffers in one piece, the
-dropout masks drawn on "the device", the loss read every --log-every steps. With install(),
+minidiff picks its code by backend: `xp is not np` runs the fused kernels (SiLU, GroupNorm with
+and without SiLU, im2col and col2im, AdamW and the EMA; with MINIDIFF_FUSED=0 the strided im2col
+and the array ops), the whole-batch conv (no chunks, no Winograd), the flat buffers in one piece,
+the dropout masks drawn on "the device", the loss read every --log-every steps. With install(),
 backend.import_cupy() returns this module and its arrays (FakeDeviceArray, an ndarray subclass
 whose type claims to come from cupy) count as CuPy arrays, so all of those run here, on NumPy
 underneath: any logic error in them shows, and so does any read back to the host (to_numpy).
 
 Reads of a device value by the host (float(a), bool(a), int(a), a.item(), a.tolist(): each a
 sync on a GPU) are recorded in IMPLICIT_READS, which the checks of the steps expect to stay empty.
+Device operations (ufunc calls, slice assignments, copies, casts, kernels and NumPy calls on
+device arrays: about one kernel launch each on CuPy) and host -> device copies are counted in
+LAUNCHES; count(fn) gives those of one call.
 
 What it cannot show: where CuPy's API differs from NumPy's, and anything about speed or CUDA.
 The ElementwiseKernels and ReductionKernels minidiff defines are emulated by name, from the
