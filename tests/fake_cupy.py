@@ -149,7 +149,7 @@ def _silu(h):
     return h * _sigmoid(h)
 
 
-def _silu_grad(h, dy):  # the device function minidiff_silu_grad of groupnorm_cuda.py
+def _silu_grad(h, dy):  # the device function minidiff_silu_grad (activations.SILU_CUDA)
     return ((1 - _sigmoid(h)) * h + 1) * _sigmoid(h) * dy
 
 

@@ -17,15 +17,27 @@ from ._check import check_float, check_shape
 
 _KERNELS = {}  # "forward" / "backward" -> cupy.ElementwiseKernel, made on first use
 
+# SiLU and its gradient as CUDA device functions, for these kernels and GroupNorm's (groupnorm_cuda.py):
+# the formulas of silu_forward and silu_backward below, in the same order
+SILU_CUDA = """
+template <typename T> __device__ T minidiff_silu(T x) {
+    T s = 1 / (1 + exp(-x));
+    return x * s;
+}
+template <typename T> __device__ T minidiff_silu_grad(T x, T dy) {
+    T s = 1 / (1 + exp(-x));
+    return ((1 - s) * x + 1) * s * dy;
+}
+"""
+
 
 def _cuda_kernels(xp) -> dict:
     """The fused SiLU kernels for CuPy: y = x * s and dx = ((1 - s) * x + 1) * s * dy, s = 1 / (1 + exp(-x))."""
     if not _KERNELS:
         _KERNELS["forward"] = xp.ElementwiseKernel(
-            "T x", "T y", "T s = 1 / (1 + exp(-x)); y = x * s;", "minidiff_silu_forward")
+            "T x", "T y", "y = minidiff_silu(x);", "minidiff_silu_forward", preamble=SILU_CUDA)
         _KERNELS["backward"] = xp.ElementwiseKernel(
-            "T x, T dy", "T dx", "T s = 1 / (1 + exp(-x)); dx = ((1 - s) * x + 1) * s * dy;",
-            "minidiff_silu_backward")
+            "T x, T dy", "T dx", "dx = minidiff_silu_grad(x, dy);", "minidiff_silu_backward", preamble=SILU_CUDA)
     return _KERNELS
 
 

@@ -11,7 +11,7 @@ With silu=True (groupnorm_silu.py: y = silu(GroupNorm(x))) the same launches als
 the forward's last kernel writes silu(h), h = (x - mean_g) a_c + beta_c, and never h itself; the
 backward recomputes h and dh = silu'(h) dy inside s1's and s2's reductions and its last kernel.
 
-Each launch is a few microseconds of host time on a GPU, and a `small` training step has 25
+Each launch is a few microseconds of host time on a GPU, and a `small` training step has 27
 GroupNorms. The kernels have not run on a GPU yet: tests/test_gpu_parity.py checks them against
 NumPy (and against MINIDIFF_FUSED=0) where one is available.
 
@@ -20,15 +20,9 @@ Shape legend: N batch, C channels, G groups, Cg = C / G, L = prod(spatial), M = 
 
 from __future__ import annotations
 
-_KERNELS: dict = {}  # name -> cupy kernel, made on first use
+from .activations import SILU_CUDA
 
-# dL/dh of y = h sigma(h) given dy = dL/dy: silu_backward's formula (activations.py), as a device function
-_SILU_GRAD = """
-template <typename T> __device__ T minidiff_silu_grad(T h, T dy) {
-    T s = 1 / (1 + exp(-h));
-    return ((1 - s) * h + 1) * s * dy;
-}
-"""
+_KERNELS: dict = {}  # name -> cupy kernel, made on first use
 
 
 def _kernels(xp) -> dict:
@@ -53,20 +47,21 @@ def _kernels(xp) -> dict:
         # silu=True: h = (x - m) (rstd gamma) + beta recomputed where needed
         _KERNELS["apply_silu"] = ew(
             "T x, T mean, T rstd, T gamma, T beta", "T y",
-            "T h = (x - mean) * (rstd * gamma) + beta; T s = 1 / (1 + exp(-h)); y = h * s;", "minidiff_gn_apply_silu")
+            "y = minidiff_silu((x - mean) * (rstd * gamma) + beta);", "minidiff_gn_apply_silu",
+            preamble=SILU_CUDA)
         _KERNELS["silu_grad_sum"] = red(  # sum_k dh, dh = silu'(h) dy
             "T dy, T x, T m, T rstd, T gamma, T beta", "T s",
             "minidiff_silu_grad((x - m) * (rstd * gamma) + beta, dy)",
-            "a + b", "s = a", "0", "minidiff_gn_silu_grad_sum", preamble=_SILU_GRAD)
+            "a + b", "s = a", "0", "minidiff_gn_silu_grad_sum", preamble=SILU_CUDA)
         _KERNELS["silu_grad_dot_centered"] = red(  # sum_k dh (x - m)
             "T dy, T x, T m, T rstd, T gamma, T beta", "T s",
             "minidiff_silu_grad((x - m) * (rstd * gamma) + beta, dy) * (x - m)",
-            "a + b", "s = a", "0", "minidiff_gn_silu_grad_dot_centered", preamble=_SILU_GRAD)
+            "a + b", "s = a", "0", "minidiff_gn_silu_grad_dot_centered", preamble=SILU_CUDA)
         _KERNELS["silu_backward_apply"] = ew(
             "T dy, T x, T mean, T rstd, T gamma, T beta, T k1, T k0", "T dx",
             "T dh = minidiff_silu_grad((x - mean) * (rstd * gamma) + beta, dy); "
             "dx = dh * (rstd * gamma) + ((x - mean) * k1 + k0);",
-            "minidiff_gn_silu_backward_apply", preamble=_SILU_GRAD)
+            "minidiff_gn_silu_backward_apply", preamble=SILU_CUDA)
     return _KERNELS
 
 
