@@ -9,9 +9,22 @@ is perturbed by +-h and compared with (L(x + h e_i) - L(x - h e_i)) / (2h).
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
+import pytest
 
 from minidiff.backend import to_numpy
+
+
+def needs(*packages: str):
+    """A skipif mark for a test that needs optional packages (torch, diffusers), decided before the test runs.
+
+    pytest.importorskip inside a hypothesis test skips only when the first example reaches it, and
+    hypothesis then prints that example as "Failing explicit example" although nothing failed.
+    """
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {' and '.join(missing)} (optional cross-check)")
 
 
 def rel_error(a, b) -> float:

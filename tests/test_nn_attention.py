@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from gradcheck import check_grads, numeric_grad, rel_error
+from gradcheck import check_grads, needs, numeric_grad, rel_error
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -381,6 +381,7 @@ def close(ours, theirs, tol=1e-10):
     return both_zero or rel_error(ours, theirs) < tol
 
 
+@needs("torch")
 @given(case=sdpa_cases())
 @with_examples(SDPA_EDGES)
 def test_sdpa_matches_torch(case):
@@ -416,6 +417,7 @@ def torch_mha(torch, t, heads, mask):
     return proj(o, t["wo"], t["bo"])
 
 
+@needs("torch")
 @given(case=mha_cases())
 @with_examples(MHA_EDGES)
 def test_mha_matches_torch(case):

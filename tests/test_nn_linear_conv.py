@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from gradcheck import check_weight_bias_against_torch, check_weight_bias_grads, rel_error
+from gradcheck import check_weight_bias_against_torch, check_weight_bias_grads, needs, rel_error
 from minidiff.nn.conv2d import conv2d_backward, conv2d_forward
 from minidiff.nn.conv2d_naive import conv2d_naive_backward, conv2d_naive_forward
 from minidiff.nn.linear import linear_backward, linear_forward
@@ -198,6 +198,7 @@ def test_conv2d_naive_equals_fast(cfg):
             assert rel_error(g, gn) < 1e-12
 
 
+@needs("torch")
 @conv_case
 def test_conv2d_matches_torch(cfg):
     torch = pytest.importorskip("torch")

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from gradcheck import check_grads, numeric_grad, rel_error
+from gradcheck import check_grads, needs, numeric_grad, rel_error
 from minidiff.backend import gpu_available, to_device, to_numpy
 from minidiff.nn.activations import silu_backward, silu_forward
 from minidiff.nn.groupnorm import groupnorm_backward, groupnorm_forward
@@ -109,6 +109,7 @@ def test_groupnorm_gradcheck(n, g, cg, spatial, seed):
                        {"x": x, "gamma": gamma, "beta": beta}, dy, {"x": dx, "gamma": dgamma}, floors)
 
 
+@needs("torch")
 @given(**gn_shapes)
 @example(n=1, g=1, cg=4, spatial=(3, 5), seed=0)
 @example(n=2, g=4, cg=1, spatial=(1, 1), seed=1)

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from gradcheck import check_weight_bias_against_torch, check_weight_bias_grads, rel_error
+from gradcheck import check_weight_bias_against_torch, check_weight_bias_grads, needs, rel_error
 from minidiff.nn import winograd
 from minidiff.nn.conv2d import conv2d_backward, conv2d_forward
 from minidiff.nn.winograd import winograd_conv3x3_backward, winograd_conv3x3_forward
@@ -82,6 +82,7 @@ def test_finite_differences(c):
     check_weight_bias_grads(winograd_conv3x3_forward, winograd_conv3x3_backward, x, w, b, MAX_COORDS)
 
 
+@needs("torch")
 @winograd_case
 def test_matches_torch(c):
     torch = pytest.importorskip("torch")
