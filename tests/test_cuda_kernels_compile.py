@@ -8,8 +8,8 @@ NVRTC compiles it with CuPy's headers and options to sm_90 code: a typo, an unde
 type error in a kernel body or its preamble fails here, in CI, before any GPU session. It says
 nothing about the numbers (tests/test_gpu_parity.py on a GPU; tests/fake_cupy.py emulates the formulas).
 
-Runs where CuPy and NVRTC import (pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12; CI installs
-them), and skips otherwise, or when this CuPy's internals differ from what it expects (checked
+Runs where CuPy and NVRTC import (pip install cupy-cuda13x==14.2.0 nvidia-cuda-nvrtc==13.0.88; CI
+installs them; cupy-cuda12x with nvidia-cuda-nvrtc-cu12 12.9 passes too), and skips otherwise, or when this CuPy's internals differ from what it expects (checked
 against CuPy 14).
 
 Shape legend: none; kernels are compiled, not run.
