@@ -61,13 +61,14 @@ def check_same_shape(**arrays) -> None:
 
 
 def coef_like(c, x):
-    """Host float64 coefficient(s) c of shape () or (N,) -> array on x's backend, in x's dtype,
-    shaped () or (N, 1, ..., 1) so that it broadcasts against x of shape (N, ...)."""
-    xp = get_array_module(x)
+    """Host float64 coefficient(s) c of shape () or (N,) -> in x's dtype, broadcasting against x (N, ...):
+    one value -> a NumPy scalar (on CuPy a kernel argument: no host -> device copy, e.g. in a sampling step);
+    per sample (N,) -> an array on x's backend shaped (N, 1, ..., 1)."""
     c = np.asarray(c, np.float64)
-    if c.ndim == 1:
-        c = c.reshape((-1,) + (1,) * (x.ndim - 1))
-    return xp.asarray(c.astype(x.dtype))
+    if c.ndim == 0:
+        return x.dtype.type(c)
+    xp = get_array_module(x)
+    return xp.asarray(c.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype))
 
 
 # ----------------------------------------------------------------------------- betas

@@ -131,11 +131,13 @@ def test_the_fused_kernels_cut_the_device_operations_of_a_step(fake, tmp_path, m
         x = fake.asarray(np.zeros((2, 3, b.image_size, b.image_size), np.float32))
         cond = b.encode(prompts=b.default_prompts(2), n=2) if b.conditioning == "text" else None
         cond = None if cond is None else fake.asarray(cond)
-        sample = fake_cupy.count(lambda: ddim_step(b.schedule, b.model_fn(x, fake.asarray(np.full(2, 500)), cond),
-                                                   500, 480, x))
+        t = fake.asarray(np.full(2, 500))  # on the device, as sampler.sample makes it (xp.full)
+        sample = fake_cupy.count(lambda: ddim_step(b.schedule, b.model_fn(x, t, cond), 500, 480, x))
         counts[fused] = (train, sample)
     with capsys.disabled():
         print(f"\n{preset}: device ops per training step {counts[False][0]['ops']} -> {counts[True][0]['ops']} fused "
               f"(host -> device copies {counts[True][0]['h2d']}), per sampling step {counts[False][1]['ops']} -> "
               f"{counts[True][1]['ops']} (copies {counts[True][1]['h2d']})")
     assert counts[True][0]["ops"] < counts[False][0]["ops"] and counts[True][1]["ops"] < counts[False][1]["ops"]
+    # a sampling step copies nothing to the device: DDIM's coefficients and attention's -inf are kernel arguments
+    assert counts[False][1]["h2d"] == counts[True][1]["h2d"] == 0

@@ -63,7 +63,7 @@ def sdpa_forward(q, k, v, mask=None, check_mask=True):
 
     scores = xp.matmul(q, xp.swapaxes(k, -1, -2)) * scale  # (N, h, L, S)
     if mask is not None:
-        neg_inf = xp.asarray(-np.inf, dtype=scores.dtype)
+        neg_inf = scores.dtype.type(-np.inf)  # a scalar: on CuPy a kernel argument, not a device copy
         scores = xp.where(mask[:, None, None, :], scores, neg_inf)  # (N, h, L, S)
     scores = scores - scores.max(axis=-1, keepdims=True)  # max is finite: every row keeps a key
     e = xp.exp(scores)  # (N, h, L, S)
