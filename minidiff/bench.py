@@ -10,6 +10,9 @@ Each time is the median over --repeats after --warmup untimed steps, and every t
 with a device synchronization (backend.synchronize, torch.cuda.synchronize). The two sides run in
 the same process one after the other, each after its own warm-up: alternating them step by step
 made their thread pools (OpenBLAS's, PyTorch's OpenMP) spin against each other on 2 cores.
+--rounds R alternates them in blocks instead (minidiff, torch, minidiff, ...; each block
+--warmup + --repeats steps), so that load that comes and goes on a shared machine falls on both
+sides; the median is then over all R blocks, and the ratio of each round is printed too.
 On a shared machine elapsed time measures the neighbours too: --clock cpu with --threads 1 then
 gives the CPU time each side needs, which load does not inflate.
 Peak memory is the extra memory one step needs on top of the weights and optimizer state:
@@ -71,6 +74,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time the two sides in this many alternating blocks (minidiff, torch, minidiff, ...), each "
+                        "--warmup untimed then --repeats timed steps, so that load that comes and goes on a shared "
+                        "machine falls on both; the median is over all the blocks' steps")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for both sides: torch.set_num_threads, and minidiff's batch in that many "
                         "shards, one thread each (default: one per core, at most 4)")
@@ -102,8 +109,8 @@ def set_blas_threads(n: int | None) -> str:
     return f"blas threads: {','.join(map(str, counts)) or '?'} (threadpoolctl)"
 
 
-def _median_ms(step, sync, warmup: int, repeats: int, timer) -> float:
-    """Median milliseconds of step() over repeats, after warmup untimed calls; synchronized on both ends."""
+def _times_ms(step, sync, warmup: int, repeats: int, timer) -> list[float]:
+    """Milliseconds of each of `repeats` calls of step(), after warmup untimed calls; synchronized on both ends."""
     for _ in range(warmup):
         step()
         sync()
@@ -114,7 +121,17 @@ def _median_ms(step, sync, warmup: int, repeats: int, timer) -> float:
         step()
         sync()  # the step's device work is finished before the clock stops
         times.append(1e3 * (timer() - t0))
-    return statistics.median(times)
+    return times
+
+
+def _alternating_ms(sides, step: str, warmup: int, repeats: int, rounds: int, timer) -> list[list[list[float]]]:
+    """times[side][round]: the ms of each timed step, the sides taking turns block by block, rounds times
+    (each block after its own warm-up: the other side's thread pool may still be spinning down)."""
+    times = [[] for _ in sides]
+    for _ in range(rounds):
+        for i, side in enumerate(sides):
+            times[i].append(_times_ms(getattr(side, step), side.sync, warmup, repeats, timer))
+    return times
 
 
 def _cpu_peak_mb(fn) -> float:
@@ -201,11 +218,11 @@ def make_inputs(config, batch: int, size: int, dtype, seed: int, schedule) -> di
 
 
 def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="float32", repeats=5, warmup=2,
-              threads=None, use_torch=True, memory=True, seed=0, clock="wall", tf32=False,
+              threads=None, use_torch=True, memory=True, seed=0, clock="wall", tf32=False, rounds=1,
               log=print) -> list[dict]:
     """Time both steps on both sides; return one dict per measurement (the printed rows)."""
     for name, value, low in (("batch", batch, 1), ("repeats", repeats, 1), ("warmup", warmup, 0),
-                             ("threads", 1 if threads is None else threads, 1)):
+                             ("threads", 1 if threads is None else threads, 1), ("rounds", rounds, 1)):
         if value < low:
             raise ValueError(f"--{name} must be an integer >= {low}, got {value}")
     if clock not in ("wall", "cpu") or (clock == "cpu" and device != "cpu"):
@@ -241,7 +258,8 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
         rel = float(np.abs(eps_md - eps_th).max() / max(np.abs(eps_th).max(), 1e-30))
         notes.append(f"same network check: max|eps_minidiff - eps_torch| / max|eps_torch| = {rel:.1e}")
     log(f"minidiff bench: preset {preset} ({count_params(config):,} params), {size}x{size}, batch {batch}, "
-        f"{device} {dtype}{' (TF32 matmuls)' * tf32}, median of {repeats} after {warmup} warm-up, {clock} clock, "
+        f"{device} {dtype}{' (TF32 matmuls)' * tf32}, median of {repeats} after {warmup} warm-up"
+        f"{f' in each of {rounds} alternating rounds' * (rounds > 1)}, {clock} clock, "
         f"minidiff in {workers} thread{'s' * (workers > 1)} (batch shards)")
     for n in notes:
         log("  " + n)
@@ -249,14 +267,20 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
     timer = time.process_time if clock == "cpu" else time.perf_counter
     rows = []
     for what, step in (("train step (ms)", "train_step"), ("sample step (ms)", "sample_step")):
-        ms = [_median_ms(getattr(s, step), s.sync, warmup, repeats, timer) for s in sides]  # one side, then the other
+        times = _alternating_ms(sides, step, warmup, repeats, rounds, timer)  # [side][round][repeat]
+        ms = [statistics.median(t for block in side for t in block) for side in times]
         rows.append(_row(what, device, preset, batch, ms[0], ms[1] if th else None))
+        rows[-1]["rounds_ms"] = [[statistics.median(block) for block in side] for side in times]  # [side][round]
+        if rounds > 1 and th is not None:
+            log(f"  {what[:-5]} ratio in each round: " + " ".join(
+                f"{a / b:.2f}" for a, b in zip(*rows[-1]["rounds_ms"])))
     if memory:
         for what, step in (("train peak memory (MB)", "train_step"), ("sample peak memory (MB)", "sample_step")):
             mbs = [s.peak_mb(getattr(s, step)) for s in sides]
             rows.append(_row(what, device, preset, batch, mbs[0], mbs[1] if th else None))
     for r in rows:
-        r.update(image_size=size, dtype=dtype, repeats=repeats, warmup=warmup, threads=threads, clock=clock)
+        r.update(image_size=size, dtype=dtype, repeats=repeats, warmup=warmup, rounds=rounds, threads=threads,
+                 clock=clock)
     return rows
 
 
@@ -278,7 +302,7 @@ def format_rows(rows) -> str:
 def cmd_bench(args) -> int:
     rows = run_bench(args.preset, args.batch, args.image_size, args.device, args.dtype, args.repeats,
                      args.warmup, args.threads, not args.no_torch, not args.no_memory, args.seed, args.clock,
-                     args.tf32)
+                     args.tf32, args.rounds)
     print(format_rows(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -49,7 +49,7 @@ def ddpm_std(schedule, t, prev_t, variance_type="fixed_small", predicted_varianc
     learned          sigma = sqrt(v), v = predicted_variance (the model's variance itself)
     learned_range    sigma = exp((f log beta_t' + (1 - f) log beta~_t) / 2), f = (v + 1) / 2
                                                              (Nichol & Dhariwal 2021, eq. 15)
-    Returns an array broadcastable against the sample `like` (N, ...) (fixed types: () or (N, 1, ...);
+    Returns values broadcastable against the sample `like` (N, ...) (fixed types: a scalar or (N, 1, ...);
     learned types: the shape of predicted_variance). With like=None the fixed types return the
     host float64 values, shape () or (N,)."""
     check_choice("variance_type", variance_type, VARIANCE_TYPES)

@@ -115,3 +115,33 @@ def test_bench_gpu_missing_is_one_line(capsys):
     assert bench.main(["--preset", "tiny", "--clock", "cpu", "--device", "gpu"]) == 2
     assert "--device cpu only" in capsys.readouterr().err
 
+
+
+def test_rounds_alternate_the_sides_block_by_block():
+    calls = []
+
+    class Side:
+        def __init__(self, name):
+            self.name = name
+
+        def sync(self):
+            pass
+
+        def train_step(self):
+            calls.append(self.name)
+
+    clock = iter(range(100))
+    times = bench._alternating_ms([Side("md"), Side("th")], "train_step", warmup=1, repeats=2, rounds=3,
+                                  timer=lambda: next(clock))
+    assert calls == ["md"] * 3 + ["th"] * 3 + ["md"] * 3 + ["th"] * 3 + ["md"] * 3 + ["th"] * 3
+    assert times == [[[1e3, 1e3]] * 3] * 2  # [side][round][repeat]: each timed step spans one tick
+
+
+def test_rounds_in_the_rows_and_bad_rounds(capsys):
+    rows = bench.run_bench(**{**FAST, "repeats": 2}, rounds=2, use_torch=False, memory=False)
+    assert [r["rounds"] for r in rows] == [2, 2]
+    for r in rows:
+        (per_round,) = r["rounds_ms"]  # minidiff only
+        assert len(per_round) == 2 and min(per_round) <= r["minidiff"] <= max(per_round)
+    assert bench.main(["--preset", "tiny", "--no-torch", "--rounds", "0"]) == 2
+    assert "--rounds must be an integer >= 1" in capsys.readouterr().err
