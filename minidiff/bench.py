@@ -16,7 +16,8 @@ sides; the median is then over all R blocks, and the ratio of each round is prin
 On a shared machine elapsed time measures the neighbours too: --clock cpu with --threads 1 then
 gives the CPU time each side needs, which load does not inflate.
 Peak memory is the extra memory one step needs on top of the weights and optimizer state:
-CPU minidiff: tracemalloc's peak (NumPy reports its buffers to tracemalloc); CPU torch: not
+CPU minidiff: tracemalloc's peak (NumPy reports its buffers to tracemalloc; the shards run in
+threads for it, since it cannot see worker processes); CPU torch: not
 measured (PyTorch's CPU allocator is invisible to tracemalloc); GPU: the CuPy memory pool's
 high-water mark / torch.cuda.max_memory_allocated.
 
@@ -46,7 +47,7 @@ from . import flat
 from .allocator import keep_freed_memory
 from .backend import BackendError, check_tf32, set_tf32, synchronize, to_device, to_numpy, xp_for
 from .optim import AdamW
-from .parallel import forward, loss_and_grads, resolve_workers
+from .parallel import SHARD_MODES, forward, loss_and_grads, resolve_workers
 from .sampler import ddim_step
 from .schedule import add_noise, make_schedule
 from .unet import count_params, init_params, unet_forward
@@ -81,6 +82,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for both sides: torch.set_num_threads, and minidiff's batch in that many "
                         "shards, one thread each (default: one per core, at most 4)")
+    p.add_argument("--shards", default="processes", choices=["processes", "threads"],
+                   help="where minidiff's CPU shards run: worker processes (each its own GIL, as `minidiff train` "
+                        "and `sample` run them by default) or threads; the same numbers")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="wall: elapsed time; cpu: CPU time of the process (all its threads), for shared or busy "
                         "machines where elapsed time measures the neighbours; use it with --threads 1")
@@ -151,8 +155,8 @@ def _cpu_peak_mb(fn) -> float:
 class MinidiffSide:
     """minidiff's params, AdamW state and inputs on the chosen device, and its two steps."""
 
-    def __init__(self, config, host_params, inputs, device, schedule, workers=1):
-        self.config, self.device, self.schedule, self.workers = config, device, schedule, workers
+    def __init__(self, config, host_params, inputs, device, schedule, workers=1, shards="threads"):
+        self.config, self.device, self.schedule, self.workers, self.shards = config, device, schedule, workers, shards
         self.xp = xp_for(device)
         self.params = flat.flatten(to_device(host_params, device))  # as the Trainer's: one buffer
         self.opt = AdamW(self.params, lr=LR)
@@ -166,17 +170,21 @@ class MinidiffSide:
 
     def train_step(self):  # what Trainer.train_step does, on fixed inputs
         loss, grads = loss_and_grads(self.params, self.config, self.schedule, self.x_t, self.x0, self.noise,
-                                     self.t, rng=self.rng, workers=self.workers)
+                                     self.t, rng=self.rng, workers=self.workers, shards=self.shards)
         self.opt.step(self.params, grads)
         return loss
 
     def sample_step(self):
-        eps = forward(self.params, self.config, self.x_s, self.t_s, workers=self.workers)
+        eps = forward(self.params, self.config, self.x_s, self.t_s, workers=self.workers, shards=self.shards)
         return ddim_step(self.schedule, eps, T_SAMPLE, T_PREV, self.x_s)[0]
 
     def peak_mb(self, fn) -> float | None:
-        if self.device == "cpu":
-            return _cpu_peak_mb(fn)
+        if self.device == "cpu":  # tracemalloc sees this process only: worker processes' shards run here for it
+            shards, self.shards = self.shards, "threads"
+            try:
+                return _cpu_peak_mb(fn)
+            finally:
+                self.shards = shards
         pool = self.xp.get_default_memory_pool()
         self.sync()
         pool.free_all_blocks()  # the pool then grows exactly to the step's high-water mark
@@ -219,7 +227,7 @@ def make_inputs(config, batch: int, size: int, dtype, seed: int, schedule) -> di
 
 def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="float32", repeats=5, warmup=2,
               threads=None, use_torch=True, memory=True, seed=0, clock="wall", tf32=False, rounds=1,
-              log=print) -> list[dict]:
+              shards="processes", log=print) -> list[dict]:
     """Time both steps on both sides; return one dict per measurement (the printed rows)."""
     for name, value, low in (("batch", batch, 1), ("repeats", repeats, 1), ("warmup", warmup, 0),
                              ("threads", 1 if threads is None else threads, 1), ("rounds", rounds, 1)):
@@ -235,6 +243,8 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
         raise ValueError(f"--image-size must be a multiple of {2 ** (levels - 1)} for preset {preset!r} "
                          f"({levels} resolutions), got {size}")
     config = dataclasses.replace(base, sample_size=size)
+    if shards not in SHARD_MODES:
+        raise ValueError(f"--shards must be one of {list(SHARD_MODES)}, got {shards!r}")
     xp_for(device)  # BackendError with the install hint when the GPU is missing
     if check_tf32(tf32, device, dtype):
         set_tf32(True)
@@ -248,7 +258,10 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
     host_params = init_params(config, seed=seed, dtype=np.dtype(dtype))
     inputs = make_inputs(config, batch, size, np.dtype(dtype), seed, schedule)
     workers = resolve_workers(threads or 0, device)  # CPU: the batch in `threads` shards, one thread each
-    md = MinidiffSide(config, host_params, inputs, device, schedule, workers)
+    if clock == "cpu" and workers > 1 and shards == "processes":
+        raise ValueError("--clock cpu measures this process's CPU time, not its worker processes': use it with "
+                         "--threads 1 (or --shards threads)")
+    md = MinidiffSide(config, host_params, inputs, device, schedule, workers, shards)
     th = None
     if make_torch_side is not None:
         th = make_torch_side(config, host_params, inputs, device, dtype, notes.append, threads, tf32)
@@ -260,7 +273,7 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
     log(f"minidiff bench: preset {preset} ({count_params(config):,} params), {size}x{size}, batch {batch}, "
         f"{device} {dtype}{' (TF32 matmuls)' * tf32}, median of {repeats} after {warmup} warm-up"
         f"{f' in each of {rounds} alternating rounds' * (rounds > 1)}, {clock} clock, "
-        f"minidiff in {workers} thread{'s' * (workers > 1)} (batch shards)")
+        + (f"minidiff's batch in {workers} shards, in {shards}" if workers > 1 else "minidiff in 1 thread"))
     for n in notes:
         log("  " + n)
     sides = [md] + ([th] if th is not None else [])
@@ -302,7 +315,7 @@ def format_rows(rows) -> str:
 def cmd_bench(args) -> int:
     rows = run_bench(args.preset, args.batch, args.image_size, args.device, args.dtype, args.repeats,
                      args.warmup, args.threads, not args.no_torch, not args.no_memory, args.seed, args.clock,
-                     args.tf32, args.rounds)
+                     args.tf32, args.rounds, args.shards)
     print(format_rows(rows))
     if args.json:
         with open(args.json, "w") as f:

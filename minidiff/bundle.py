@@ -71,12 +71,14 @@ class Bundle:
     class_names: list | None = None
     image_size: int = 16
     workers: int = 1  # CPU threads sharing each model call's batch (parallel.forward)
+    shards: str = "threads"  # where those shards run: threads or processes (parallel.forward)
 
     def model_fn(self, x_t, t, cond):
         """model_fn(x_t (N, C, H, W), t (N,), cond) -> model output (N, C, H, W), for the samplers."""
         labels = cond if self.conditioning == "class" else None
         context = cond if self.conditioning == "text" else None
-        return forward(self.params, self.config, x_t, t, class_labels=labels, context=context, workers=self.workers)
+        return forward(self.params, self.config, x_t, t, class_labels=labels, context=context, workers=self.workers,
+                       shards=self.shards)
 
     @property
     def null_condition(self):

@@ -22,12 +22,12 @@ from .sample import generate
 
 def evaluate(checkpoint, n_per_class: int = 10, scales=(0.0, 1.0, 3.0), steps: int = 50, sampler: str = "ddim",
              seed: int = 1, device: str = "cpu", dtype: str = "float32", out: str = "", threads: int = 0,
-             log=print) -> dict:
+             shards: str = "threads", log=print) -> dict:
     """Sample n_per_class images per class at each guidance scale; return {scale: accuracy}."""
     if n_per_class < 1:
         raise ValueError(f"--n-per-class must be >= 1, got {n_per_class}")
     bundle = load_bundle(checkpoint, device=device, dtype=dtype)
-    bundle.workers = resolve_workers(threads, device)
+    bundle.workers, bundle.shards = resolve_workers(threads, device), shards
     if bundle.conditioning == "none" or list(bundle.class_names or []) != list(shapes.CLASS_NAMES):
         raise ValueError("eval needs a class- or text-conditioned model trained on the built-in shapes data "
                          "(--data shapes16 or shapes32)")

@@ -27,7 +27,9 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from . import flat
+import numpy as np
+
+from . import flat, shard_processes
 from .backend import get_array_module
 from .loss import diffusion_loss
 from .unet import unet_backward, unet_forward
@@ -37,6 +39,16 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 # over after 1 ms instead of CPython's 5 ms, so a shard waiting to start its next big op (which
 # releases the GIL) is not stalled: 7 % (training step) to 14 % (sampling step) faster on 2 cores.
 SWITCH_INTERVAL = 0.001
+# Where the shards run (the shards argument, --shards on the command line): "threads", here, or
+# "processes", in worker processes (shard_processes.py: no GIL shared between the shards, the same numbers).
+SHARD_MODES = ("threads", "processes")
+
+
+def _in_processes(bounds, xp, shards: str) -> bool:
+    """Whether these shards go to worker processes; ValueError naming --shards for an unknown mode."""
+    if shards not in SHARD_MODES:
+        raise ValueError(f"--shards must be one of {SHARD_MODES}, got {shards!r}")
+    return len(bounds) > 1 and shards == "processes" and xp is np
 
 
 def available_cores() -> int:
@@ -100,17 +112,22 @@ def _rows(a, start, stop):
 
 
 def loss_and_grads(params, config, schedule, x_t, x0, noise, t, class_labels=None, context=None,
-                   prediction_type="epsilon", snr_gamma=None, rng=None, workers: int = 1):
+                   prediction_type="epsilon", snr_gamma=None, rng=None, workers: int = 1, shards: str = "threads"):
     """L = sum_k (N_k / N) L_k and dL/dtheta = sum_k (N_k / N) dL_k/dtheta over the shards of the batch.
 
     Inputs: x_t, x0, noise (N, C, H, W); t (N,); class_labels (N,) or None; context (N, S) or None;
-            rng: the host generator of the dropout masks (advanced as one unsplit forward would).
+            rng: the host generator of the dropout masks (advanced as one unsplit forward would);
+            shards: "threads" or "processes", where the shards run (the same numbers either way).
     Returns (loss, grads): a 0-d array on x_t's backend and {name: dL/dparam}, a flat.FlatDict
     (one buffer) when params is one.
     With workers = 1 this is unet_forward + diffusion_loss + unet_backward, op for op.
     """
     n = x_t.shape[0]
     bounds = shard_bounds(n, workers)
+    if _in_processes(bounds, get_array_module(x_t), shards):
+        return shard_processes.loss_and_grads(params, config, schedule, x_t, x0, noise, t, class_labels, context,
+                                              prediction_type, snr_gamma, rng, bounds,
+                                              max(1, available_cores() // len(bounds)))
     rngs = [rng] if len(bounds) == 1 else [copy.deepcopy(rng) for _ in bounds]  # same seeds in every shard
 
     def shard(start, stop):
@@ -139,16 +156,21 @@ def loss_and_grads(params, config, schedule, x_t, x0, noise, t, class_labels=Non
     return loss, grads
 
 
-def forward(params, config, x, t, class_labels=None, context=None, workers: int = 1):
+def forward(params, config, x, t, class_labels=None, context=None, workers: int = 1, shards: str = "threads"):
     """eps = UNet(x, t[, y][, prompt]) (inference, no dropout), the batch split over worker threads.
 
-    Inputs as unet_forward's; t a scalar or (N,). Returns eps (N, C_out, H, W) on x's backend.
+    Inputs as unet_forward's; t a scalar or (N,); shards as loss_and_grads's. Returns eps (N, C_out, H, W)
+    on x's backend.
     """
     n = x.shape[0]
     xp = get_array_module(x)
     t = xp.asarray(t)
-    if len(shard_bounds(n, workers)) == 1:
+    bounds = shard_bounds(n, workers)
+    if len(bounds) == 1:
         return unet_forward(params, config, x, t, class_labels=class_labels, context=context, for_backward=False)[0]
+    if _in_processes(bounds, xp, shards):
+        return shard_processes.forward(params, config, x, t, class_labels, context, bounds,
+                                       max(1, available_cores() // len(bounds)))
 
     def shard(start, stop):
         ts = t if t.ndim == 0 else t[start:stop]

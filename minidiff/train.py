@@ -160,7 +160,7 @@ class Trainer:
                                      class_labels=cond if self.conditioning == "class" else None,
                                      context=cond if self.conditioning == "text" else None,
                                      prediction_type=cfg.prediction_type, snr_gamma=cfg.snr_gamma or None,
-                                     rng=rng, workers=self.workers)
+                                     rng=rng, workers=self.workers, shards=self.cfg.shards)
         if cfg.grad_clip > 0:
             clip_grad_norm(grads, cfg.grad_clip)
         self.opt.step(self.params, grads, lr=warmup_lr(self.step, cfg.lr, cfg.warmup_steps))
@@ -194,7 +194,7 @@ class Trainer:
     def sample_grid(self, n: int = 18) -> Path:
         """Save samples/step_XXXXXX.png: n EMA samples (DDIM, CFG scale cfg.guidance_scale), captioned."""
         b = self.bundle()
-        b.workers = self.workers
+        b.workers, b.shards = self.workers, self.cfg.shards
         labels = b.default_prompts(n)
         cond = b.encode(prompts=labels, class_ids=labels if b.conditioning == "class" else None, n=n)
         x = generate(b, cond, n, self.cfg.guidance_scale, "ddim", self.cfg.sample_steps, seed=self.cfg.seed,

@@ -72,7 +72,7 @@ def test_bench_rows_with_torch():
 def test_bench_cli_prints_rows_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--preset", "tiny", "--batch", "2", "--repeats", "1", "--warmup", "0", "--no-torch",
-            "--clock", "cpu", "--json", str(out)]
+            "--clock", "cpu", "--threads", "1", "--json", str(out)]
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out
     table = parse_table(printed)
@@ -99,6 +99,7 @@ def test_bench_subparser_registers():
     (["--repeats", "0"], "--repeats must be an integer >= 1"),
     (["--threads", "0"], "--threads must be an integer >= 1"),
     (["--image-size", "7"], "--image-size must be a multiple of 2 for preset 'tiny'"),
+    (["--clock", "cpu", "--threads", "2"], "--clock cpu measures this process's CPU time"),
 ])
 def test_bench_bad_input(argv, message, capsys):
     assert bench.main(["--preset", "tiny", "--no-torch", *argv]) == 2

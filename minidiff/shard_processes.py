@@ -1,0 +1,334 @@
+"""The batch's shards in worker processes instead of threads (parallel.py, --shards processes).
+
+    L = sum_k (N_k / N) L_k,        dL/dtheta = sum_k (N_k / N) dL_k/dtheta      (as parallel.py)
+
+Why processes: threads share one GIL, and a U-Net step is thousands of small NumPy calls whose
+Python and dispatch overhead holds it; two shards' overheads then queue for it. Measured on
+2 cores (`small`, one forward per thread or process, batch 32 each): 16x16 alone 69 ms, two at once
+96 ms in threads and 80 ms in processes; 32x32 alone 258 ms, two at once 357 ms and 290 ms.
+
+Each worker is a fresh interpreter (the "spawn" start method: safe beside the parent's threads,
+OpenBLAS's and PyTorch's included) that runs the same unet_forward / diffusion_loss / unet_backward
+on its rows as a thread would, so the results are the threads' bit for bit. What travels:
+  weights    one shared file in /dev/shm (where there is one) holding the flat buffer, copied in
+             by the parent before each call (one memcpy: the optimizer updates the parent's copy)
+  gradients  one shared file per worker, the flat buffer of dL_k/dtheta, summed by the parent
+  the rest   messages: an 8-byte length, a JSON header, then the raw bytes of the arrays the header
+             lists (dtype, shape, offset); no pickle anywhere
+A script that uses this must guard its entry point (if __name__ == "__main__":), as every spawned
+worker imports the parent's main module.
+
+Shape legend: N batch, N_k rows of shard k, C H W image, S prompt tokens, P the flat buffer's length.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import multiprocessing
+import os
+import tempfile
+import traceback
+
+import numpy as np
+
+from . import flat
+
+_POOLS: dict = {}  # workers -> ShardProcesses, started on first use, closed at exit
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def pack(meta: dict, arrays: dict) -> bytes:
+    """One message: len(header) (8 bytes, little-endian), header = JSON {meta, arrays: [[name, dtype, shape,
+    offset], ...]}, then the arrays' bytes (C order) one after another."""
+    table, chunks, offset = [], [], 0
+    for name, a in arrays.items():
+        a = np.asarray(a)  # (tobytes() writes C order whatever the layout; 0-d stays 0-d)
+        if a.dtype.hasobject:
+            raise ValueError(f"array {name!r} has dtype {a.dtype}: only plain numeric arrays travel")
+        table.append([name, a.dtype.str, list(a.shape), offset])
+        chunks.append(a.tobytes())
+        offset += a.nbytes
+    header = json.dumps({"meta": meta, "arrays": table}).encode()
+    return len(header).to_bytes(8, "little") + header + b"".join(chunks)
+
+
+def unpack(data: bytes) -> tuple[dict, dict]:
+    """(meta, {name: array}) of a message made by pack; the arrays are read-only views of data."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    body = memoryview(data)[8 + n:]
+    arrays = {}
+    for name, dtype, shape, offset in header["arrays"]:
+        dt = np.dtype(dtype)
+        if dt.hasobject:
+            raise ValueError(f"array {name!r} has dtype {dt}: refused")
+        count = int(np.prod(shape, dtype=np.int64))
+        arrays[name] = np.frombuffer(body, dtype=dt, count=count, offset=offset).reshape(shape)
+    return header["meta"], arrays
+
+
+def _shared_file(nbytes: int) -> str:
+    """A new file of nbytes zeros in shared memory (/dev/shm where it exists, else the temp folder)."""
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    fd, path = tempfile.mkstemp(prefix="minidiff-shard-", suffix=".buf", dir=folder)
+    with os.fdopen(fd, "wb") as f:
+        f.truncate(max(nbytes, 1))
+    return path
+
+
+def _flat_view(path: str, dtype: str, layout, mode: str) -> flat.FlatDict:
+    """The FlatDict whose buffer is the shared file at path (layout: [[key, shape], ...])."""
+    layout = tuple((key, tuple(shape)) for key, shape in layout)
+    return flat.FlatDict(np.memmap(path, dtype=np.dtype(dtype), mode=mode, shape=(flat.buffer_size(layout),)),
+                         layout)
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+def _config(d: dict):
+    """A UNetConfig from its JSON dict (lists back to tuples)."""
+    from .unet_config import UNetConfig  # noqa: PLC0415  (workers import what they need)
+
+    return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _rng(state):
+    """A numpy Generator in the given bit-generator state (a JSON dict), or None."""
+    if state is None:
+        return None
+    rng = np.random.Generator(getattr(np.random, state["bit_generator"])())
+    rng.bit_generator.state = state
+    return rng
+
+
+def _run(meta: dict, arrays: dict, files: dict) -> tuple[dict, dict]:
+    """One task in a worker: the shard's forward, or its loss and gradients (parallel.py's shard())."""
+    from .loss import diffusion_loss  # noqa: PLC0415
+    from .schedule import make_schedule  # noqa: PLC0415
+    from .unet import unet_backward, unet_forward  # noqa: PLC0415
+
+    p = meta["params"]
+    key = (p["path"], p["dtype"], json.dumps(p["layout"]))
+    if key not in files:
+        files[key] = _flat_view(p["path"], p["dtype"], p["layout"], "r")
+    params, config = files[key], _config(meta["config"])
+    labels, context = arrays.get("class_labels"), arrays.get("context")
+    if meta["task"] == "forward":
+        out = unet_forward(params, config, arrays["x"], arrays["t"], class_labels=labels, context=context,
+                           for_backward=False)[0]
+        return {}, {"out": out}
+    rng = _rng(meta["rng_state"])
+    rows = None if meta["rows"] is None else tuple(meta["rows"])
+    out, cache = unet_forward(params, config, arrays["x_t"], arrays["t"], class_labels=labels, context=context,
+                              train=True, rng=rng, rows=rows)
+    schedule = make_schedule(len(arrays["betas"]), trained_betas=arrays["betas"])
+    loss, dout = diffusion_loss(schedule, out, arrays["x0"], arrays["noise"], arrays["t"], meta["prediction_type"],
+                                meta["snr_gamma"])
+    weight = meta["weight"]
+    if weight is not None:  # forward: L = sum_k (N_k / N) L_k
+        loss = loss * weight
+        dout *= weight  # in place: diffusion_loss returns a new array
+    grads, _ = unet_backward(dout, cache)
+    g = meta["grads"]
+    gkey = (g["path"], g["dtype"], json.dumps(p["layout"]))
+    if gkey not in files:
+        files[gkey] = _flat_view(g["path"], g["dtype"], p["layout"], "r+")
+    for k, shape in files[gkey].layout:  # dL_k/dtheta into the shared buffer (the gaps stay zero)
+        files[gkey][k][...] = grads[k]
+    state = None if rng is None else rng.bit_generator.state
+    return {"rng_state": state}, {"loss": np.asarray(loss)}
+
+
+def _worker_main(conn, blas_threads: int) -> None:
+    """A worker's loop: answer each message with ok + results, or with the error, until told to stop."""
+    try:
+        from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+        threadpool_limits(blas_threads, user_api="blas")
+    except ImportError:
+        pass
+    from .allocator import keep_freed_memory  # noqa: PLC0415
+
+    keep_freed_memory()
+    files: dict = {}
+    while True:
+        try:
+            meta, arrays = unpack(conn.recv_bytes())
+        except (EOFError, OSError, KeyboardInterrupt):
+            return
+        if meta.get("task") == "stop":
+            return
+        try:
+            reply, out = _run(meta, arrays, files)
+            conn.send_bytes(pack({"ok": True, **reply}, out))
+        except Exception as err:  # noqa: BLE001  (sent back and raised in the parent)
+            conn.send_bytes(pack({"ok": False, "type": type(err).__name__, "error": str(err),
+                                  "traceback": traceback.format_exc()}, {}))
+
+
+# ----------------------------------------------------------------------------- the parent
+
+
+class ShardProcesses:
+    """`workers` worker processes, their pipes, and the shared files of the weights and gradients."""
+
+    def __init__(self, workers: int, blas_threads: int = 1):
+        ctx = multiprocessing.get_context("spawn")
+        self.conns, self.procs, self.files = [], [], {}
+        for k in range(workers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(child, blas_threads), name=f"minidiff-shard-{k}",
+                               daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def _view(self, role: str, dtype, layout: tuple) -> tuple[str, flat.FlatDict]:
+        """The shared file for role ('params', 'grads0', ...) and this process's FlatDict over it; a new file
+        when the dtype or layout changed (the workers then map the new one)."""
+        path, key, view = self.files.get(role, (None, None, None))
+        if key != (np.dtype(dtype).str, layout):
+            if path is not None:
+                os.unlink(path)
+            path = _shared_file(flat.buffer_size(layout) * np.dtype(dtype).itemsize)
+            view = _flat_view(path, np.dtype(dtype).str, layout, "r+")
+            self.files[role] = (path, (np.dtype(dtype).str, layout), view)
+        return path, view
+
+    def share_params(self, params) -> dict:
+        """Copy params (a dict of same-dtype NumPy arrays) into the shared weights file; its description.
+        The file is mapped shared, so the workers see the copy without a flush."""
+        layout = flat.layout_of(params)
+        dtype = next(iter(params.values())).dtype
+        path, shared = self._view("params", dtype, layout)
+        if isinstance(params, flat.FlatDict) and params.intact():
+            np.copyto(shared.buffer, params.buffer)
+        else:
+            for key, a in params.items():
+                shared[key][...] = a
+        return {"path": path, "dtype": dtype.str, "layout": [[k, list(s)] for k, s in layout]}
+
+    def grads(self, k: int, params_desc: dict) -> tuple[dict, flat.FlatDict]:
+        """Worker k's shared gradient file: its description, and this process's view of it."""
+        layout = tuple((key, tuple(s)) for key, s in params_desc["layout"])
+        path, view = self._view(f"grads{k}", params_desc["dtype"], layout)
+        return {"path": path, "dtype": params_desc["dtype"]}, view
+
+    def run(self, messages: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
+        """Send message k to worker k, then read every answer (all of them, so that none is left in a pipe
+        for the next call); raise the first error: a worker's ValueError as ValueError (bad input, the same
+        one line as in threads), anything else, or a worker that died, as RuntimeError."""
+        for k, (meta, arrays) in enumerate(messages):
+            try:
+                self.conns[k].send_bytes(pack(meta, arrays))
+            except OSError as err:
+                self._died(k, err)
+        answers = []
+        for k in range(len(messages)):
+            try:
+                answers.append(unpack(self.conns[k].recv_bytes()))
+            except (EOFError, OSError) as err:
+                self._died(k, err)
+        for k, (meta, _) in enumerate(answers):
+            if not meta.get("ok"):
+                if meta["type"] == "ValueError":
+                    raise ValueError(meta["error"])
+                raise RuntimeError(f"shard worker {k} failed: {meta['type']}: {meta['error']}\n{meta['traceback']}")
+        return answers
+
+    def _died(self, k: int, err: Exception):
+        self.procs[k].join(timeout=1)
+        code = self.procs[k].exitcode
+        self.close()
+        raise RuntimeError(f"shard worker {k} exited (exit code {code}) during a step; run with --shards threads "
+                           f"to see any error in this process") from err
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send_bytes(pack({"task": "stop"}, {}))
+            except (OSError, ValueError):
+                pass
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+        for path, _, _ in self.files.values():
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.files.clear()
+        for key in [w for w, pool in _POOLS.items() if pool is self]:
+            del _POOLS[key]
+
+
+def get_pool(workers: int, blas_threads: int) -> ShardProcesses:
+    """The pool of this many workers, started on first use."""
+    pool = _POOLS.get(workers)
+    if pool is None:
+        pool = _POOLS[workers] = ShardProcesses(workers, blas_threads)
+    return pool
+
+
+@atexit.register
+def _close_all() -> None:
+    for pool in list(_POOLS.values()):
+        pool.close()
+
+
+def _inputs(bounds, **arrays) -> list[dict]:
+    """Each shard's rows of the arrays that are not None (t may be 0-d: then every shard gets it whole)."""
+    out = []
+    for start, stop in bounds:
+        part = {}
+        for name, a in arrays.items():
+            if a is not None:
+                a = np.asarray(a)
+                part[name] = a if a.ndim == 0 else a[start:stop]
+        out.append(part)
+    return out
+
+
+def forward(params, config, x, t, class_labels, context, bounds, blas_threads: int):
+    """parallel.forward's shards in worker processes: eps (N, C_out, H, W), the threads' numbers."""
+    pool = get_pool(len(bounds), blas_threads)
+    meta = {"task": "forward", "config": dataclasses.asdict(config), "params": pool.share_params(params)}
+    parts = _inputs(bounds, x=x, t=t, class_labels=class_labels, context=context)
+    answers = pool.run([(meta, part) for part in parts])
+    return np.concatenate([arrays["out"] for _, arrays in answers], axis=0)
+
+
+def loss_and_grads(params, config, schedule, x_t, x0, noise, t, class_labels, context, prediction_type, snr_gamma,
+                   rng, bounds, blas_threads: int):
+    """parallel.loss_and_grads's shards in worker processes: (loss, grads), the threads' numbers bit for bit
+    (the same per-shard ops, the gradients summed in shard order); rng advanced as there."""
+    pool = get_pool(len(bounds), blas_threads)
+    n = x_t.shape[0]
+    desc = pool.share_params(params)
+    state = None if rng is None else rng.bit_generator.state
+    messages, shared = [], []
+    for k, ((start, stop), part) in enumerate(zip(bounds, _inputs(bounds, x_t=x_t, x0=x0, noise=noise, t=t,
+                                                                   class_labels=class_labels, context=context))):
+        grads_desc, view = pool.grads(k, desc)
+        shared.append(view)
+        meta = {"task": "loss_and_grads", "config": dataclasses.asdict(config), "params": desc,
+                "grads": grads_desc, "rng_state": state, "rows": [start, stop, n],
+                "weight": (stop - start) / n, "prediction_type": prediction_type, "snr_gamma": snr_gamma}
+        messages.append((meta, {**part, "betas": schedule.betas}))
+    answers = pool.run(messages)
+    if rng is not None:
+        rng.bit_generator.state = answers[0][0]["rng_state"]  # as if one forward had drawn the seeds
+    loss = answers[0][1]["loss"][()]  # a NumPy scalar, as the threads' sum gives
+    grads = flat.FlatDict(np.array(shared[0].buffer), shared[0].layout)  # a copy: the files are rewritten next step
+    for (_, arrays), part in zip(answers[1:], shared[1:]):
+        loss = loss + arrays["loss"][()]
+        for g, p in flat.pieces((grads.buffer, part.buffer)):
+            g += p
+    return loss, grads if isinstance(params, flat.FlatDict) and params.intact() else dict(grads)

@@ -1,0 +1,70 @@
+"""The batch's shards in worker processes (minidiff/shard_processes.py, --shards processes): the same
+loss, gradients, rng state and outputs as the shards in threads, bit for bit; errors come back."""
+
+import os
+
+import numpy as np
+import pytest
+
+from minidiff import flat, shard_processes
+from minidiff.parallel import forward, loss_and_grads
+from minidiff.shard_processes import pack, unpack
+from test_parallel import SCHEDULE, _setup
+
+
+@pytest.mark.parametrize("conditioning,dropout", [("none", 0.0), ("class", 0.3), ("text", 0.3)])
+@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("as_flat", [False, True])
+def test_processes_give_the_threads_numbers_bit_for_bit(conditioning, dropout, workers, as_flat):
+    config, params, x_t, x0, noise, t, cond = _setup(conditioning, dropout)
+    params = flat.flatten(params) if as_flat else params
+    got = {}
+    for shards in ("threads", "processes"):
+        rng = np.random.default_rng(5)
+        loss, grads = loss_and_grads(params, config, SCHEDULE, x_t, x0, noise, t, rng=rng, workers=workers,
+                                     shards=shards, **cond)
+        eps = forward(params, config, x_t, t, workers=workers, shards=shards, **cond)
+        eps_scalar_t = forward(params, config, x_t, 300, workers=workers, shards=shards, **cond)
+        got[shards] = (loss, grads, rng.bit_generator.state, eps, eps_scalar_t)
+    (la, ga, ra, ea, sa), (lb, gb, rb, eb, sb) = got["threads"], got["processes"]
+    assert type(lb) is type(la) and lb.dtype == la.dtype and lb == la
+    assert isinstance(gb, flat.FlatDict) == as_flat and list(gb) == list(ga)
+    assert all(np.array_equal(ga[k], gb[k]) for k in ga)
+    assert rb == ra  # as many dropout seeds drawn as one unsplit forward
+    assert np.array_equal(eb, ea) and np.array_equal(sb, sa)
+
+
+def test_a_workers_bad_input_is_a_value_error_and_a_dead_worker_is_reported():
+    config, params, x_t, x0, noise, t, _ = _setup("none", 0.0, n=4)
+    with pytest.raises(ValueError, match="class_labels"):  # raised in a worker, the same one line
+        forward(params, config, x_t, t, class_labels=np.zeros(4, np.int64), workers=2, shards="processes")
+    pool = shard_processes._POOLS[2]
+    files = [path for path, _, _ in pool.files.values()]
+    assert files and all(os.path.exists(p) for p in files)
+    pool.procs[1].kill()
+    pool.procs[1].join()
+    with pytest.raises(RuntimeError, match="shard worker 1 exited"):
+        forward(params, config, x_t, t, workers=2, shards="processes")
+    assert 2 not in shard_processes._POOLS and not any(os.path.exists(p) for p in files)  # closed, files gone
+    want = forward(params, config, x_t, t, workers=2, shards="threads")
+    assert np.array_equal(forward(params, config, x_t, t, workers=2, shards="processes"), want)  # a new pool
+
+
+def test_bad_shards_names_the_flag():
+    config, params, x_t, x0, noise, t, _ = _setup("none", 0.0, n=4)
+    with pytest.raises(ValueError, match="--shards must be one of"):
+        forward(params, config, x_t, t, workers=2, shards="fibers")
+
+
+def test_messages_round_trip_without_pickle():
+    r = np.random.default_rng(0)
+    arrays = {"f32": r.standard_normal((2, 3)).astype(np.float32), "zero_d": np.asarray(np.float64(2.5)),
+              "strided": r.standard_normal((4, 6))[::2, ::3], "ids": np.arange(6, dtype=np.int64).reshape(3, 2),
+              "mask": np.array([True, False]), "empty": np.zeros((0, 4), np.float32)}
+    meta = {"task": "forward", "rows": [0, 2, 5], "state": {"inc": 2**100 + 1}}
+    got_meta, got = unpack(pack(meta, arrays))
+    assert got_meta == meta and list(got) == list(arrays)
+    for k, a in arrays.items():
+        assert got[k].dtype == a.dtype and got[k].shape == a.shape and np.array_equal(got[k], a)
+    with pytest.raises(ValueError, match="only plain numeric arrays"):
+        pack({}, {"objects": np.array([None, 1], dtype=object)})
