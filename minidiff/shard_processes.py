@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import itertools
 import json
 import multiprocessing
 import os
+import signal
 import tempfile
 import traceback
 
@@ -36,6 +38,7 @@ import numpy as np
 from . import flat
 
 _POOLS: dict = {}  # workers -> ShardProcesses, started on first use, closed at exit
+_IDS = itertools.count()  # the shared files' ids, by which the workers keep their mappings
 
 
 # ----------------------------------------------------------------------------- messages
@@ -80,6 +83,13 @@ def _shared_file(nbytes: int) -> str:
     return path
 
 
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _flat_view(path: str, dtype: str, layout, mode: str) -> flat.FlatDict:
     """The FlatDict whose buffer is the shared file at path (layout: [[key, shape], ...])."""
     layout = tuple((key, tuple(shape)) for key, shape in layout)
@@ -113,10 +123,9 @@ def _run(meta: dict, arrays: dict, files: dict) -> tuple[dict, dict]:
     from .unet import unet_backward, unet_forward  # noqa: PLC0415
 
     p = meta["params"]
-    key = (p["path"], p["dtype"], json.dumps(p["layout"]))
-    if key not in files:
-        files[key] = _flat_view(p["path"], p["dtype"], p["layout"], "r")
-    params, config = files[key], _config(meta["config"])
+    if p["id"] not in files:  # mapped once: the parent may then delete the file (the mapping stays)
+        files[p["id"]] = _flat_view(p["path"], p["dtype"], p["layout"], "r")
+    params, config = files[p["id"]], _config(meta["config"])
     labels, context = arrays.get("class_labels"), arrays.get("context")
     if meta["task"] == "forward":
         out = unet_forward(params, config, arrays["x"], arrays["t"], class_labels=labels, context=context,
@@ -135,17 +144,18 @@ def _run(meta: dict, arrays: dict, files: dict) -> tuple[dict, dict]:
         dout *= weight  # in place: diffusion_loss returns a new array
     grads, _ = unet_backward(dout, cache)
     g = meta["grads"]
-    gkey = (g["path"], g["dtype"], json.dumps(p["layout"]))
-    if gkey not in files:
-        files[gkey] = _flat_view(g["path"], g["dtype"], p["layout"], "r+")
-    for k, shape in files[gkey].layout:  # dL_k/dtheta into the shared buffer (the gaps stay zero)
-        files[gkey][k][...] = grads[k]
+    if g["id"] not in files:
+        files[g["id"]] = _flat_view(g["path"], g["dtype"], p["layout"], "r+")
+    for k, _ in files[g["id"]].layout:  # dL_k/dtheta into the shared buffer (the gaps stay zero)
+        files[g["id"]][k][...] = grads[k]
     state = None if rng is None else rng.bit_generator.state
     return {"rng_state": state}, {"loss": np.asarray(loss)}
 
 
 def _worker_main(conn, blas_threads: int) -> None:
-    """A worker's loop: answer each message with ok + results, or with the error, until told to stop."""
+    """A worker's loop: answer each message with ok + results, or with the error, until told to stop or
+    until the parent's end of the pipe closes (Ctrl-C is the parent's to handle: the worker ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         from threadpoolctl import threadpool_limits  # noqa: PLC0415
 
@@ -189,36 +199,36 @@ class ShardProcesses:
             self.conns.append(parent)
             self.procs.append(proc)
 
-    def _view(self, role: str, dtype, layout: tuple) -> tuple[str, flat.FlatDict]:
-        """The shared file for role ('params', 'grads0', ...) and this process's FlatDict over it; a new file
-        when the dtype or layout changed (the workers then map the new one)."""
-        path, key, view = self.files.get(role, (None, None, None))
+    def _view(self, role: str, dtype, layout: tuple) -> tuple[dict, flat.FlatDict]:
+        """The shared file for role ('params', 'grads0', ...): its description for the workers, and this
+        process's FlatDict over it; a new file (and id) when the dtype or layout changed."""
+        desc, key, view = self.files.get(role, (None, None, None))
         if key != (np.dtype(dtype).str, layout):
-            if path is not None:
-                os.unlink(path)
-            path = _shared_file(flat.buffer_size(layout) * np.dtype(dtype).itemsize)
-            view = _flat_view(path, np.dtype(dtype).str, layout, "r+")
-            self.files[role] = (path, (np.dtype(dtype).str, layout), view)
-        return path, view
+            if desc is not None:
+                _unlink(desc["path"])
+            desc = {"path": _shared_file(flat.buffer_size(layout) * np.dtype(dtype).itemsize),
+                    "id": f"{os.getpid()}-{next(_IDS)}", "dtype": np.dtype(dtype).str}
+            view = _flat_view(desc["path"], desc["dtype"], layout, "r+")
+            self.files[role] = (desc, (desc["dtype"], layout), view)
+        return desc, view
 
     def share_params(self, params) -> dict:
         """Copy params (a dict of same-dtype NumPy arrays) into the shared weights file; its description.
         The file is mapped shared, so the workers see the copy without a flush."""
         layout = flat.layout_of(params)
         dtype = next(iter(params.values())).dtype
-        path, shared = self._view("params", dtype, layout)
+        desc, shared = self._view("params", dtype, layout)
         if isinstance(params, flat.FlatDict) and params.intact():
             np.copyto(shared.buffer, params.buffer)
         else:
             for key, a in params.items():
                 shared[key][...] = a
-        return {"path": path, "dtype": dtype.str, "layout": [[k, list(s)] for k, s in layout]}
+        return {**desc, "layout": [[k, list(s)] for k, s in layout]}
 
     def grads(self, k: int, params_desc: dict) -> tuple[dict, flat.FlatDict]:
         """Worker k's shared gradient file: its description, and this process's view of it."""
         layout = tuple((key, tuple(s)) for key, s in params_desc["layout"])
-        path, view = self._view(f"grads{k}", params_desc["dtype"], layout)
-        return {"path": path, "dtype": params_desc["dtype"]}, view
+        return self._view(f"grads{k}", params_desc["dtype"], layout)
 
     def run(self, messages: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
         """Send message k to worker k, then read every answer (all of them, so that none is left in a pipe
@@ -240,6 +250,8 @@ class ShardProcesses:
                 if meta["type"] == "ValueError":
                     raise ValueError(meta["error"])
                 raise RuntimeError(f"shard worker {k} failed: {meta['type']}: {meta['error']}\n{meta['traceback']}")
+        for desc, _, _ in self.files.values():  # every worker has mapped them: a killed run leaves no file
+            _unlink(desc["path"])
         return answers
 
     def _died(self, k: int, err: Exception):
@@ -259,11 +271,8 @@ class ShardProcesses:
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.terminate()
-        for path, _, _ in self.files.values():
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        for desc, _, _ in self.files.values():
+            _unlink(desc["path"])
         self.files.clear()
         for key in [w for w, pool in _POOLS.items() if pool is self]:
             del _POOLS[key]

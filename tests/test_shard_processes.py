@@ -39,8 +39,8 @@ def test_a_workers_bad_input_is_a_value_error_and_a_dead_worker_is_reported():
     with pytest.raises(ValueError, match="class_labels"):  # raised in a worker, the same one line
         forward(params, config, x_t, t, class_labels=np.zeros(4, np.int64), workers=2, shards="processes")
     pool = shard_processes._POOLS[2]
-    files = [path for path, _, _ in pool.files.values()]
-    assert files and all(os.path.exists(p) for p in files)
+    files = [desc["path"] for desc, _, _ in pool.files.values()]
+    assert files
     pool.procs[1].kill()
     pool.procs[1].join()
     with pytest.raises(RuntimeError, match="shard worker 1 exited"):
@@ -48,6 +48,24 @@ def test_a_workers_bad_input_is_a_value_error_and_a_dead_worker_is_reported():
     assert 2 not in shard_processes._POOLS and not any(os.path.exists(p) for p in files)  # closed, files gone
     want = forward(params, config, x_t, t, workers=2, shards="threads")
     assert np.array_equal(forward(params, config, x_t, t, workers=2, shards="processes"), want)  # a new pool
+
+
+def test_the_shared_files_are_deleted_once_mapped_and_still_serve():
+    """After a step every worker has mapped the weights and gradient files: they are deleted then (a run
+    killed later leaves nothing in /dev/shm), and later steps, with new weights, still see them."""
+    config, params, x_t, x0, noise, t, _ = _setup("none", 0.0, n=4)
+    params = flat.flatten(params)
+    forward(params, config, x_t, t, workers=2, shards="processes")
+    pool = shard_processes._POOLS[2]
+    loss_and_grads(params, config, SCHEDULE, x_t, x0, noise, t, workers=2, shards="processes")
+    assert not any(os.path.exists(desc["path"]) for desc, _, _ in pool.files.values())
+    params.buffer *= 0.5  # as an optimizer step would: the next call copies the new weights in
+    for shards in ("threads", "processes"):
+        loss, grads = loss_and_grads(params, config, SCHEDULE, x_t, x0, noise, t, workers=2, shards=shards)
+        eps = forward(params, config, x_t, t, workers=2, shards=shards)
+        if shards == "threads":
+            want = (loss, grads.buffer.copy(), eps)
+    assert loss == want[0] and np.array_equal(grads.buffer, want[1]) and np.array_equal(eps, want[2])
 
 
 def test_bad_shards_names_the_flag():
