@@ -8,12 +8,15 @@ changes nothing but float rounding: every op of the U-Net acts on each sample al
 GroupNorm, attention, the time embedding), and the dropout masks of a shard are its rows of the
 masks drawn for the whole batch (unet_forward(rows=...)).
 
-Why threads: NumPy releases the GIL inside its loops and BLAS calls, so two shards keep two
-cores busy, elementwise ops included (NumPy runs those on one thread). While the shards run,
-BLAS gets cores // shards threads each (threadpoolctl), one each on 2 cores: on this network's
-GEMMs OpenBLAS's own threads cost more than they gain there (docs/performance.md). Measured on
-2 cores only; the auto setting (one shard per core, at most 4) is a guess beyond that.
-A GPU is one device: there workers is always 1.
+Threads or processes (shards=): NumPy releases the GIL inside its loops and BLAS calls, so two
+shards in threads keep two cores busy on the big ops; but a step is also thousands of small ops
+whose Python and dispatch overhead holds the GIL, and there the threads queue for it. In worker
+processes (shard_processes.py) each shard has its own GIL and gives the same numbers, bit for bit;
+the command line runs them there by default (--shards processes), a library call in threads unless
+asked. While the shards run, BLAS gets cores // shards threads each (threadpoolctl), one each on
+2 cores: on this network's GEMMs OpenBLAS's own threads cost more than they gain there
+(docs/performance.md). Measured on 2 cores only; the auto setting (one shard per core, at most 4)
+is a guess beyond that. A GPU is one device: there workers is always 1.
 
 Shape legend: N batch, N_k rows of shard k, C H W image, S prompt tokens.
 """
