@@ -86,7 +86,7 @@ def _shared_file(nbytes: int) -> str:
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except OSError:  # gone already; or, on Windows, still mapped (then it goes at close)
         pass
 
 
@@ -116,6 +116,14 @@ def _rng(state):
     return rng
 
 
+def _mapped(files: dict, role: str, desc: dict, layout, mode: str) -> flat.FlatDict:
+    """This worker's view of the shared file for role ('params' or 'grads'), mapped once per file: the
+    parent deletes a file once its workers have it mapped, and sends a new one (new id) to replace it."""
+    if files.get(role, (None,))[0] != desc["id"]:
+        files[role] = (desc["id"], _flat_view(desc["path"], desc["dtype"], layout, mode))
+    return files[role][1]
+
+
 def _run(meta: dict, arrays: dict, files: dict) -> tuple[dict, dict]:
     """One task in a worker: the shard's forward, or its loss and gradients (parallel.py's shard())."""
     from .loss import diffusion_loss  # noqa: PLC0415
@@ -123,31 +131,24 @@ def _run(meta: dict, arrays: dict, files: dict) -> tuple[dict, dict]:
     from .unet import unet_backward, unet_forward  # noqa: PLC0415
 
     p = meta["params"]
-    if p["id"] not in files:  # mapped once: the parent may then delete the file (the mapping stays)
-        files[p["id"]] = _flat_view(p["path"], p["dtype"], p["layout"], "r")
-    params, config = files[p["id"]], _config(meta["config"])
+    params, config = _mapped(files, "params", p, p["layout"], "r"), _config(meta["config"])
     labels, context = arrays.get("class_labels"), arrays.get("context")
     if meta["task"] == "forward":
         out = unet_forward(params, config, arrays["x"], arrays["t"], class_labels=labels, context=context,
                            for_backward=False)[0]
         return {}, {"out": out}
     rng = _rng(meta["rng_state"])
-    rows = None if meta["rows"] is None else tuple(meta["rows"])
     out, cache = unet_forward(params, config, arrays["x_t"], arrays["t"], class_labels=labels, context=context,
-                              train=True, rng=rng, rows=rows)
+                              train=True, rng=rng, rows=tuple(meta["rows"]))
     schedule = make_schedule(len(arrays["betas"]), trained_betas=arrays["betas"])
     loss, dout = diffusion_loss(schedule, out, arrays["x0"], arrays["noise"], arrays["t"], meta["prediction_type"],
                                 meta["snr_gamma"])
-    weight = meta["weight"]
-    if weight is not None:  # forward: L = sum_k (N_k / N) L_k
-        loss = loss * weight
-        dout *= weight  # in place: diffusion_loss returns a new array
+    loss = loss * meta["weight"]  # forward: L = sum_k (N_k / N) L_k
+    dout *= meta["weight"]  # in place: diffusion_loss returns a new array
     grads, _ = unet_backward(dout, cache)
-    g = meta["grads"]
-    if g["id"] not in files:
-        files[g["id"]] = _flat_view(g["path"], g["dtype"], p["layout"], "r+")
-    for k, _ in files[g["id"]].layout:  # dL_k/dtheta into the shared buffer (the gaps stay zero)
-        files[g["id"]][k][...] = grads[k]
+    shared = _mapped(files, "grads", meta["grads"], p["layout"], "r+")
+    for k, _ in shared.layout:  # dL_k/dtheta into the shared buffer (the gaps stay zero)
+        shared[k][...] = grads[k]
     state = None if rng is None else rng.bit_generator.state
     return {"rng_state": state}, {"loss": np.asarray(loss)}
 
@@ -189,7 +190,8 @@ class ShardProcesses:
 
     def __init__(self, workers: int, blas_threads: int = 1):
         ctx = multiprocessing.get_context("spawn")
-        self.conns, self.procs, self.files = [], [], {}
+        self.conns, self.procs = [], []
+        self.files = {}  # role -> (description, (dtype, layout), this process's view, workers that mapped it)
         for k in range(workers):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker_main, args=(child, blas_threads), name=f"minidiff-shard-{k}",
@@ -202,14 +204,14 @@ class ShardProcesses:
     def _view(self, role: str, dtype, layout: tuple) -> tuple[dict, flat.FlatDict]:
         """The shared file for role ('params', 'grads0', ...): its description for the workers, and this
         process's FlatDict over it; a new file (and id) when the dtype or layout changed."""
-        desc, key, view = self.files.get(role, (None, None, None))
+        desc, key, view, _ = self.files.get(role, (None, None, None, None))
         if key != (np.dtype(dtype).str, layout):
             if desc is not None:
                 _unlink(desc["path"])
             desc = {"path": _shared_file(flat.buffer_size(layout) * np.dtype(dtype).itemsize),
                     "id": f"{os.getpid()}-{next(_IDS)}", "dtype": np.dtype(dtype).str}
             view = _flat_view(desc["path"], desc["dtype"], layout, "r+")
-            self.files[role] = (desc, (desc["dtype"], layout), view)
+            self.files[role] = (desc, (desc["dtype"], layout), view, set())
         return desc, view
 
     def share_params(self, params) -> dict:
@@ -250,16 +252,23 @@ class ShardProcesses:
                 if meta["type"] == "ValueError":
                     raise ValueError(meta["error"])
                 raise RuntimeError(f"shard worker {k} failed: {meta['type']}: {meta['error']}\n{meta['traceback']}")
-        for desc, _, _ in self.files.values():  # every worker has mapped them: a killed run leaves no file
-            _unlink(desc["path"])
+        for k, (meta, _) in enumerate(messages):  # worker k has mapped the files it was sent
+            used = {meta["params"]["id"], meta.get("grads", {}).get("id")}
+            for desc, _, _, mapped in self.files.values():
+                if desc["id"] in used:
+                    mapped.add(k)
+        for role, (desc, _, _, mapped) in self.files.items():  # once all its users have it mapped, a file
+            if mapped >= ({int(role[5:])} if role.startswith("grads") else set(range(len(self.conns)))):
+                _unlink(desc["path"])  # can go: a run killed later leaves none behind
         return answers
 
     def _died(self, k: int, err: Exception):
         self.procs[k].join(timeout=1)
         code = self.procs[k].exitcode
         self.close()
-        raise RuntimeError(f"shard worker {k} exited (exit code {code}) during a step; run with --shards threads "
-                           f"to see any error in this process") from err
+        raise RuntimeError(f"shard worker {k} exited (exit code {code}) during a step; a script that runs several "
+                           f"shards in processes must guard its entry point (if __name__ == '__main__':); "
+                           f"--shards threads (shards='threads') runs them in this process") from err
 
     def close(self) -> None:
         for conn in self.conns:
@@ -271,7 +280,7 @@ class ShardProcesses:
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.terminate()
-        for desc, _, _ in self.files.values():
+        for desc, _, _, _ in self.files.values():
             _unlink(desc["path"])
         self.files.clear()
         for key in [w for w, pool in _POOLS.items() if pool is self]:
@@ -279,10 +288,11 @@ class ShardProcesses:
 
 
 def get_pool(workers: int, blas_threads: int) -> ShardProcesses:
-    """The pool of this many workers, started on first use."""
-    pool = _POOLS.get(workers)
-    if pool is None:
-        pool = _POOLS[workers] = ShardProcesses(workers, blas_threads)
+    """A pool of at least this many workers (a smaller batch uses the first ones), started on first use."""
+    for size, pool in _POOLS.items():
+        if size >= workers:
+            return pool
+    pool = _POOLS[workers] = ShardProcesses(workers, blas_threads)
     return pool
 
 
@@ -320,8 +330,11 @@ def loss_and_grads(params, config, schedule, x_t, x0, noise, t, class_labels, co
     (the same per-shard ops, the gradients summed in shard order); rng advanced as there."""
     pool = get_pool(len(bounds), blas_threads)
     n = x_t.shape[0]
-    desc = pool.share_params(params)
     state = None if rng is None else rng.bit_generator.state
+    if state is not None and state["bit_generator"] not in ("PCG64", "PCG64DXSM"):  # states of plain ints: JSON
+        raise ValueError(f"rng must be a PCG64 Generator (np.random.default_rng) to run the shards in processes, "
+                         f"got {state['bit_generator']}; use shards='threads'")
+    desc = pool.share_params(params)
     messages, shared = [], []
     for k, ((start, stop), part) in enumerate(zip(bounds, _inputs(bounds, x_t=x_t, x0=x0, noise=noise, t=t,
                                                                    class_labels=class_labels, context=context))):

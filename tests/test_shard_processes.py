@@ -34,23 +34,31 @@ def test_processes_give_the_threads_numbers_bit_for_bit(conditioning, dropout, w
     assert np.array_equal(eb, ea) and np.array_equal(sb, sa)
 
 
-def test_a_workers_bad_input_is_a_value_error_and_a_dead_worker_is_reported():
+@pytest.fixture
+def fresh_pools():
+    """No worker pool left from other tests: the next call starts one of exactly the workers it asks for."""
+    shard_processes._close_all()
+    yield
+    shard_processes._close_all()
+
+
+def test_a_workers_bad_input_is_a_value_error_and_a_dead_worker_is_reported(fresh_pools):
     config, params, x_t, x0, noise, t, _ = _setup("none", 0.0, n=4)
     with pytest.raises(ValueError, match="class_labels"):  # raised in a worker, the same one line
         forward(params, config, x_t, t, class_labels=np.zeros(4, np.int64), workers=2, shards="processes")
     pool = shard_processes._POOLS[2]
-    files = [desc["path"] for desc, _, _ in pool.files.values()]
+    files = [desc["path"] for desc, _, _, _ in pool.files.values()]
     assert files
     pool.procs[1].kill()
     pool.procs[1].join()
     with pytest.raises(RuntimeError, match="shard worker 1 exited"):
         forward(params, config, x_t, t, workers=2, shards="processes")
-    assert 2 not in shard_processes._POOLS and not any(os.path.exists(p) for p in files)  # closed, files gone
+    assert pool not in shard_processes._POOLS.values() and not any(os.path.exists(p) for p in files)  # closed
     want = forward(params, config, x_t, t, workers=2, shards="threads")
     assert np.array_equal(forward(params, config, x_t, t, workers=2, shards="processes"), want)  # a new pool
 
 
-def test_the_shared_files_are_deleted_once_mapped_and_still_serve():
+def test_the_shared_files_are_deleted_once_mapped_and_still_serve(fresh_pools):
     """After a step every worker has mapped the weights and gradient files: they are deleted then (a run
     killed later leaves nothing in /dev/shm), and later steps, with new weights, still see them."""
     config, params, x_t, x0, noise, t, _ = _setup("none", 0.0, n=4)
@@ -58,7 +66,8 @@ def test_the_shared_files_are_deleted_once_mapped_and_still_serve():
     forward(params, config, x_t, t, workers=2, shards="processes")
     pool = shard_processes._POOLS[2]
     loss_and_grads(params, config, SCHEDULE, x_t, x0, noise, t, workers=2, shards="processes")
-    assert not any(os.path.exists(desc["path"]) for desc, _, _ in pool.files.values())
+    assert not any(os.path.exists(desc["path"]) for desc, _, _, _ in pool.files.values())
+    forward(params, config, x_t, t, workers=2, shards="processes")  # between two steps, as a sample grid is
     params.buffer *= 0.5  # as an optimizer step would: the next call copies the new weights in
     for shards in ("threads", "processes"):
         loss, grads = loss_and_grads(params, config, SCHEDULE, x_t, x0, noise, t, workers=2, shards=shards)
@@ -86,3 +95,20 @@ def test_messages_round_trip_without_pickle():
         assert got[k].dtype == a.dtype and got[k].shape == a.shape and np.array_equal(got[k], a)
     with pytest.raises(ValueError, match="only plain numeric arrays"):
         pack({}, {"objects": np.array([None, 1], dtype=object)})
+
+
+def test_a_smaller_batch_uses_the_first_workers_and_new_files_wait_for_all(fresh_pools):
+    """A batch with fewer rows than the pool has workers runs on the first ones; a weights file made then
+    (new dtype) is kept until the last worker has mapped it too."""
+    config, params, x_t, _, _, t, _ = _setup("none", 0.0, n=6)
+    forward(params, config, x_t, t, workers=3, shards="processes")  # a pool of 3, all files mapped
+    files = [desc["path"] for desc, _, _, _ in shard_processes._POOLS[3].files.values()]
+    p32 = {k: v.astype(np.float32) for k, v in params.items()}
+    x32 = x_t.astype(np.float32)
+    assert not any(os.path.exists(p) for p in files)
+    for rows in (2, 6):  # 2 shards on the pool of 3, then all 3 on the float32 weights file made for the 2
+        got = forward(p32, config, x32[:rows], t[:rows], workers=3, shards="processes")
+        assert np.array_equal(got, forward(p32, config, x32[:rows], t[:rows], workers=3, shards="threads"))
+        files = [desc["path"] for desc, _, _, _ in shard_processes._POOLS[3].files.values()]
+        assert any(os.path.exists(p) for p in files) == (rows == 2)  # kept for worker 2, then deleted
+    assert 2 not in shard_processes._POOLS  # no second pool was started
