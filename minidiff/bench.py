@@ -47,7 +47,7 @@ from . import flat
 from .allocator import keep_freed_memory
 from .backend import BackendError, check_tf32, set_tf32, synchronize, to_device, to_numpy, xp_for
 from .optim import AdamW
-from .parallel import SHARD_MODES, forward, loss_and_grads, resolve_workers
+from .parallel import SHARD_MODES, check_shards, forward, loss_and_grads, resolve_workers
 from .sampler import ddim_step
 from .schedule import add_noise, make_schedule
 from .unet import count_params, init_params, unet_forward
@@ -82,7 +82,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for both sides: torch.set_num_threads, and minidiff's batch in that many "
                         "shards, one thread each (default: one per core, at most 4)")
-    p.add_argument("--shards", default="processes", choices=["processes", "threads"],
+    p.add_argument("--shards", default="processes", choices=SHARD_MODES,
                    help="where minidiff's CPU shards run: worker processes (each its own GIL, as `minidiff train` "
                         "and `sample` run them by default) or threads; the same numbers")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
@@ -243,8 +243,7 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
         raise ValueError(f"--image-size must be a multiple of {2 ** (levels - 1)} for preset {preset!r} "
                          f"({levels} resolutions), got {size}")
     config = dataclasses.replace(base, sample_size=size)
-    if shards not in SHARD_MODES:
-        raise ValueError(f"--shards must be one of {list(SHARD_MODES)}, got {shards!r}")
+    check_shards(shards)
     xp_for(device)  # BackendError with the install hint when the GPU is missing
     if check_tf32(tf32, device, dtype):
         set_tf32(True)

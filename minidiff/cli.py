@@ -15,6 +15,7 @@ import numpy as np
 from .allocator import keep_freed_memory
 from .backend import BackendError, check_tf32, set_tf32
 from .config import SampleConfig, TrainConfig, add_dataclass_args, dataclass_from_args
+from .parallel import SHARD_MODES
 
 
 def cmd_train(args) -> int:
@@ -49,8 +50,7 @@ def _conditions(bundle, cfg: SampleConfig):
 def cmd_sample(args) -> int:
     """`minidiff sample`: load a run, draw n images with guidance, write a PNG grid and an .npz."""
     from .bundle import load_bundle
-    from .parallel import SHARD_MODES, resolve_workers
-    from .schedule import check_choice
+    from .parallel import check_shards, resolve_workers
     from .report import ProgressBar, save_grid
     from .sample import generate
 
@@ -61,8 +61,7 @@ def cmd_sample(args) -> int:
         set_tf32(True)
     bundle = load_bundle(cfg.checkpoint, use_ema=not cfg.no_ema, device=cfg.device, dtype=cfg.dtype)
     bundle.workers = resolve_workers(cfg.threads, cfg.device)
-    check_choice("--shards", cfg.shards, SHARD_MODES)
-    bundle.shards = cfg.shards
+    bundle.shards = check_shards(cfg.shards)
     cond, labels = _conditions(bundle, cfg)
     grad_fn = None
     if cfg.classifier:
@@ -137,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     e.add_argument("--threads", type=int, default=0, help="CPU threads, each samples a shard of the batch; "
                    "0 = one per core (at most 4)")
-    e.add_argument("--shards", default="processes", choices=["processes", "threads"],
+    e.add_argument("--shards", default="processes", choices=SHARD_MODES,
                    help="where the CPU shards run: processes (each its own GIL; faster) or threads; the same numbers")
     e.add_argument("--tf32", action="store_true",
                    help="GPU float32 matmuls in TF32 on the tensor cores (faster, ~1e-3 relative error)")

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 
 from .backend import check_tf32
-from .parallel import SHARD_MODES, resolve_workers
+from .parallel import check_shards, resolve_workers
 from .schedule import check_choice
 
 
@@ -135,7 +135,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     resolve_workers(cfg.threads, cfg.device)  # --threads: an int >= 0
-    check_choice("--shards", cfg.shards, SHARD_MODES)
+    check_shards(cfg.shards)
     check_tf32(cfg.tf32, cfg.device, cfg.dtype)
     if not 0.0 <= cfg.p_uncond < 1.0:
         raise ValueError(f"--p-uncond must be in [0, 1), got {cfg.p_uncond}")

@@ -47,11 +47,16 @@ SWITCH_INTERVAL = 0.001
 SHARD_MODES = ("threads", "processes")
 
 
-def _in_processes(bounds, xp, shards: str) -> bool:
-    """Whether these shards go to worker processes; ValueError naming --shards for an unknown mode."""
+def check_shards(shards) -> str:
+    """Return shards, or raise ValueError naming --shards unless it is 'threads' or 'processes'."""
     if shards not in SHARD_MODES:
-        raise ValueError(f"--shards must be one of {SHARD_MODES}, got {shards!r}")
-    return len(bounds) > 1 and shards == "processes" and xp is np
+        raise ValueError(f"--shards must be one of {list(SHARD_MODES)}, got {shards!r}")
+    return shards
+
+
+def _in_processes(bounds, xp, shards: str) -> bool:
+    """Whether these shards go to worker processes (several shards, NumPy, shards='processes')."""
+    return check_shards(shards) == "processes" and len(bounds) > 1 and xp is np
 
 
 def available_cores() -> int:

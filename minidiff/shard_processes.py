@@ -13,8 +13,7 @@ on its rows as a thread would, so the results are the threads' bit for bit. What
   weights    one shared file in /dev/shm (where there is one) holding the flat buffer, copied in
              by the parent before each call (one memcpy: the optimizer updates the parent's copy)
   gradients  one shared file per worker, the flat buffer of dL_k/dtheta, summed by the parent
-  the rest   messages: an 8-byte length, a JSON header, then the raw bytes of the arrays the header
-             lists (dtype, shape, offset); no pickle anywhere
+  the rest   messages of a JSON header and the arrays' raw bytes (shard_messages.py); no pickle anywhere
 A script that uses this must guard its entry point (if __name__ == "__main__":), as every spawned
 worker imports the parent's main module.
 
@@ -26,7 +25,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import itertools
-import json
 import multiprocessing
 import os
 import signal
@@ -36,42 +34,10 @@ import traceback
 import numpy as np
 
 from . import flat
+from .shard_messages import pack, unpack
 
 _POOLS: dict = {}  # workers -> ShardProcesses, started on first use, closed at exit
 _IDS = itertools.count()  # the shared files' ids, by which the workers keep their mappings
-
-
-# ----------------------------------------------------------------------------- messages
-
-
-def pack(meta: dict, arrays: dict) -> bytes:
-    """One message: len(header) (8 bytes, little-endian), header = JSON {meta, arrays: [[name, dtype, shape,
-    offset], ...]}, then the arrays' bytes (C order) one after another."""
-    table, chunks, offset = [], [], 0
-    for name, a in arrays.items():
-        a = np.asarray(a)  # (tobytes() writes C order whatever the layout; 0-d stays 0-d)
-        if a.dtype.hasobject:
-            raise ValueError(f"array {name!r} has dtype {a.dtype}: only plain numeric arrays travel")
-        table.append([name, a.dtype.str, list(a.shape), offset])
-        chunks.append(a.tobytes())
-        offset += a.nbytes
-    header = json.dumps({"meta": meta, "arrays": table}).encode()
-    return len(header).to_bytes(8, "little") + header + b"".join(chunks)
-
-
-def unpack(data: bytes) -> tuple[dict, dict]:
-    """(meta, {name: array}) of a message made by pack; the arrays are read-only views of data."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
-    body = memoryview(data)[8 + n:]
-    arrays = {}
-    for name, dtype, shape, offset in header["arrays"]:
-        dt = np.dtype(dtype)
-        if dt.hasobject:
-            raise ValueError(f"array {name!r} has dtype {dt}: refused")
-        count = int(np.prod(shape, dtype=np.int64))
-        arrays[name] = np.frombuffer(body, dtype=dt, count=count, offset=offset).reshape(shape)
-    return header["meta"], arrays
 
 
 def _shared_file(nbytes: int) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 from minidiff import flat, shard_processes
 from minidiff.parallel import forward, loss_and_grads
-from minidiff.shard_processes import pack, unpack
+from minidiff.shard_messages import pack, unpack
 from test_parallel import SCHEDULE, _setup
 
 

@@ -150,3 +150,14 @@ def test_tf32_is_refused_off_the_gpu_and_for_float64(tmp_path, capsys, argv):
     assert main(argv + (["--out", str(tmp_path / "run")] if argv[0] == "train" else [])) == 2
     assert "--tf32 needs --device gpu and --dtype float32" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_bad_shards_is_one_line_naming_the_flag(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--shards", "fibers", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--shards must be one of ['threads', 'processes'], got 'fibers'" in err and err.count("\n") == 1
+    assert not out.exists()  # nothing written
+    with pytest.raises(SystemExit):  # argparse's choices: eval and bench
+        main(["eval", "--checkpoint", "x", "--shards", "fibers"])
+    assert "invalid choice: 'fibers'" in capsys.readouterr().err
