@@ -165,7 +165,7 @@ def loss_and_grads(params, config, schedule, x_t, x0, noise, t, class_labels=Non
 
 
 def forward(params, config, x, t, class_labels=None, context=None, workers: int = 1, shards: str = "threads"):
-    """eps = UNet(x, t[, y][, prompt]) (inference, no dropout), the batch split over worker threads.
+    """eps = UNet(x, t[, y][, prompt]) (inference, no dropout), the batch split over worker threads or processes.
 
     Inputs as unet_forward's; t a scalar or (N,); shards as loss_and_grads's. Returns eps (N, C_out, H, W)
     on x's backend.
