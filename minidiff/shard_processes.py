@@ -41,12 +41,25 @@ _IDS = itertools.count()  # the shared files' ids, by which the workers keep the
 
 
 def _shared_file(nbytes: int) -> str:
-    """A new file of nbytes zeros in shared memory (/dev/shm where it exists, else the temp folder)."""
-    folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    fd, path = tempfile.mkstemp(prefix="minidiff-shard-", suffix=".buf", dir=folder)
-    with os.fdopen(fd, "wb") as f:
-        f.truncate(max(nbytes, 1))
-    return path
+    """A new file of nbytes zeros in shared memory: /dev/shm where it exists and has the room, else the temp
+    folder. The room is taken up front (posix_fallocate), so that a full /dev/shm (a container's is often
+    64 MB) falls back here instead of killing the process at its first write (SIGBUS)."""
+    folders = (["/dev/shm"] if os.path.isdir("/dev/shm") else []) + [None]  # None: tempfile's default
+    for i, folder in enumerate(folders):
+        fd, path = tempfile.mkstemp(prefix="minidiff-shard-", suffix=".buf", dir=folder)
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, max(nbytes, 1))
+            else:
+                os.ftruncate(fd, max(nbytes, 1))
+        except OSError:
+            _unlink(path)
+            if i == len(folders) - 1:
+                raise
+            continue
+        finally:
+            os.close(fd)
+        return path
 
 
 def _unlink(path: str) -> None:

@@ -112,3 +112,21 @@ def test_a_smaller_batch_uses_the_first_workers_and_new_files_wait_for_all(fresh
         files = [desc["path"] for desc, _, _, _ in shard_processes._POOLS[3].files.values()]
         assert any(os.path.exists(p) for p in files) == (rows == 2)  # kept for worker 2, then deleted
     assert 2 not in shard_processes._POOLS  # no second pool was started
+
+
+def test_a_full_dev_shm_falls_back_to_the_temp_folder(monkeypatch, tmp_path):
+    """posix_fallocate refusing /dev/shm (no room) gives a file in the temp folder, not a SIGBUS later."""
+    if not (os.path.isdir("/dev/shm") and hasattr(os, "posix_fallocate")):
+        pytest.skip("no /dev/shm or no posix_fallocate here")
+    real = os.posix_fallocate
+
+    def fallocate(fd, offset, n):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith("/dev/shm/"):
+            raise OSError(28, "No space left on device")
+        return real(fd, offset, n)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    monkeypatch.setattr(shard_processes.tempfile, "tempdir", str(tmp_path))
+    path = shard_processes._shared_file(1000)
+    assert path.startswith(str(tmp_path)) and os.path.getsize(path) == 1000
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("minidiff-shard-")]  # the refused one is gone
