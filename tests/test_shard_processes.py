@@ -26,6 +26,7 @@ def test_processes_give_the_threads_numbers_bit_for_bit(conditioning, dropout, w
         eps = forward(params, config, x_t, t, workers=workers, shards=shards, **cond)
         eps_scalar_t = forward(params, config, x_t, 300, workers=workers, shards=shards, **cond)
         got[shards] = (loss, grads, rng.bit_generator.state, eps, eps_scalar_t)
+    assert any(len(pool.procs) >= workers for pool in shard_processes._POOLS.values())  # they did run there
     (la, ga, ra, ea, sa), (lb, gb, rb, eb, sb) = got["threads"], got["processes"]
     assert type(lb) is type(la) and lb.dtype == la.dtype and lb == la
     assert isinstance(gb, flat.FlatDict) == as_flat and list(gb) == list(ga)
