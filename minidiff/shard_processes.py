@@ -171,6 +171,7 @@ class ShardProcesses:
         ctx = multiprocessing.get_context("spawn")
         self.conns, self.procs = [], []
         self.files = {}  # role -> (description, (dtype, layout), this process's view, workers that mapped it)
+        self.deleted = set()  # paths of the files already deleted (every worker that uses them has them mapped)
         for k in range(workers):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker_main, args=(child, blas_threads), name=f"minidiff-shard-{k}",
@@ -237,8 +238,10 @@ class ShardProcesses:
                 if desc["id"] in used:
                     mapped.add(k)
         for role, (desc, _, _, mapped) in self.files.items():  # once all its users have it mapped, a file
-            if mapped >= ({int(role[5:])} if role.startswith("grads") else set(range(len(self.conns)))):
-                _unlink(desc["path"])  # can go: a run killed later leaves none behind
+            users = {int(role[5:])} if role.startswith("grads") else set(range(len(self.conns)))
+            if mapped >= users and desc["path"] not in self.deleted:  # can go: a run killed later leaves none
+                _unlink(desc["path"])
+                self.deleted.add(desc["path"])
         return answers
 
     def _died(self, k: int, err: Exception):
@@ -250,6 +253,7 @@ class ShardProcesses:
                            f"--shards threads (shards='threads') runs them in this process") from err
 
     def close(self) -> None:
+        """Stop the workers (terminated after 5 s), delete the shared files, forget this pool."""
         for conn in self.conns:
             try:
                 conn.send_bytes(pack({"task": "stop"}, {}))

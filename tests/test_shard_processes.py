@@ -82,6 +82,9 @@ def test_bad_shards_names_the_flag():
     config, params, x_t, x0, noise, t, _ = _setup("none", 0.0, n=4)
     with pytest.raises(ValueError, match="--shards must be one of"):
         forward(params, config, x_t, t, workers=2, shards="fibers")
+    with pytest.raises(ValueError, match="rng must be a PCG64 Generator"):  # its state would not travel as JSON
+        loss_and_grads(params, config, SCHEDULE, x_t, x0, noise, t, rng=np.random.Generator(np.random.MT19937(0)),
+                       workers=2, shards="processes")
 
 
 def test_messages_round_trip_without_pickle():
