@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import backend
 from .backend import get_array_module, to_numpy, xp_for
+from .sampler_cuda import reverse_step_cuda
 from .schedule import PREDICTION_TYPES, check_choice, check_same_shape, check_t, coef_like, to_x0_eps
 from .timesteps import check_timestep_list, make_timesteps
 from .timesteps import prev_timesteps as next_entry_prev_timesteps
@@ -35,6 +37,14 @@ def _check_prev(prev_t, t, T, x):
         raise ValueError(f"prev_t must be < t elementwise (prev_t = -1 means before the start), "
                          f"got prev_t = {prev_t.tolist()}, t = {t.tolist()}")
     return prev_t
+
+
+def _one_kernel(t, prev_t, *arrays) -> bool:
+    """True on CuPy (unless MINIDIFF_FUSED=0) for a step with one timestep for the whole batch, as in
+    sample()'s loop, and arrays of one dtype: the step's array ops then run as one kernel (sampler_cuda.py)."""
+    xp = get_array_module(*arrays)
+    return (xp is not np and backend.FUSED and t.ndim == 0 and prev_t.ndim == 0
+            and len({a.dtype for a in arrays}) == 1)
 
 
 def ddpm_std(schedule, t, prev_t, variance_type="fixed_small", predicted_variance=None, like=None):
@@ -97,23 +107,32 @@ def ddpm_step(schedule, model_output, t, prev_t, sample, noise, variance_type="f
     T = schedule.num_train_timesteps
     t = check_t("t", t, T, sample)
     prev_t = _check_prev(prev_t, t, T, sample)
+    noisy = bool(np.any(t > 0))                                      # noise only where t > 0
+    if noisy:
+        if noise is None:
+            raise ValueError("noise is required when some t > 0 (pass an array shaped like sample)")
+        check_same_shape(noise=noise, sample=sample)
     # 1. alphas, betas of this (possibly skipping) step
     a_t, a_prev = schedule.alphas_cumprod[t], _abar_prev(schedule, prev_t, 1.0)
     b_t, b_prev = 1.0 - a_t, 1.0 - a_prev
     alpha_t = a_t / a_prev                                           # current_alpha_t
     beta_t = 1.0 - alpha_t                                           # current_beta_t
+    c_x0, c_xt = a_prev**0.5 * beta_t / b_t, alpha_t**0.5 * b_prev / b_t  # mu~ = c_x0 x0^ + c_xt x_t
+    if predicted_variance is None and _one_kernel(t, prev_t, model_output, sample, *([noise] if noisy else [])):
+        std = ddpm_std(schedule, t, prev_t, variance_type) if noisy else 0.0  # steps 2-6 in one kernel:
+        return reverse_step_cuda(get_array_module(sample), model_output, sample, noise if noisy else None,
+                                 abar_t=a_t, prediction_type=prediction_type,
+                                 clip_range=clip_sample_range if clip_sample else None,
+                                 k0=c_x0, k1=c_xt, use_eps=False, noise_std=std)
     # 2. predicted x_0 (DDPM eq. 15), 3. clipped
     x0, _ = to_x0_eps(schedule, model_output, sample, t, prediction_type)
     if clip_sample:
         x0 = get_array_module(x0).clip(x0, -clip_sample_range, clip_sample_range)
     # 4-5. posterior mean mu~_t(x_t, x0^)   (DDPM eq. 7)
-    mean = coef_like(a_prev**0.5 * beta_t / b_t, sample) * x0 + coef_like(alpha_t**0.5 * b_prev / b_t, sample) * sample
+    mean = coef_like(c_x0, sample) * x0 + coef_like(c_xt, sample) * sample
     # 6. noise, only where t > 0
-    if not np.any(t > 0):
+    if not noisy:
         return mean, x0
-    if noise is None:
-        raise ValueError("noise is required when some t > 0 (pass an array shaped like sample)")
-    check_same_shape(noise=noise, sample=sample)
     std = ddpm_std(schedule, t, prev_t, variance_type, predicted_variance, like=sample)
     return mean + coef_like((t > 0).astype(np.float64), sample) * std * noise, x0
 
@@ -139,22 +158,29 @@ def ddim_step(schedule, model_output, t, prev_t, sample, eta=0.0, noise=None, se
     final = 1.0 if set_alpha_to_one else schedule.alphas_cumprod[0]   # final_alpha_cumprod
     a_t, a_prev = schedule.alphas_cumprod[t], _abar_prev(schedule, prev_t, final)
     b_t = 1.0 - a_t
-    x0, eps = to_x0_eps(schedule, model_output, sample, t, prediction_type)
-    xp = get_array_module(x0)
-    if clip_sample:
-        x0 = xp.clip(x0, -clip_sample_range, clip_sample_range)
     variance = (1.0 - a_prev) / b_t * (1.0 - a_t / a_prev)               # DDIM eq. 16 with eta = 1
     std = eta * variance**0.5                                            # std_dev_t
-    if use_clipped_model_output:
-        eps = (sample - coef_like(a_t**0.5, sample) * x0) / coef_like(b_t**0.5, sample)
     dir2 = 1.0 - a_prev - std**2
     if np.any(dir2 < -1e-12):
         raise ValueError(f"eta = {eta} is too large here: 1 - abar_prev - sigma_t^2 = {np.min(dir2):.3g} < 0")
-    prev = coef_like(a_prev**0.5, sample) * x0 + coef_like(np.maximum(dir2, 0.0) ** 0.5, sample) * eps
     if eta > 0:
         if noise is None:
             raise ValueError("noise is required when eta > 0 (pass an array shaped like sample)")
         check_same_shape(noise=noise, sample=sample)
+    c_x0, c_eps = a_prev**0.5, np.maximum(dir2, 0.0) ** 0.5              # x_prev = c_x0 x0^ + c_eps eps^ + sigma z
+    if _one_kernel(t, prev_t, model_output, sample, *([noise] if eta > 0 else [])):  # all of the below in one kernel
+        return reverse_step_cuda(get_array_module(sample), model_output, sample, noise if eta > 0 else None,
+                                 abar_t=a_t, prediction_type=prediction_type,
+                                 clip_range=clip_sample_range if clip_sample else None, k0=c_x0, k1=c_eps,
+                                 use_eps=True, recompute_eps=use_clipped_model_output, noise_std=std)
+    x0, eps = to_x0_eps(schedule, model_output, sample, t, prediction_type)
+    xp = get_array_module(x0)
+    if clip_sample:
+        x0 = xp.clip(x0, -clip_sample_range, clip_sample_range)
+    if use_clipped_model_output:
+        eps = (sample - coef_like(a_t**0.5, sample) * x0) / coef_like(b_t**0.5, sample)
+    prev = coef_like(c_x0, sample) * x0 + coef_like(c_eps, sample) * eps
+    if eta > 0:
         prev = prev + coef_like(std, sample) * noise
     return prev, x0
 

@@ -19,6 +19,7 @@ from minidiff.config import TrainConfig
 from minidiff.loss import diffusion_loss
 from minidiff.optim import EMA, Adam, AdamW, clip_grad_norm
 from minidiff.sampler import sample
+from minidiff.sampler_cuda import reverse_step_cuda
 from minidiff.schedule import add_noise, make_schedule
 from minidiff.train import Trainer
 from minidiff.unet import init_params, unet_backward, unet_forward
@@ -78,6 +79,42 @@ def check_optimizer_bit_for_bit(make, dtype):
             assert is_cupy_array(got[k]) and got[k].dtype == dtype
             diff = np.abs(to_numpy(got[k]).astype(np.float64) - want[k]).max()
             assert np.array_equal(to_numpy(got[k]), want[k]), f"{name}[{k}] differs by up to {diff:.3g}"
+
+
+REVERSE_STEPS = [  # (sampler, t, prev_t, keyword arguments): the branches of the fused reverse step (sampler_cuda.py)
+    ("ddpm", 500, 480, {}),  # the default: epsilon, fixed_small
+    ("ddpm", 999, 0, dict(variance_type="fixed_large", prediction_type="v_prediction")),
+    ("ddpm", 300, 299, dict(variance_type="fixed_small_log", prediction_type="sample", clip_sample=True)),
+    ("ddpm", 0, -1, dict(clip_sample=True, clip_sample_range=0.5)),  # t = 0: no noise
+    ("ddim", 500, 480, {}),  # eta = 0
+    ("ddim", 980, 960, dict(eta=1.0, prediction_type="v_prediction", clip_sample=True)),
+    ("ddim", 20, -1, dict(eta=0.5, clip_sample=True, use_clipped_model_output=True, set_alpha_to_one=False)),
+    ("ddim", 700, 600, dict(prediction_type="sample", use_clipped_model_output=True)),
+]
+
+
+def check_reverse_step_bit_for_bit(monkeypatch, dtype):
+    """One DDPM or DDIM step on the device, one kernel with one timestep for the batch (sampler_cuda.py, compiled
+    with --fmad=false), gives the NumPy array ops' numbers bit for bit: x_prev and x0^, float32 and float64,
+    every prediction type, clipping, use_clipped_model_output, with and without noise."""
+    from minidiff import sampler
+
+    calls = []
+    monkeypatch.setattr(sampler, "reverse_step_cuda", lambda *a, **k: calls.append(1) or reverse_step_cuda(*a, **k))
+    schedule = make_schedule(1000, "linear")
+    for i, (name, t, prev_t, kwargs) in enumerate(REVERSE_STEPS):
+        out, x, z = (1.5 * randn(3, 2, 5, 4, seed=10 * i + j).astype(dtype) for j in range(3))
+        step = sampler.ddpm_step if name == "ddpm" else sampler.ddim_step
+        noise = {"noise": z} if name == "ddim" else {}
+        want = step(schedule, out, t, prev_t, x, *([] if name == "ddim" else [z]), **noise, **kwargs)
+        dev = [to_device(a, "gpu") for a in (out, x, z)]
+        noise = {"noise": dev[2]} if name == "ddim" else {}
+        got = step(schedule, dev[0], t, prev_t, dev[1], *([] if name == "ddim" else [dev[2]]), **noise, **kwargs)
+        assert len(calls) == i + 1, f"{name} {kwargs}: the step did not run as one kernel"
+        for what, g, w in zip(("prev_sample", "pred_original_sample"), got, want):
+            assert is_cupy_array(g) and g.dtype == dtype and g.shape == w.shape
+            diff = np.abs(to_numpy(g).astype(np.float64) - w).max()
+            assert np.array_equal(to_numpy(g), w), f"{name} {kwargs}: {what} differs by up to {diff:.3g}"
 
 
 def check_training_step(config, one_buffer, tol):

@@ -1,7 +1,7 @@
 """A stand-in for CuPy made of NumPy, so that the GPU code paths run on a machine without a GPU.
 
 minidiff picks its code by backend: `xp is not np` runs the fused kernels (SiLU, GroupNorm with
-and without SiLU, im2col and col2im, AdamW and the EMA; with MINIDIFF_FUSED=0 the strided im2col
+and without SiLU, im2col and col2im, AdamW and the EMA, the sampler's reverse step; with MINIDIFF_FUSED=0 the strided im2col
 and the array ops), the whole-batch conv (no chunks, no Winograd), the flat buffers in one piece,
 the dropout masks drawn on "the device", the loss read every --log-every steps. With install(),
 backend.import_cupy() returns this module and its arrays (FakeDeviceArray, an ndarray subclass
@@ -153,6 +153,30 @@ def _silu_grad(h, dy):  # the device function minidiff_silu_grad (activations.SI
     return ((1 - _sigmoid(h)) * h + 1) * _sigmoid(h) * dy
 
 
+def _reverse_step(model_output, x, z, ca, cb, ptype, clip, lo, hi, recompute_eps, k0, k1, use_eps, noisy, ks):
+    """minidiff_reverse_step's body (sampler_cuda.py) line for line, the T scalars rounded to x's dtype as the
+    kernel's parameters are; returns (prev_sample, pred_original_sample)."""
+    ca, cb, lo, hi, k0, k1, ks = (x.dtype.type(c) for c in (ca, cb, lo, hi, k0, k1, ks))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if ptype == 0:
+            eps = model_output
+            x0 = (x - cb * eps) / ca
+        elif ptype == 1:
+            x0 = model_output
+            eps = (x - ca * x0) / cb
+        else:
+            x0 = ca * x - cb * model_output
+            eps = ca * model_output + cb * x
+        if clip:
+            x0 = np.where(x0 < lo, lo, np.where(x0 > hi, hi, x0))
+        if recompute_eps:
+            eps = (x - ca * x0) / cb
+    p = k0 * x0 + k1 * (eps if use_eps else x)
+    if noisy:
+        p = p + ks * z
+    return p, x0
+
+
 _KERNELS = {  # the ElementwiseKernels of minidiff, by name: the formulas of their bodies
     "minidiff_silu_forward": lambda x: x * _sigmoid(x),
     "minidiff_silu_backward": lambda x, dy: ((1 - _sigmoid(x)) * x + 1) * _sigmoid(x) * dy,
@@ -163,6 +187,7 @@ _KERNELS = {  # the ElementwiseKernels of minidiff, by name: the formulas of the
     "minidiff_gn_apply_silu": lambda x, mean, rstd, gamma, beta: _silu((x - mean) * (rstd * gamma) + beta),
     "minidiff_gn_silu_backward_apply": lambda dy, x, mean, rstd, gamma, beta, k1, k0: (
         _silu_grad((x - mean) * (rstd * gamma) + beta, dy) * (rstd * gamma) + ((x - mean) * k1 + k0)),
+    "minidiff_reverse_step": _reverse_step,
 }
 def _flat_index_parts(size, dims):
     """The kernels' index split: i -> (i % dims[-1], ...), last dim first, as C integer division does it."""
@@ -298,7 +323,7 @@ def count(fn) -> dict:
 def install(monkeypatch) -> FakeCupy:
     """Make minidiff's backend see the fake as CuPy with one GPU (undone by monkeypatch at the test's end)."""
     from minidiff import backend
-    from minidiff import optim_cuda
+    from minidiff import optim_cuda, sampler_cuda
     from minidiff.nn import activations, groupnorm_cuda, im2col_cuda
 
     fake = FakeCupy()
@@ -307,4 +332,5 @@ def install(monkeypatch) -> FakeCupy:
     monkeypatch.setattr(groupnorm_cuda, "_KERNELS", {})
     monkeypatch.setattr(optim_cuda, "_KERNELS", {})
     monkeypatch.setattr(im2col_cuda, "_KERNELS", {})
+    monkeypatch.setattr(sampler_cuda, "_KERNELS", {})
     return fake

@@ -30,7 +30,7 @@ try:  # CuPy internals: the source generators, the argument descriptions, the co
 except (ImportError, AttributeError) as err:  # pragma: no cover (another CuPy)
     pytest.skip(f"this CuPy's kernel internals differ from CuPy 14's ({err})", allow_module_level=True)
 
-from minidiff import optim_cuda  # noqa: E402
+from minidiff import optim_cuda, sampler_cuda  # noqa: E402
 from minidiff.nn import activations, groupnorm_cuda, im2col_cuda  # noqa: E402
 
 ARCH = "90"  # an H100 (sm_90)
@@ -41,6 +41,8 @@ SCALAR_PARAMS = {  # the parameters each kernel's caller passes as Python number
     "minidiff_adam_update": {"keep", "wd", "beta1", "c1", "beta2", "c2", "bc2_sqrt", "eps", "step_size"},
     "minidiff_im2col": {"N", "C", "H", "W", "kh", "kw", "s", "pt", "pl", "Ho", "Wo"},
     "minidiff_col2im": {"N", "C", "H", "W", "kh", "kw", "s", "pt", "pl", "Ho", "Wo"},
+    "minidiff_reverse_step": {"ca", "cb", "ptype", "clip", "lo", "hi", "recompute_eps", "k0", "k1", "use_eps",
+                              "noisy", "ks"},
 }
 
 
@@ -91,7 +93,8 @@ def kernels():
     with pytest.MonkeyPatch.context() as mp:
         found = {}
         for module, make in ((activations, activations._cuda_kernels), (groupnorm_cuda, groupnorm_cuda._kernels),
-                             (optim_cuda, optim_cuda._kernels), (im2col_cuda, im2col_cuda._kernels)):
+                             (optim_cuda, optim_cuda._kernels), (im2col_cuda, im2col_cuda._kernels),
+                             (sampler_cuda, sampler_cuda._kernels)):
             mp.setattr(module, "_KERNELS", {})
             found.update({k.name: k for k in make(cupy).values()})
     try:
@@ -108,7 +111,7 @@ KERNEL_NAMES = [
     "minidiff_gn_rstd", "minidiff_gn_dot_centered", "minidiff_gn_dot", "minidiff_gn_apply", "minidiff_gn_k",
     "minidiff_gn_backward_apply", "minidiff_gn_apply_silu", "minidiff_gn_silu_grad_sum",
     "minidiff_gn_silu_grad_dot_centered", "minidiff_gn_silu_backward_apply",
-    "minidiff_adam_update", "minidiff_ema_update", "minidiff_im2col", "minidiff_col2im",
+    "minidiff_adam_update", "minidiff_ema_update", "minidiff_im2col", "minidiff_col2im", "minidiff_reverse_step",
 ]
 
 

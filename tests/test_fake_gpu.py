@@ -14,8 +14,8 @@ import pytest
 
 import fake_cupy
 from device_checks import (
-    OPTIMIZERS, check_optimizer_bit_for_bit, check_sampling_loop, check_trainer_steps_read_nothing_back,
-    check_training_step,
+    OPTIMIZERS, check_optimizer_bit_for_bit, check_reverse_step_bit_for_bit, check_sampling_loop,
+    check_trainer_steps_read_nothing_back, check_training_step,
 )
 from minidiff import backend
 from minidiff.backend import is_cupy_array, to_numpy
@@ -53,6 +53,12 @@ def test_optimizer_updates_on_the_gpu_path_are_bit_for_bit_numpy(fake, monkeypat
     check_optimizer_bit_for_bit(OPTIMIZERS[name], dtype)
     want = {"minidiff_adam_update", "minidiff_ema_update"} if fused else set()
     assert set(fake.kernels_called) == want
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_reverse_step_kernel_on_the_gpu_path_is_bit_for_bit_numpy(fake, monkeypatch, dtype):
+    check_reverse_step_bit_for_bit(monkeypatch, dtype)
+    assert "minidiff_reverse_step" in fake.kernels_called
 
 
 def test_dropout_masks_are_drawn_on_the_device(fake):

@@ -16,8 +16,8 @@ import pytest
 cupy = pytest.importorskip("cupy")
 
 from device_checks import (  # noqa: E402
-    OPTIMIZERS, check_optimizer_bit_for_bit, check_sampling_loop, check_trainer_steps_read_nothing_back,
-    check_training_step, randn,
+    OPTIMIZERS, check_optimizer_bit_for_bit, check_reverse_step_bit_for_bit, check_sampling_loop,
+    check_trainer_steps_read_nothing_back, check_training_step, randn,
 )
 from gradcheck import rel_error  # noqa: E402
 from minidiff import backend, bench  # noqa: E402
@@ -154,6 +154,13 @@ def test_optimizer_updates_bit_for_bit(monkeypatch, name, dtype, fused):
     round every operation as NumPy does: the same numbers to the last bit, float32 and float64."""
     monkeypatch.setattr(backend, "FUSED", fused)
     check_optimizer_bit_for_bit(OPTIMIZERS[name], dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_reverse_step_bit_for_bit(monkeypatch, dtype):
+    """The DDPM / DDIM step on CuPy in one kernel (sampler_cuda.py, --fmad=false) rounds every operation as
+    NumPy's array ops do: the same x_prev and x0^ to the last bit."""
+    check_reverse_step_bit_for_bit(monkeypatch, dtype)
 
 
 def test_dropout_same_mask():
