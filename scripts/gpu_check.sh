@@ -5,8 +5,10 @@
 # Run from the repository root; minidiff need not be installed (the root goes on PYTHONPATH).
 # Needs CuPy, a CUDA GPU, pytest + hypothesis, and for the ratios torch + diffusers. A machine
 # that cannot download can get diffusers as wheels made beforehand where pip works:
-#   python3 -m pip download --no-deps --only-binary=:all: diffusers importlib_metadata -d .whl
-# (.whl/ in .git/info/exclude, carried along); this script installs them from .whl/ when present.
+#   python3 -m pip download --no-deps --only-binary=:all: diffusers==0.42.1 importlib_metadata -d .whl
+# (.whl/ in .git/info/exclude, carried along); this script unpacks them from .whl/, when present, into
+# a folder of its own on PYTHONPATH (the image's packages stay as they are; its huggingface_hub 1.33,
+# safetensors, regex, requests and Pillow are diffusers 0.42.1's other needs, checked on Python 3.12).
 # Writes into OUT_DIR:
 #   env.txt             GPU, driver, CuPy/torch versions
 #   pytest.txt          pytest -m gpu (every CuPy-vs-NumPy float64 parity test) and the CuPy-only tests
@@ -24,9 +26,10 @@ OUT_DIR=${1:-${OUT:-gpu_check}}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
 PARTS=" ${PARTS:-pytest bench unfused profile} "
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+SITE=${TMPDIR:-/tmp}/minidiff_gpu_check_site
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .whl ]; then
-  $PY -m pip install -q --no-index --no-deps --find-links .whl .whl/*.whl > "$OUT_DIR/wheels.txt" 2>&1
+  $PY -m pip install -q --no-index --no-deps --upgrade --target "$SITE" .whl/*.whl > "$OUT_DIR/wheels.txt" 2>&1
 fi
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
