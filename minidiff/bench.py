@@ -34,17 +34,16 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import os
 import statistics
 import sys
 import time
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
 
 from . import flat
 from .allocator import keep_freed_memory
+from .bench_timing import alternating_ms, cpu_peak_mb, set_blas_threads
 from .backend import BackendError, check_tf32, set_tf32, synchronize, to_device, to_numpy, xp_for
 from .optim import AdamW
 from .parallel import SHARD_MODES, check_shards, forward, loss_and_grads, resolve_workers
@@ -97,58 +96,6 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default="", metavar="PATH", help="also write the rows (and the settings) here")
 
 
-def set_blas_threads(n: int | None) -> str:
-    """Limit NumPy's BLAS to n threads (threadpoolctl when installed); return a note on what happened."""
-    env = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
-    try:
-        import threadpoolctl  # noqa: PLC0415  (optional)
-    except ImportError:
-        if n is None or env == str(n):
-            return f"blas threads: {env or 'default (one per core)'}"
-        return (f"blas threads: {env or 'default (one per core)'}, NOT {n}: install threadpoolctl, or start with "
-                f"OPENBLAS_NUM_THREADS={n} (scripts/bench.py sets it for you)")
-    if n is not None:
-        set_blas_threads.limiter = threadpoolctl.threadpool_limits(n, user_api="blas")  # kept alive
-    counts = sorted({info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"})
-    return f"blas threads: {','.join(map(str, counts)) or '?'} (threadpoolctl)"
-
-
-def _times_ms(step, sync, warmup: int, repeats: int, timer) -> list[float]:
-    """Milliseconds of each of `repeats` calls of step(), after warmup untimed calls; synchronized on both ends."""
-    for _ in range(warmup):
-        step()
-        sync()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = timer()
-        step()
-        sync()  # the step's device work is finished before the clock stops
-        times.append(1e3 * (timer() - t0))
-    return times
-
-
-def _alternating_ms(sides, step: str, warmup: int, repeats: int, rounds: int, timer) -> list[list[list[float]]]:
-    """times[side][round]: the ms of each timed step, the sides taking turns block by block, rounds times
-    (each block after its own warm-up: the other side's thread pool may still be spinning down)."""
-    times = [[] for _ in sides]
-    for _ in range(rounds):
-        for i, side in enumerate(sides):
-            times[i].append(_times_ms(getattr(side, step), side.sync, warmup, repeats, timer))
-    return times
-
-
-def _cpu_peak_mb(fn) -> float:
-    """tracemalloc peak (MB) of the allocations fn() makes on top of what was live before."""
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        fn()
-        return (tracemalloc.get_traced_memory()[1] - base) / 2**20
-    finally:
-        tracemalloc.stop()
-
-
 # ----------------------------------------------------------------------------- the two sides
 
 
@@ -182,7 +129,7 @@ class MinidiffSide:
         if self.device == "cpu":  # tracemalloc sees this process only: worker processes' shards run here for it
             shards, self.shards = self.shards, "threads"
             try:
-                return _cpu_peak_mb(fn)
+                return cpu_peak_mb(fn)
             finally:
                 self.shards = shards
         pool = self.xp.get_default_memory_pool()
@@ -279,7 +226,7 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
     timer = time.process_time if clock == "cpu" else time.perf_counter
     rows = []
     for what, step in (("train step (ms)", "train_step"), ("sample step (ms)", "sample_step")):
-        times = _alternating_ms(sides, step, warmup, repeats, rounds, timer)  # [side][round][repeat]
+        times = alternating_ms(sides, step, warmup, repeats, rounds, timer)  # [side][round][repeat]
         ms = [statistics.median(t for block in side for t in block) for side in times]
         rows.append(_row(what, device, preset, batch, ms[0], ms[1] if th else None))
         rows[-1]["rounds_ms"] = [[statistics.median(block) for block in side] for side in times]  # [side][round]

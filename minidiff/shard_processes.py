@@ -28,52 +28,15 @@ import itertools
 import multiprocessing
 import os
 import signal
-import tempfile
 import traceback
 
 import numpy as np
 
 from . import flat
-from .shard_messages import pack, unpack
+from .shard_messages import flat_view, pack, shared_file, unlink, unpack
 
 _POOLS: dict = {}  # workers -> ShardProcesses, started on first use, closed at exit
 _IDS = itertools.count()  # the shared files' ids, by which the workers keep their mappings
-
-
-def _shared_file(nbytes: int) -> str:
-    """A new file of nbytes zeros in shared memory: /dev/shm where it exists and has the room, else the temp
-    folder. The room is taken up front (posix_fallocate), so that a full /dev/shm (a container's is often
-    64 MB) falls back here instead of killing the process at its first write (SIGBUS)."""
-    folders = (["/dev/shm"] if os.path.isdir("/dev/shm") else []) + [None]  # None: tempfile's default
-    for i, folder in enumerate(folders):
-        fd, path = tempfile.mkstemp(prefix="minidiff-shard-", suffix=".buf", dir=folder)
-        try:
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(fd, 0, max(nbytes, 1))
-            else:
-                os.ftruncate(fd, max(nbytes, 1))
-        except OSError:
-            _unlink(path)
-            if i == len(folders) - 1:
-                raise
-            continue
-        finally:
-            os.close(fd)
-        return path
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:  # gone already; or, on Windows, still mapped (then it goes at close)
-        pass
-
-
-def _flat_view(path: str, dtype: str, layout, mode: str) -> flat.FlatDict:
-    """The FlatDict whose buffer is the shared file at path (layout: [[key, shape], ...])."""
-    layout = tuple((key, tuple(shape)) for key, shape in layout)
-    return flat.FlatDict(np.memmap(path, dtype=np.dtype(dtype), mode=mode, shape=(flat.buffer_size(layout),)),
-                         layout)
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -99,7 +62,7 @@ def _mapped(files: dict, role: str, desc: dict, layout, mode: str) -> flat.FlatD
     """This worker's view of the shared file for role ('params' or 'grads'), mapped once per file: the
     parent deletes a file once its workers have it mapped, and sends a new one (new id) to replace it."""
     if files.get(role, (None,))[0] != desc["id"]:
-        files[role] = (desc["id"], _flat_view(desc["path"], desc["dtype"], layout, mode))
+        files[role] = (desc["id"], flat_view(desc["path"], desc["dtype"], layout, mode))
     return files[role][1]
 
 
@@ -187,10 +150,10 @@ class ShardProcesses:
         desc, key, view, _ = self.files.get(role, (None, None, None, None))
         if key != (np.dtype(dtype).str, layout):
             if desc is not None:
-                _unlink(desc["path"])
-            desc = {"path": _shared_file(flat.buffer_size(layout) * np.dtype(dtype).itemsize),
+                unlink(desc["path"])
+            desc = {"path": shared_file(flat.buffer_size(layout) * np.dtype(dtype).itemsize),
                     "id": f"{os.getpid()}-{next(_IDS)}", "dtype": np.dtype(dtype).str}
-            view = _flat_view(desc["path"], desc["dtype"], layout, "r+")
+            view = flat_view(desc["path"], desc["dtype"], layout, "r+")
             self.files[role] = (desc, (desc["dtype"], layout), view, set())
         return desc, view
 
@@ -240,7 +203,7 @@ class ShardProcesses:
         for role, (desc, _, _, mapped) in self.files.items():  # once all its users have it mapped, a file
             users = {int(role[5:])} if role.startswith("grads") else set(range(len(self.conns)))
             if mapped >= users and desc["path"] not in self.deleted:  # can go: a run killed later leaves none
-                _unlink(desc["path"])
+                unlink(desc["path"])
                 self.deleted.add(desc["path"])
         return answers
 
@@ -264,7 +227,7 @@ class ShardProcesses:
             if proc.is_alive():
                 proc.terminate()
         for desc, _, _, _ in self.files.values():
-            _unlink(desc["path"])
+            unlink(desc["path"])
         self.files.clear()
         for key in [w for w, pool in _POOLS.items() if pool is self]:
             del _POOLS[key]

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from minidiff import bench
+from minidiff import bench, bench_timing
 from minidiff.backend import gpu_available
 
 WHATS = ["train step (ms)", "sample step (ms)", "train peak memory (MB)", "sample peak memory (MB)"]
@@ -132,7 +132,7 @@ def test_rounds_alternate_the_sides_block_by_block():
             calls.append(self.name)
 
     clock = iter(range(100))
-    times = bench._alternating_ms([Side("md"), Side("th")], "train_step", warmup=1, repeats=2, rounds=3,
+    times = bench_timing.alternating_ms([Side("md"), Side("th")], "train_step", warmup=1, repeats=2, rounds=3,
                                   timer=lambda: next(clock))
     assert calls == ["md"] * 3 + ["th"] * 3 + ["md"] * 3 + ["th"] * 3 + ["md"] * 3 + ["th"] * 3
     assert times == [[[1e3, 1e3]] * 3] * 2  # [side][round][repeat]: each timed step spans one tick

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from minidiff import flat, shard_processes
+from minidiff import flat, shard_messages, shard_processes
 from minidiff.parallel import forward, loss_and_grads
 from minidiff.shard_messages import pack, unpack
 from test_parallel import SCHEDULE, _setup
@@ -130,7 +130,7 @@ def test_a_full_dev_shm_falls_back_to_the_temp_folder(monkeypatch, tmp_path):
         return real(fd, offset, n)
 
     monkeypatch.setattr(os, "posix_fallocate", fallocate)
-    monkeypatch.setattr(shard_processes.tempfile, "tempdir", str(tmp_path))
-    path = shard_processes._shared_file(1000)
+    monkeypatch.setattr(shard_messages.tempfile, "tempdir", str(tmp_path))
+    path = shard_messages.shared_file(1000)
     assert path.startswith(str(tmp_path)) and os.path.getsize(path) == 1000
     assert not [f for f in os.listdir("/dev/shm") if f.startswith("minidiff-shard-")]  # the refused one is gone
