@@ -58,9 +58,11 @@ def reverse_step_cuda(xp, model_output, sample, noise, *, abar_t: float, predict
     x_prev    = k0 x0^ + k1 (eps^ if use_eps else x_t)  [+ noise_std z when noise is not None]
 
     The scalars are host float64 values; the kernel rounds them to the sample's dtype (T)."""
-    noisy = noise is not None
-    clip = clip_range is not None
+    noisy, clip = noise is not None, clip_range is not None
     r = float(clip_range) if clip else 0.0
-    return _kernels(xp)["reverse_step"](model_output, sample, noise if noisy else sample, abar_t**0.5, (1.0 - abar_t) ** 0.5,
-                       PREDICTION_CODES[prediction_type], int(clip), -r, r, int(recompute_eps), k0, k1,
-                       int(use_eps), int(noisy), noise_std)
+    ca, cb = abar_t**0.5, (1.0 - abar_t) ** 0.5  # as to_x0_eps computes them, in float64
+    # Python numbers: CuPy takes numbers and NumPy scalars as kernel arguments but not a 0-d NumPy array (as
+    # np.where makes), and rounds each to T as coef_like does
+    return _kernels(xp)["reverse_step"](
+        model_output, sample, noise if noisy else sample, float(ca), float(cb), PREDICTION_CODES[prediction_type],
+        int(clip), -r, r, int(recompute_eps), float(k0), float(k1), int(use_eps), int(noisy), float(noise_std))

@@ -250,6 +250,14 @@ class _MemoryPool:
         pass
 
 
+def _kernel_args(name, args):
+    """CuPy's kernels take device arrays and scalars (int, float, bool, NumPy scalars); a host array, a 0-d one
+    included, is a TypeError there (CuPy: "Unsupported type <class 'numpy.ndarray'>"), so here too."""
+    for a in args:
+        if isinstance(a, np.ndarray) and not isinstance(a, FakeDeviceArray):
+            raise TypeError(f"{name}: Unsupported type {type(a)} (a host array, shape {a.shape}, as a kernel argument)")
+
+
 class FakeCupy(types.ModuleType):
     """The module: NumPy's functions, with array results moved "to the device"."""
 
@@ -283,6 +291,7 @@ class FakeCupy(types.ModuleType):
             update = _UPDATES[name]
 
             def run(*args):
+                _kernel_args(name, args)
                 self.kernels_called.append(name)
                 with _Launch():
                     for out, value in zip(args[n_in:], update(*args)):
@@ -290,6 +299,7 @@ class FakeCupy(types.ModuleType):
             return run
 
         def run(*args):
+            _kernel_args(name, args)
             self.kernels_called.append(name)
             with _Launch():
                 return _device(formula(*args))
@@ -300,6 +310,7 @@ class FakeCupy(types.ModuleType):
         mapped, post = _REDUCTIONS[name]
 
         def run(*args, axis=None):
+            _kernel_args(name, args)
             self.kernels_called.append(name)
             with _Launch():
                 a = mapped(*args).sum(axis=axis)
