@@ -105,11 +105,9 @@ def check_reverse_step_bit_for_bit(monkeypatch, dtype):
     for i, (name, t, prev_t, kwargs) in enumerate(REVERSE_STEPS):
         out, x, z = (1.5 * randn(3, 2, 5, 4, seed=10 * i + j).astype(dtype) for j in range(3))
         step = sampler.ddpm_step if name == "ddpm" else sampler.ddim_step
-        noise = {"noise": z} if name == "ddim" else {}
-        want = step(schedule, out, t, prev_t, x, *([] if name == "ddim" else [z]), **noise, **kwargs)
-        dev = [to_device(a, "gpu") for a in (out, x, z)]
-        noise = {"noise": dev[2]} if name == "ddim" else {}
-        got = step(schedule, dev[0], t, prev_t, dev[1], *([] if name == "ddim" else [dev[2]]), **noise, **kwargs)
+        want = step(schedule, out, t, prev_t, x, noise=z, **kwargs)
+        out_d, x_d, z_d = (to_device(a, "gpu") for a in (out, x, z))
+        got = step(schedule, out_d, t, prev_t, x_d, noise=z_d, **kwargs)
         assert len(calls) == i + 1, f"{name} {kwargs}: the step did not run as one kernel"
         for what, g, w in zip(("prev_sample", "pred_original_sample"), got, want):
             assert is_cupy_array(g) and g.dtype == dtype and g.shape == w.shape
