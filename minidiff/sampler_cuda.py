@@ -8,8 +8,8 @@ coefficient rounded to the sample's dtype as schedule.coef_like rounds it. Compi
 --fmad=false (no multiply-add contracted into one rounding), it gives the array ops' numbers bit for
 bit (tests/device_checks.check_reverse_step_bit_for_bit).
 
-    DDPM, epsilon (the default)  11 array ops (9 at t = 0), 1 launch here
-    DDIM, epsilon, eta = 0        7 array ops, 1 launch here
+    DDPM, epsilon (the default)  8 array ops (6 at t = 0), 1 launch here
+    DDIM, epsilon, eta = 0        6 array ops (8 with eta > 0), 1 launch here
 
 Shape legend: N batch, C channels, "..." the remaining per-item dims; model_output, sample and
 noise are (N, C, ...).
