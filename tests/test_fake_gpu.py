@@ -59,6 +59,12 @@ def test_optimizer_updates_on_the_gpu_path_are_bit_for_bit_numpy(fake, monkeypat
 def test_the_reverse_step_kernel_on_the_gpu_path_is_bit_for_bit_numpy(fake, monkeypatch, dtype):
     check_reverse_step_bit_for_bit(monkeypatch, dtype)
     assert "minidiff_reverse_step" in fake.kernels_called
+    from minidiff.sampler import ddim_step, ddpm_step
+    from minidiff.schedule import make_schedule
+
+    schedule, x = make_schedule(1000, "linear"), fake.asarray(np.ones((2, 3, 4, 4), dtype))
+    assert fake_cupy.count(lambda: ddim_step(schedule, x, 500, 480, x))["ops"] == 1  # 6 array ops unfused
+    assert fake_cupy.count(lambda: ddpm_step(schedule, x, 500, 480, x, x))["ops"] == 1  # 8 unfused
 
 
 def test_dropout_masks_are_drawn_on_the_device(fake):
