@@ -74,6 +74,7 @@ def shared_file(nbytes: int) -> str:
 
 
 def unlink(path: str) -> None:
+    """Delete a shared file; a file already gone (or, on Windows, still mapped) is left as it is."""
     try:
         os.unlink(path)
     except OSError:  # gone already; or, on Windows, still mapped (then it goes at close)
