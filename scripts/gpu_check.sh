@@ -9,14 +9,15 @@
 # (.whl/ in .git/info/exclude, carried along); this script unpacks them from .whl/, when present, into
 # a folder of its own on PYTHONPATH (the image's packages stay as they are; its huggingface_hub 1.33,
 # safetensors, regex, requests and Pillow are diffusers 0.42.1's other needs, checked on Python 3.12).
-# Writes into OUT_DIR:
-#   env.txt             GPU, driver, CuPy/torch versions
+# Writes into OUT_DIR (at most 8 files: the device tool brings back no more than that):
+#   env.txt             GPU, driver, CuPy/torch versions (and the wheels' install log)
 #   pytest.txt          pytest -m gpu (every CuPy-vs-NumPy float64 parity test) and the CuPy-only tests
-#   bench_*.json/.txt   minidiff bench rows (train step, sample step, peak memory) for the targets:
-#                       small and ddpm-cifar10 at batch 128, float32
-#   bench_small_unfused.txt  small's steps with MINIDIFF_FUSED=0 (no fused SiLU / GroupNorm / Adam / sampler
-#                       kernels); where a fused bench run fails (not a timeout), bench_<preset>_fallback.txt/.json
-#                       is that preset's whole bench with MINIDIFF_FUSED=0, beside PyTorch
+#   bench.txt           minidiff bench's tables, one after another: small and ddpm-cifar10 at batch 128,
+#                       float32 (train step, sample step, peak memory, beside PyTorch); then small's steps
+#                       with MINIDIFF_FUSED=0 (no fused SiLU / GroupNorm / Adam / sampler kernels); where a
+#                       fused bench run fails (not a timeout), that preset's whole bench again with
+#                       MINIDIFF_FUSED=0 beside PyTorch ("fallback")
+#   bench_<preset>.json the rows of each preset (bench_<preset>_fallback.json for a fallback run)
 #   profile_small.txt   cProfile of small's steps, by own time: which Python functions the host spends it in
 # Each part has its own timeout (150 + 2 x 90 + 45 + 40 = 415 s at most) so that one hang cannot eat
 # the session, and a device session (15 minutes, the machine's start included) keeps time to rerun
@@ -31,34 +32,40 @@ PARTS=" ${PARTS:-pytest bench unfused profile} "
 SITE=${TMPDIR:-/tmp}/minidiff_gpu_check_site
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .whl ]; then
-  $PY -m pip install -q --no-index --no-deps --upgrade --target "$SITE" .whl/*.whl > "$OUT_DIR/wheels.txt" 2>&1
+  $PY -m pip install -q --no-index --no-deps --upgrade --target "$SITE" .whl/*.whl > "$OUT_DIR/env.txt" 2>&1
 fi
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
   $PY -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__, 'cuda', cupy.cuda.runtime.runtimeGetVersion())" 2>&1
   $PY -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" 2>&1
-} > "$OUT_DIR/env.txt"
+} >> "$OUT_DIR/env.txt"
+export PYTHONUNBUFFERED=1  # a part killed at its timeout still leaves what it printed
 if [[ $PARTS == *" pytest "* ]]; then
-  timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests/ > "$OUT_DIR/pytest.txt" 2>&1
+  timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu -rs --durations=10 tests/ > "$OUT_DIR/pytest.txt" 2>&1
   echo "pytest exit $?" >> "$OUT_DIR/pytest.txt"
 fi
+BENCH="$OUT_DIR/bench.txt"
 if [[ $PARTS == *" bench "* ]]; then
   for preset in small ddpm-cifar10; do
+    echo "=== $preset, batch 128, fused kernels on" >> "$BENCH"
     timeout 90 $PY scripts/bench.py --device gpu --preset "$preset" --batch 128 --repeats 10 --warmup 3 \
-      --json "$OUT_DIR/bench_$preset.json" > "$OUT_DIR/bench_$preset.txt" 2>&1
+      --json "$OUT_DIR/bench_$preset.json" >> "$BENCH" 2>&1
     rc=$?
-    echo "bench exit $rc" >> "$OUT_DIR/bench_$preset.txt"
+    echo "bench exit $rc" >> "$BENCH"
     if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then  # failed, not timed out: maybe a fused kernel on the real CuPy;
-      # the plain array ops then still give the ratios (bench_<preset>_fallback.txt), in the same minute
+      # the plain array ops then still give the ratios, in the same minute
+      echo "=== $preset, batch 128, fallback: MINIDIFF_FUSED=0" >> "$BENCH"
       MINIDIFF_FUSED=0 timeout 90 $PY scripts/bench.py --device gpu --preset "$preset" --batch 128 --repeats 10 \
-        --warmup 3 --json "$OUT_DIR/bench_${preset}_fallback.json" > "$OUT_DIR/bench_${preset}_fallback.txt" 2>&1
-      echo "bench exit $?" >> "$OUT_DIR/bench_${preset}_fallback.txt"
+        --warmup 3 --json "$OUT_DIR/bench_${preset}_fallback.json" >> "$BENCH" 2>&1
+      echo "bench exit $?" >> "$BENCH"
     fi
   done
 fi
 if [[ $PARTS == *" unfused "* ]]; then  # the fused kernels (SiLU, GroupNorm, Adam, sampler) against the plain array ops
+  echo "=== small, batch 128, unfused: MINIDIFF_FUSED=0, no PyTorch" >> "$BENCH"
   MINIDIFF_FUSED=0 timeout 45 $PY scripts/bench.py --device gpu --preset small --batch 128 --repeats 10 --warmup 3 \
-    --no-torch --no-memory > "$OUT_DIR/bench_small_unfused.txt" 2>&1
+    --no-torch --no-memory >> "$BENCH" 2>&1
+  echo "bench exit $?" >> "$BENCH"
 fi
 if [[ $PARTS == *" profile "* ]]; then  # host time by function: launch-bound if it is close to the step's wall time
   timeout 40 $PY -m cProfile -s tottime scripts/bench.py --device gpu --preset small --batch 128 --repeats 5 \
