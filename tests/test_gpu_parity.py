@@ -39,8 +39,13 @@ pytestmark = pytest.mark.gpu
 TOL = 1e-10
 
 
-def assert_parity(fn, *host_args):
-    """fn(*args) -> tuple of arrays (or None), run on the host arrays and on their CuPy copies."""
+def assert_parity(fn, *host_args, zero_outputs=()):
+    """fn(*args) -> tuple of arrays (or None), run on the host arrays and on their CuPy copies.
+
+    zero_outputs: indices of outputs that are exactly 0 in exact arithmetic (each side then holds only
+    its own rounding, ~1e-16 of the terms that cancel, so a relative error between the two means
+    nothing): both sides must be below 1e-12 of the largest output instead.
+    """
     dev_args = [to_device(a, "gpu") if isinstance(a, np.ndarray) else a for a in host_args]
     want, got = fn(*host_args), fn(*dev_args)
     assert len(want) == len(got)
@@ -50,6 +55,10 @@ def assert_parity(fn, *host_args):
             continue
         assert isinstance(g, cupy.ndarray), f"output {i} left the GPU: {type(g)}"
         assert g.dtype == w.dtype and g.shape == w.shape, i
+        if i in zero_outputs:
+            scale = max(float(np.abs(a).max()) for a in want if a is not None)
+            assert max(float(np.abs(w).max()), float(abs(g).max())) < 1e-12 * scale, (i, "not ~0", scale)
+            continue
         assert rel_error(to_numpy(g), w) < TOL, (i, rel_error(to_numpy(g), w))
 
 
@@ -188,7 +197,10 @@ def test_attention():
     assert_parity(run, randn(2, 3, 5, 4), randn(2, 3, 4, 4, seed=1), randn(2, 3, 4, 6, seed=2), mask)
     w = [randn(*s, seed=i) for i, s in enumerate([(8, 6), (8,), (8, 5), (8,), (8, 5), (8,), (6, 8), (6,)])]
     run = fwd_bwd(lambda x, *a: mha_forward(x, *a[:8], 2, context=a[8], mask=a[9]), mha_backward)
-    assert_parity(run, randn(2, 3, 6, seed=20), *w, randn(2, 4, 5, seed=21), mask)
+    # outputs (y, dx, dcontext, dwq, dbq, dwk, dbk, ...): dbk (6) is 0, since the key bias adds q . bk to
+    # every score of a query's row and softmax does not change when a row is shifted (found on an H100:
+    # cuBLAS's rounding of that 0 differs from OpenBLAS's by 13%, both ~1e-15)
+    assert_parity(run, randn(2, 3, 6, seed=20), *w, randn(2, 4, 5, seed=21), mask, zero_outputs=(6,))
 
 
 def test_resampling_and_mse():
