@@ -225,7 +225,9 @@ def _col2im_kernel(dcols, N, C, H, W, kh, kw, s, pt, pl, Ho, Wo, dx):
 _UPDATES = {  # and its kernels that write outputs passed in: the new values of the outputs, from the inputs and the old outputs
     "minidiff_adam_update": _adam_update,
     "minidiff_im2col": _im2col_kernel,
+    "minidiff_im2col32": _im2col_kernel,  # the same body with 32-bit indices
     "minidiff_col2im": _col2im_kernel,
+    "minidiff_col2im32": _col2im_kernel,
     "minidiff_ema_update": lambda p, c, e: (e - c * (e - p),),
 }
 _REDUCTIONS = {  # and its ReductionKernels: (the mapped value, summed over `axis`; the post-map of the sum a)
