@@ -231,7 +231,6 @@ _UPDATES = {  # and its kernels that write outputs passed in: the new values of 
     "minidiff_ema_update": lambda p, c, e: (e - c * (e - p),),
 }
 _REDUCTIONS = {  # and its ReductionKernels: (the mapped value, summed over `axis`; the post-map of the sum a)
-    "minidiff_gn_rstd": (lambda x, m, size, eps: (x - m) * (x - m), lambda a, x, m, size, eps: 1 / np.sqrt(a / size + eps)),
     "minidiff_gn_dot_centered": (lambda dy, x, m: dy * (x - m), None),
     "minidiff_gn_dot": (lambda u, v: u * v, None),
     "minidiff_gn_silu_grad_sum": (lambda dy, x, m, rstd, gamma, beta: _silu_grad((x - m) * (rstd * gamma) + beta, dy),
@@ -239,6 +238,19 @@ _REDUCTIONS = {  # and its ReductionKernels: (the mapped value, summed over `axi
     "minidiff_gn_silu_grad_dot_centered": (lambda dy, x, m, rstd, gamma, beta: (
         _silu_grad((x - m) * (rstd * gamma) + beta, dy) * (x - m)), None),
 }
+
+
+def _gn_stats(grid, block, args):
+    """minidiff_gn_stats_*: per row of x (rows, M), mean = sum x / M and rstd = 1 / sqrt(sum (x - mean)^2 / M + eps)."""
+    x, mean, rstd, m, eps = args
+    rows = x.reshape(grid[0], int(m))
+    mu = rows.sum(axis=1) / x.dtype.type(m)
+    mean[...] = mu.reshape(mean.shape)
+    var = ((rows - mu[:, None]) ** 2).sum(axis=1) / x.dtype.type(m)
+    rstd[...] = (1 / np.sqrt(var + eps)).reshape(rstd.shape)
+
+
+_RAW = {"minidiff_gn_stats_float": _gn_stats, "minidiff_gn_stats_double": _gn_stats}  # its RawKernels
 
 
 class _MemoryPool:
@@ -317,6 +329,16 @@ class FakeCupy(types.ModuleType):
             with _Launch():
                 a = mapped(*args).sum(axis=axis)
                 return _device(a if post is None else post(a, *args))
+        return run
+
+    def RawKernel(self, code, name, options=()):  # noqa: N802
+        emulate = _RAW[name]
+
+        def run(grid, block, args, shared_mem=0):
+            _kernel_args(name, args)
+            self.kernels_called.append(name)
+            with _Launch():
+                emulate(grid, block, args)
         return run
 
     def __getattr__(self, name):

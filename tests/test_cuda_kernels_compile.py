@@ -35,7 +35,6 @@ from minidiff.nn import activations, groupnorm_cuda, im2col_cuda  # noqa: E402
 
 ARCH = "90"  # an H100 (sm_90)
 SCALAR_PARAMS = {  # the parameters each kernel's caller passes as Python numbers (the rest are arrays)
-    "minidiff_gn_rstd": {"size", "eps"},
     "minidiff_gn_k": {"m"},
     "minidiff_ema_update": {"c"},
     "minidiff_adam_update": {"keep", "wd", "beta1", "c1", "beta2", "c2", "bc2_sqrt", "eps", "step_size"},
@@ -64,7 +63,10 @@ def _compile(code: str, name: str, options=()) -> bytes:
 
 
 def _source(kernel, dtype, ndim: int, contiguous: bool) -> str:
-    """The CUDA source CuPy generates for this kernel called with arrays of this dtype and layout."""
+    """The CUDA source CuPy generates for this kernel called with arrays of this dtype and layout
+    (a RawKernel's own source, whole: it takes pointers, one dtype per kernel)."""
+    if isinstance(kernel, cupy.RawKernel):
+        return kernel.code
     dt = np.dtype(dtype)
     scalars = SCALAR_PARAMS.get(kernel.name, set())
     if isinstance(kernel, cupy.ElementwiseKernel):
@@ -86,6 +88,8 @@ def _source(kernel, dtype, ndim: int, contiguous: bool) -> str:
 
 
 def _options(kernel):
+    if isinstance(kernel, cupy.RawKernel):
+        return kernel.options
     return kernel.kwargs.get("options", ()) if isinstance(kernel, cupy.ElementwiseKernel) else kernel.options
 
 
@@ -110,7 +114,7 @@ def kernels():
 
 KERNEL_NAMES = [
     "minidiff_silu_forward", "minidiff_silu_backward",
-    "minidiff_gn_rstd", "minidiff_gn_dot_centered", "minidiff_gn_dot", "minidiff_gn_apply", "minidiff_gn_k",
+    "minidiff_gn_stats_float", "minidiff_gn_stats_double", "minidiff_gn_dot_centered", "minidiff_gn_dot", "minidiff_gn_apply", "minidiff_gn_k",
     "minidiff_gn_backward_apply", "minidiff_gn_apply_silu", "minidiff_gn_silu_grad_sum",
     "minidiff_gn_silu_grad_dot_centered", "minidiff_gn_silu_backward_apply",
     "minidiff_adam_update", "minidiff_ema_update", "minidiff_im2col", "minidiff_col2im", "minidiff_reverse_step",

