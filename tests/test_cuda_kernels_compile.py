@@ -40,6 +40,7 @@ SCALAR_PARAMS = {  # the parameters each kernel's caller passes as Python number
     "minidiff_adam_update": {"keep", "wd", "beta1", "c1", "beta2", "c2", "bc2_sqrt", "eps", "step_size"},
     "minidiff_im2col": {"N", "C", "H", "W", "kh", "kw", "s", "pt", "pl", "Ho", "Wo"},
     "minidiff_col2im": {"N", "C", "H", "W", "kh", "kw", "s", "pt", "pl", "Ho", "Wo"},
+    "minidiff_bias_nchw32": {"C", "n", "L", "has_bias"},
     "minidiff_im2col32": {"N", "C", "H", "W", "kh", "kw", "s", "pt", "pl", "Ho", "Wo"},
     "minidiff_col2im32": {"N", "C", "H", "W", "kh", "kw", "s", "pt", "pl", "Ho", "Wo"},
     "minidiff_reverse_step": {"ca", "cb", "ptype", "clip", "lo", "hi", "recompute_eps", "k0", "k1", "use_eps",
@@ -118,7 +119,7 @@ KERNEL_NAMES = [
     "minidiff_gn_backward_apply", "minidiff_gn_apply_silu", "minidiff_gn_silu_grad_sum",
     "minidiff_gn_silu_grad_dot_centered", "minidiff_gn_silu_backward_apply",
     "minidiff_adam_update", "minidiff_ema_update", "minidiff_im2col", "minidiff_col2im", "minidiff_reverse_step",
-    "minidiff_im2col32", "minidiff_col2im32",
+    "minidiff_im2col32", "minidiff_col2im32", "minidiff_bias_nchw32",
 ]
 
 

@@ -18,9 +18,11 @@ import numbers
 
 import numpy as np
 
+from .. import backend
 from ..backend import get_array_module
 from ._check import check_float, check_ndim, check_same_backend, check_shape
 from .im2col import _col2im, _im2col
+from .im2col_cuda import bias_nchw_cuda
 
 
 def _check_int(name: str, v, low: int) -> int:
@@ -132,6 +134,19 @@ def _pointwise_backward(dy, x, w, has_bias):
     return dx.reshape(x.shape), dw.reshape(w.shape), db
 
 
+def _add_bias_to_nchw(y_col, b, out):
+    """out (n, C_out, Ho, Wo) = y_col (C_out, n*L) + b[:, None], moved into NCHW order.
+
+    Two array ops (the add in place on the contiguous product, then the transposing copy); on CuPy one
+    kernel that does both (im2col_cuda.bias_nchw_cuda, the same numbers), unless MINIDIFF_FUSED=0."""
+    xp = get_array_module(y_col)
+    if xp is not np and backend.FUSED and y_col.size < 2**31:
+        return bias_nchw_cuda(xp, y_col, b, out)
+    if b is not None:
+        y_col += b[:, None]  # (C_out, n*L)
+    out[...] = y_col.reshape(out.shape[1], out.shape[0], *out.shape[2:]).transpose(1, 0, 2, 3)
+
+
 def conv2d_forward(x, w, b=None, stride=1, padding=0, lowering="auto"):
     """y[n, o, oh, ow] = b[o] + sum_{c, i, j} w[o, c, i, j] * x_pad[n, c, s*oh + i, s*ow + j]
 
@@ -160,9 +175,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, lowering="auto"):
     for nb in _chunks(x, w_col.shape[1], Ho * Wo):
         cols = _im2col(x[nb], kh, kw, s, pads, Ho, Wo)  # (K, n*L)
         y_col = w_col @ cols  # (C_out, n*L)
-        if b is not None:
-            y_col += b[:, None]  # in place, on the contiguous product
-        y[nb] = y_col.reshape(C_out, -1, Ho, Wo).transpose(1, 0, 2, 3)  # (n, C_out, Ho, Wo)
+        _add_bias_to_nchw(y_col, b, y[nb])  # y[nb] = y_col + b[:, None] as (n, C_out, Ho, Wo)
     cache = (
         x,  # (N, C_in, H, W) the input, not its columns: cols are kh*kw times bigger, so
             # backward rebuilds them (one strided copy) instead of holding them across the net

@@ -3,6 +3,7 @@ each entry's own index), where the array-op versions take 3 and kh*kw + 1 launch
 these on CuPy unless MINIDIFF_FUSED=0 (backend.FUSED).
 
     im2col   cols[c, i, j, n, oh, ow] = x[n, c, h, w] with h = s*oh + i - pt, w = s*ow + j - pl, 0 outside x
+    bias_nchw  y[n, o, l] = ycol[o, n*L + l] + b[o]   (the conv's output: its bias and NCHW layout in one pass)
     col2im   dx[c, n, h, w] = sum over the taps (i, j) in order of dcols[c, i, j, n, oh, ow] with
              s*oh = h + pt - i and s*ow = w + pl - j, 0 <= oh < Ho, 0 <= ow < Wo
 
@@ -54,6 +55,14 @@ for ({U} ti = 0; ti < kh; ++ti) {{
 }}
 dx = acc;
 """
+_BIAS_NCHW = """
+unsigned int r = (unsigned int)i;
+const unsigned int l = r % L; r /= L;
+const unsigned int o = r % C;
+const unsigned int k = r / C;
+const T v = ycol[(o * n + k) * L + l];
+y = has_bias ? (T)(v + b[o]) : v;
+"""
 _INDEX_TYPES = {"": ("int64", "ptrdiff_t", "ptrdiff_t"), "32": ("uint32", "unsigned int", "int")}  # suffix: param, U, S
 _SIZES = "N, C, H, W, kh, kw, s, pt, pl, Ho, Wo"
 
@@ -66,6 +75,9 @@ def _kernels(xp) -> dict:
                 "raw T x, " + sizes, "T col", _IM2COL.format(U=u, S=signed), "minidiff_im2col" + suffix)
             _KERNELS["col2im" + suffix] = xp.ElementwiseKernel(  # i: the flat index into dx (C, N, H, W)
                 "raw T dcols, " + sizes, "T dx", _COL2IM.format(U=u, S=signed), "minidiff_col2im" + suffix)
+        _KERNELS["bias_nchw32"] = xp.ElementwiseKernel(  # i: the flat index into y (n, C, L)
+            "raw T ycol, raw T b, uint32 C, uint32 n, uint32 L, bool has_bias", "T y", _BIAS_NCHW,
+            "minidiff_bias_nchw32")
     return _KERNELS
 
 
@@ -91,3 +103,10 @@ def col2im_cuda(xp, dcols, x_shape, s: int, pads, Ho: int, Wo: int):
     dx = xp.empty((C, N, H, W), dtype=dcols.dtype)
     _kernels(xp)["col2im" + _bits(dcols, dx)](xp.ascontiguousarray(dcols), N, C, H, W, kh, kw, s, pt, pl, Ho, Wo, dx)
     return dx
+
+
+def bias_nchw_cuda(xp, y_col, b, out) -> None:
+    """out (n, C, Ho, Wo) = y_col (C, n*L) + b[:, None] in NCHW order, in one kernel: the conv's bias add
+    and its copy from the matmul's layout, each entry added once as the array ops add it. y_col < 2^31 entries."""
+    n, c = out.shape[:2]
+    _kernels(xp)["bias_nchw32"](y_col, y_col if b is None else b, c, n, y_col.shape[1] // n, b is not None, out)
