@@ -224,8 +224,6 @@ def _col2im_kernel(dcols, N, C, H, W, kh, kw, s, pt, pl, Ho, Wo, dx):
 
 _UPDATES = {  # and its kernels that write outputs passed in: the new values of the outputs, from the inputs and the old outputs
     "minidiff_adam_update": _adam_update,
-    "minidiff_im2col": _im2col_kernel,
-    "minidiff_im2col32": _im2col_kernel,  # the same body with 32-bit indices
     "minidiff_col2im": _col2im_kernel,
     "minidiff_col2im32": _col2im_kernel,
     "minidiff_bias_nchw32": lambda ycol, b, C, n, L, has_bias, y: (
@@ -253,7 +251,16 @@ def _gn_stats(grid, block, args):
     rstd[...] = (1 / np.sqrt(var + eps)).reshape(rstd.shape)
 
 
-_RAW = {"minidiff_gn_stats_float": _gn_stats, "minidiff_gn_stats_double": _gn_stats}  # its RawKernels
+def _im2col_raw(grid, block, args):
+    """minidiff_im2col_*: the same entries as minidiff_im2col's body above, written into cols."""
+    x, cols, *sizes = args
+    cols[...] = _im2col_kernel(x, *(int(v) for v in sizes), cols)[0]
+
+
+_RAW = {  # its RawKernels: emulate(grid, block, args) writes the outputs among args
+    "minidiff_gn_stats_float": _gn_stats, "minidiff_gn_stats_double": _gn_stats,
+    "minidiff_im2col_float": _im2col_raw, "minidiff_im2col_double": _im2col_raw,
+}
 
 
 class _MemoryPool:

@@ -38,10 +38,8 @@ SCALAR_PARAMS = {  # the parameters each kernel's caller passes as Python number
     "minidiff_gn_k": {"m"},
     "minidiff_ema_update": {"c"},
     "minidiff_adam_update": {"keep", "wd", "beta1", "c1", "beta2", "c2", "bc2_sqrt", "eps", "step_size"},
-    "minidiff_im2col": {"N", "C", "H", "W", "kh", "kw", "s", "pt", "pl", "Ho", "Wo"},
     "minidiff_col2im": {"N", "C", "H", "W", "kh", "kw", "s", "pt", "pl", "Ho", "Wo"},
     "minidiff_bias_nchw32": {"C", "n", "L", "has_bias"},
-    "minidiff_im2col32": {"N", "C", "H", "W", "kh", "kw", "s", "pt", "pl", "Ho", "Wo"},
     "minidiff_col2im32": {"N", "C", "H", "W", "kh", "kw", "s", "pt", "pl", "Ho", "Wo"},
     "minidiff_reverse_step": {"ca", "cb", "ptype", "clip", "lo", "hi", "recompute_eps", "k0", "k1", "use_eps",
                               "noisy", "ks"},
@@ -118,8 +116,8 @@ KERNEL_NAMES = [
     "minidiff_gn_stats_float", "minidiff_gn_stats_double", "minidiff_gn_dot_centered", "minidiff_gn_dot", "minidiff_gn_apply", "minidiff_gn_k",
     "minidiff_gn_backward_apply", "minidiff_gn_apply_silu", "minidiff_gn_silu_grad_sum",
     "minidiff_gn_silu_grad_dot_centered", "minidiff_gn_silu_backward_apply",
-    "minidiff_adam_update", "minidiff_ema_update", "minidiff_im2col", "minidiff_col2im", "minidiff_reverse_step",
-    "minidiff_im2col32", "minidiff_col2im32", "minidiff_bias_nchw32",
+    "minidiff_adam_update", "minidiff_ema_update", "minidiff_im2col_float", "minidiff_im2col_double", "minidiff_col2im",
+    "minidiff_reverse_step", "minidiff_col2im32", "minidiff_bias_nchw32",
 ]
 
 

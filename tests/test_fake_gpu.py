@@ -41,7 +41,7 @@ def test_a_training_step_on_the_gpu_path_matches_numpy(fake, monkeypatch, preset
                "minidiff_gn_apply", "minidiff_gn_dot_centered", "minidiff_gn_k", "minidiff_gn_backward_apply",
                "minidiff_gn_apply_silu", "minidiff_gn_silu_grad_sum", "minidiff_gn_silu_grad_dot_centered",
                "minidiff_gn_silu_backward_apply",  # GroupNorm alone in the attention blocks, with SiLU elsewhere
-               "minidiff_adam_update", "minidiff_im2col32", "minidiff_col2im32",
+               "minidiff_adam_update", "minidiff_im2col_double", "minidiff_col2im32",
                "minidiff_bias_nchw32"}  # 32-bit indices: small arrays
     assert set(fake.kernels_called) == (kernels if fused else set())
 

@@ -80,11 +80,12 @@ def fwd_bwd(forward, backward, dy_seed=9):
     (1, 1, 1, 6, 3),  # conv_in-like: C_out > 2 C_in (dx by col2im)
     (1, 0, 4, 6, 1),  # the 1x1 shortcut
 ])
-@pytest.mark.parametrize("fused", [True, False, "64-bit"])  # im2col / col2im as one kernel each, or as array ops
+@pytest.mark.parametrize("fused", [True, False, "big"])  # im2col / col2im as one kernel each, or as array ops
 def test_conv2d(monkeypatch, stride, padding, c_in, c_out, k, fused):
     monkeypatch.setattr(backend, "FUSED", bool(fused))
-    if fused == "64-bit":  # the kernels for arrays of 2^31 entries or more, on small ones
-        monkeypatch.setattr(im2col_cuda, "_bits", lambda *arrays: "")
+    if fused == "big":  # the paths for huge arrays, on small ones: col2im's 64-bit kernel, im2col's grid
+        monkeypatch.setattr(im2col_cuda, "_bits", lambda *arrays: "")  # loops (past 65535 rows or samples)
+        monkeypatch.setattr(im2col_cuda, "GRID_YZ", 2)
     run = fwd_bwd(lambda x, w, b: conv2d_forward(x, w, b, stride, padding), conv2d_backward)
     assert_parity(run, randn(3, c_in, 7, 6), randn(c_out, c_in, k, k, seed=1), randn(c_out, seed=2))
 

@@ -8,8 +8,8 @@ these on CuPy unless MINIDIFF_FUSED=0 (backend.FUSED).
              s*oh = h + pt - i and s*ow = w + pl - j, 0 <= oh < Ho, 0 <= ow < Wo
 
 im2col is a copy and col2im adds each entry's taps in the order im2col.py's loop adds them, so both
-give the array ops' numbers exactly. Indices are 32-bit where every array has fewer than 2^31 entries
-(the usual case), else 64-bit (ptrdiff_t): a column matrix may pass 2^31.
+give the array ops' numbers exactly. A column matrix may pass 2^31 entries: im2col addresses memory in
+64-bit integers, and col2im gets 32-bit indices only where every array has fewer than 2^31 entries.
 
 Shape legend: N batch, C channels, H W input size, kh kw kernel size, s stride, pt pl the top and
 left zero padding, Ho Wo output size.
@@ -17,24 +17,37 @@ left zero padding, Ho Wo output size.
 
 from __future__ import annotations
 
-_KERNELS: dict = {}  # name -> cupy.ElementwiseKernel, made on first use
+import numpy as np
 
-# The kernels' bodies, written once for two index types: {U} (sizes and indices, never negative) and
-# {S} (h, w, which can fall left of or above x). A GPU divides 64-bit integers in software, some ten
-# times slower than 32-bit ones, and im2col does six divisions per entry: with 64-bit indices it was
-# half of an H100's time in a `small` sampling step (6.1 of 12.3 ms at batch 128). So each array under
-# 2^31 entries gets the 32-bit kernel; larger ones the 64-bit kernel, the same lines.
+_KERNELS: dict = {}  # name -> cupy.RawKernel / ElementwiseKernel, made on first use
+
+# im2col as a raw kernel on a 3-d grid: blockIdx.y is the row k = (c, i, j) of cols and blockIdx.z the
+# sample n (each looping on by the grid's size when K or N pass 65535), the threads run along the
+# positions l = oh * Wo + ow; so an entry costs one division (l by Wo). As an ElementwiseKernel each
+# entry split its flat index into six parts, six divisions: in 64-bit integers, which a GPU divides in
+# software, half of an H100's time in a `small` sampling step (6.1 of 12.3 ms at batch 128), in 32-bit
+# still 5.1 ms. SCALAR: float or double.
+GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
 _IM2COL = """
-{U} r = ({U})i;
-const {U} ow = r % Wo; r /= Wo;
-const {U} oh = r % Ho; r /= Ho;
-const {U} n = r % N; r /= N;
-const {U} tj = r % kw; r /= kw;
-const {U} ti = r % kh;
-const {U} c = r / kh;
-const {S} h = ({S})(s * oh + ti) - ({S})pt, w = ({S})(s * ow + tj) - ({S})pl;
-col = (h >= 0 && h < ({S})H && w >= 0 && w < ({S})W) ? x[((n * C + c) * H + ({U})h) * W + ({U})w] : (T)0;
+extern "C" __global__ void minidiff_im2col_SCALAR(const SCALAR* x, SCALAR* cols, const int N, const int C,
+        const int H, const int W, const int kh, const int kw, const int s, const int pt, const int pl,
+        const int Ho, const int Wo) {
+    const int L = Ho * Wo;
+    const int l = blockIdx.x * blockDim.x + threadIdx.x;
+    if (l >= L) return;
+    const int oh = l / Wo, ow = l - oh * Wo;
+    for (int k = blockIdx.y; k < C * kh * kw; k += gridDim.y) {
+        const int tj = k % kw, ti = (k / kw) % kh, c = k / (kw * kh);  // k = (c * kh + ti) * kw + tj
+        const int h = s * oh + ti - pt, w = s * ow + tj - pl;
+        const bool inside = h >= 0 && h < H && w >= 0 && w < W;
+        for (int n = blockIdx.z; n < N; n += gridDim.z) {
+            cols[((long long)k * N + n) * L + l] = inside ? x[(((long long)n * C + c) * H + h) * W + w] : (SCALAR)0;
+        }
+    }
+}
 """
+# col2im as an ElementwiseKernel, written once for two index types: {U} (sizes and indices, never
+# negative) and {S}: 32-bit where every array has fewer than 2^31 entries, else 64-bit.
 _COL2IM = """
 {U} r = ({U})i;
 const {U} w = r % W; r /= W;
@@ -71,10 +84,10 @@ def _kernels(xp) -> dict:
     if not _KERNELS:
         for suffix, (param, u, signed) in _INDEX_TYPES.items():
             sizes = ", ".join(f"{param} {v}" for v in _SIZES.split(", "))
-            _KERNELS["im2col" + suffix] = xp.ElementwiseKernel(  # i: the flat index into cols (C, kh, kw, N, Ho, Wo)
-                "raw T x, " + sizes, "T col", _IM2COL.format(U=u, S=signed), "minidiff_im2col" + suffix)
             _KERNELS["col2im" + suffix] = xp.ElementwiseKernel(  # i: the flat index into dx (C, N, H, W)
                 "raw T dcols, " + sizes, "T dx", _COL2IM.format(U=u, S=signed), "minidiff_col2im" + suffix)
+        for scalar in ("float", "double"):
+            _KERNELS["im2col_" + scalar] = xp.RawKernel(_IM2COL.replace("SCALAR", scalar), "minidiff_im2col_" + scalar)
         _KERNELS["bias_nchw32"] = xp.ElementwiseKernel(  # i: the flat index into y (n, C, L)
             "raw T ycol, raw T b, uint32 C, uint32 n, uint32 L, bool has_bias", "T y", _BIAS_NCHW,
             "minidiff_bias_nchw32")
@@ -90,8 +103,14 @@ def im2col_cuda(xp, x, kh: int, kw: int, s: int, pads, Ho: int, Wo: int):
     """im2col.py's _im2col on CuPy in one kernel: x (N, C, H, W) -> cols (K, N*L), K = C*kh*kw, L = Ho*Wo."""
     N, C, H, W = x.shape
     pt, _, pl, _ = pads
-    cols = xp.empty((C * kh * kw, N * Ho * Wo), dtype=x.dtype)
-    _kernels(xp)["im2col" + _bits(x, cols)](xp.ascontiguousarray(x), N, C, H, W, kh, kw, s, pt, pl, Ho, Wo, cols)
+    L, K = Ho * Wo, C * kh * kw
+    cols = xp.empty((K, N * L), dtype=x.dtype)
+    threads = min(256, -(-L // 32) * 32)  # whole warps, no more than the positions need
+    grid = (-(-L // threads), min(K, GRID_YZ), min(N, GRID_YZ))
+    kernel = _kernels(xp)["im2col_" + ("float" if x.dtype == np.float32 else "double")]
+    i32 = np.int32
+    kernel(grid, (threads,), (xp.ascontiguousarray(x), cols, i32(N), i32(C), i32(H), i32(W), i32(kh), i32(kw),
+                              i32(s), i32(pt), i32(pl), i32(Ho), i32(Wo)))
     return cols
 
 
