@@ -107,7 +107,8 @@ class MinidiffSide:
         self.xp = xp_for(device)
         self.params = flat.flatten(to_device(host_params, device))  # as the Trainer's: one buffer
         self.opt = AdamW(self.params, lr=LR)
-        self.x0, self.noise, self.t, self.x_s = (to_device(inputs[k], device) for k in ("x0", "noise", "t", "x_s"))
+        self.x0, self.noise, self.x_s = (to_device(inputs[k], device) for k in ("x0", "noise", "x_s"))
+        self.t = inputs["t"]  # (N,) on the host, as Trainer keeps it: the checks read t, a sync on a device
         self.x_t = add_noise(schedule, self.x0, self.noise, self.t)  # (N, C, S, S)
         self.t_s = self.xp.full((self.x0.shape[0],), T_SAMPLE, dtype=np.int64)
         self.rng = np.random.default_rng(0)  # network dropout (ddpm-cifar10 has dropout 0.1)

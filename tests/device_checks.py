@@ -15,6 +15,7 @@ import numpy as np
 from gradcheck import grads_rel_error, rel_error
 from minidiff import flat
 from minidiff.backend import is_cupy_array, to_device, to_numpy
+from minidiff.bench import MinidiffSide, make_inputs
 from minidiff.config import TrainConfig
 from minidiff.loss import diffusion_loss
 from minidiff.optim import EMA, Adam, AdamW, clip_grad_norm
@@ -162,6 +163,33 @@ def check_sampling_loop(sampler, eta, tol):
     assert rel_error(to_numpy(out["gpu"]), out["cpu"]) < tol
 
 
+def watch_to_numpy(monkeypatch) -> list:
+    """Record (module, shape) of each device array that any minidiff module's to_numpy copies to the host
+    from now on (on a GPU each such copy waits for the GPU); returns the list it appends to."""
+    read_back = []
+    for name, module in list(sys.modules.items()):
+        if name.startswith("minidiff") and hasattr(module, "to_numpy"):
+            def watched(x, _original=module.to_numpy, _name=name):
+                if is_cupy_array(x):
+                    read_back.append((_name, x.shape))
+                return _original(x)
+            monkeypatch.setattr(module, "to_numpy", watched)
+    return read_back
+
+
+def check_bench_steps_read_nothing_back(monkeypatch):
+    """minidiff bench's two steps on the GPU copy nothing back, as Trainer's and sample()'s steps (t stays
+    on the host: a device t was read back by the timestep checks, two waits per timed training step)."""
+    config = get_preset("tiny")
+    schedule = make_schedule(1000, "linear")
+    inputs = make_inputs(config, 2, 8, np.dtype(np.float32), 0, schedule)
+    side = MinidiffSide(config, init_params(config, seed=0), inputs, "gpu", schedule)
+    side.train_step(), side.sample_step()  # kernels made, caches filled
+    read_back, implicit = watch_to_numpy(monkeypatch), _implicit_reads()
+    side.train_step(), side.sample_step()
+    assert read_back == [] and implicit == [], (read_back, implicit)
+
+
 def check_trainer_steps_read_nothing_back(tmp_path, monkeypatch, conditioning, tol):
     """Between two loss reads the Trainer's steps copy nothing from the device to the host (on a GPU
     each such copy waits for the GPU: every to_numpy of minidiff is watched), and the run takes the
@@ -175,13 +203,7 @@ def check_trainer_steps_read_nothing_back(tmp_path, monkeypatch, conditioning, t
         read_back = []
         if device == "gpu":
             assert trainer.flush_every == 10 and is_cupy_array(trainer.params.buffer)
-            for name, module in list(sys.modules.items()):
-                if name.startswith("minidiff") and hasattr(module, "to_numpy"):
-                    def watched(x, _original=module.to_numpy, _name=name):
-                        if is_cupy_array(x):
-                            read_back.append((_name, x.shape))
-                        return _original(x)
-                    monkeypatch.setattr(module, "to_numpy", watched)
+            read_back = watch_to_numpy(monkeypatch)
         implicit = _implicit_reads()
         for _ in range(3):
             trainer.train_step()

@@ -226,9 +226,8 @@ _UPDATES = {  # and its kernels that write outputs passed in: the new values of 
     "minidiff_adam_update": _adam_update,
     "minidiff_col2im": _col2im_kernel,
     "minidiff_col2im32": _col2im_kernel,
-    "minidiff_bias_nchw32": lambda ycol, b, C, n, L, has_bias, y: (
-        ((_host(ycol).reshape(C, n, L) + _host(b)[:, None, None]) if has_bias else _host(ycol).reshape(C, n, L))
-        .transpose(1, 0, 2).reshape(y.shape),),
+    "minidiff_bias_nchw32": lambda ycol, b, C, n, L, has_bias, y: ((
+        _host(ycol).reshape(C, n, L) + (_host(b)[:, None, None] if has_bias else 0)).transpose(1, 0, 2).reshape(y.shape),),
     "minidiff_ema_update": lambda p, c, e: (e - c * (e - p),),
 }
 _REDUCTIONS = {  # and its ReductionKernels: (the mapped value, summed over `axis`; the post-map of the sum a)

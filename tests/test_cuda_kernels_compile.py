@@ -113,7 +113,8 @@ def kernels():
 
 KERNEL_NAMES = [
     "minidiff_silu_forward", "minidiff_silu_backward",
-    "minidiff_gn_stats_float", "minidiff_gn_stats_double", "minidiff_gn_dot_centered", "minidiff_gn_dot", "minidiff_gn_apply", "minidiff_gn_k",
+    "minidiff_gn_stats_float", "minidiff_gn_stats_double", "minidiff_gn_dot_centered", "minidiff_gn_dot",
+    "minidiff_gn_apply", "minidiff_gn_k",
     "minidiff_gn_backward_apply", "minidiff_gn_apply_silu", "minidiff_gn_silu_grad_sum",
     "minidiff_gn_silu_grad_dot_centered", "minidiff_gn_silu_backward_apply",
     "minidiff_adam_update", "minidiff_ema_update", "minidiff_im2col_float", "minidiff_im2col_double", "minidiff_col2im",

@@ -14,7 +14,8 @@ import pytest
 
 import fake_cupy
 from device_checks import (
-    OPTIMIZERS, check_optimizer_bit_for_bit, check_reverse_step_bit_for_bit, check_sampling_loop,
+    OPTIMIZERS, check_bench_steps_read_nothing_back, check_optimizer_bit_for_bit, check_reverse_step_bit_for_bit,
+    check_sampling_loop,
     check_trainer_steps_read_nothing_back, check_training_step,
 )
 from minidiff import backend
@@ -154,3 +155,7 @@ def test_the_fused_kernels_cut_the_device_operations_of_a_step(fake, tmp_path, m
     assert counts[True][0]["ops"] < counts[False][0]["ops"] and counts[True][1]["ops"] < counts[False][1]["ops"]
     # a sampling step copies nothing to the device: DDIM's coefficients and attention's -inf are kernel arguments
     assert counts[False][1]["h2d"] == counts[True][1]["h2d"] == 0
+
+
+def test_bench_steps_read_nothing_back_from_the_gpu(fake, monkeypatch):
+    check_bench_steps_read_nothing_back(monkeypatch)

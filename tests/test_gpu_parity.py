@@ -16,7 +16,8 @@ import pytest
 cupy = pytest.importorskip("cupy")
 
 from device_checks import (  # noqa: E402
-    OPTIMIZERS, check_optimizer_bit_for_bit, check_reverse_step_bit_for_bit, check_sampling_loop,
+    OPTIMIZERS, check_bench_steps_read_nothing_back, check_optimizer_bit_for_bit, check_reverse_step_bit_for_bit,
+    check_sampling_loop,
     check_trainer_steps_read_nothing_back, check_training_step, randn,
 )
 from gradcheck import rel_error  # noqa: E402
@@ -260,3 +261,7 @@ def test_tf32_only_when_asked():
     finally:
         set_tf32(False)
     assert error() < 1e-5
+
+
+def test_bench_steps_read_nothing_back_from_the_gpu(monkeypatch):
+    check_bench_steps_read_nothing_back(monkeypatch)
