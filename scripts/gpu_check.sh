@@ -13,13 +13,14 @@
 #   env.txt             GPU, driver, CuPy/torch versions (and the wheels' install log)
 #   pytest.txt          pytest -m gpu (every CuPy-vs-NumPy float64 parity test) and the CuPy-only tests
 #   bench.txt           minidiff bench's tables, one after another: small and ddpm-cifar10 at batch 128,
-#                       float32 (train step, sample step, peak memory, beside PyTorch); then small's steps
+#                       float32, 3 alternating rounds (train step, sample step, peak memory, beside PyTorch);
+#                       then small's steps
 #                       with MINIDIFF_FUSED=0 (no fused SiLU / GroupNorm / Adam / sampler kernels); where a
 #                       fused bench run fails (not a timeout), that preset's whole bench again with
 #                       MINIDIFF_FUSED=0 beside PyTorch ("fallback")
 #   bench_<preset>.json the rows of each preset (bench_<preset>_fallback.json for a fallback run)
 #   profile_small.txt   cProfile of small's steps, by own time: which Python functions the host spends it in
-# Each part has its own timeout (150 + 2 x 90 + 45 + 40 = 415 s at most) so that one hang cannot eat
+# Each part has its own timeout (150 + 2 x 120 + 45 + 40 = 475 s at most) so that one hang cannot eat
 # the session, and a device session (15 minutes, the machine's start included) keeps time to rerun
 # what failed: PARTS="pytest bench unfused profile" (the default) picks the parts to run, e.g.
 # PARTS=bench scripts/gpu_check.sh "$OUT" after a fix. The exit status is 0 when every part ran
@@ -48,7 +49,7 @@ BENCH="$OUT_DIR/bench.txt"
 if [[ $PARTS == *" bench "* ]]; then
   for preset in small ddpm-cifar10; do
     echo "=== $preset, batch 128, fused kernels on" >> "$BENCH"
-    timeout 90 $PY scripts/bench.py --device gpu --preset "$preset" --batch 128 --repeats 10 --warmup 3 \
+    timeout 120 $PY scripts/bench.py --device gpu --preset "$preset" --batch 128 --repeats 10 --warmup 3 --rounds 3 \
       --json "$OUT_DIR/bench_$preset.json" >> "$BENCH" 2>&1
     rc=$?
     echo "bench exit $rc" >> "$BENCH"
