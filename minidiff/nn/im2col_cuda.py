@@ -23,10 +23,12 @@ _KERNELS: dict = {}  # name -> cupy.RawKernel / ElementwiseKernel, made on first
 
 # im2col as a raw kernel on a 3-d grid: blockIdx.y is the row k = (c, i, j) of cols and blockIdx.z the
 # sample n (each looping on by the grid's size when K or N pass 65535), the threads run along the
-# positions l = oh * Wo + ow; so an entry costs one division (l by Wo). As an ElementwiseKernel each
-# entry split its flat index into six parts, six divisions: in 64-bit integers, which a GPU divides in
-# software, half of an H100's time in a `small` sampling step (6.1 of 12.3 ms at batch 128), in 32-bit
-# still 5.1 ms. SCALAR: float or double.
+# positions l = oh * Wo + ow; an entry costs one division (l by Wo) where an ElementwiseKernel split its
+# flat index six ways. Measured on an H100 (small, batch 128, a sampling step's 28 im2cols, 2.7 GB of
+# columns): 6.1 ms as an ElementwiseKernel with 64-bit indices, 5.1 ms with 32-bit ones, 5.2 ms as
+# this kernel, so division was not what limits it; about 0.5 TB/s written, a sixth of the card's copy
+# bandwidth, for reasons not yet profiled. This one is kept for its single kernel at any size.
+# SCALAR: float or double.
 GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
 _IM2COL = """
 extern "C" __global__ void minidiff_im2col_SCALAR(const SCALAR* x, SCALAR* cols, const int N, const int C,
