@@ -199,7 +199,8 @@ def _flat_index_parts(size, dims):
 
 
 def _im2col_kernel(x, N, C, H, W, kh, kw, s, pt, pl, Ho, Wo, col):
-    """minidiff_im2col's body, vectorized over i (x raw: its flat contiguous entries)."""
+    """im2col's columns entry by entry from their flat index i, vectorized (x raw: its flat contiguous
+    entries): what minidiff_im2col_* writes (its grid walks the same entries)."""
     c, ti, tj, n, oh, ow = _flat_index_parts(col.size, (C, kh, kw, N, Ho, Wo))
     h, w = s * oh + ti - pt, s * ow + tj - pl
     inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
@@ -251,7 +252,7 @@ def _gn_stats(grid, block, args):
 
 
 def _im2col_raw(grid, block, args):
-    """minidiff_im2col_*: the same entries as minidiff_im2col's body above, written into cols."""
+    """minidiff_im2col_*: _im2col_kernel's entries, written into cols."""
     x, cols, *sizes = args
     cols[...] = _im2col_kernel(x, *(int(v) for v in sizes), cols)[0]
 

@@ -31,11 +31,11 @@ _KERNELS: dict = {}  # name -> cupy kernel, made on first use
 # mean and rstd of each row of a contiguous (rows, M) array: one block of STATS_THREADS threads per row
 # (= group), each summing a strided share of it, the shares then added in a tree; two passes over the
 # row, as NumPy's var: the mean first, then the squared deviations from it. SCALAR: float or double.
-STATS_THREADS = 256
+STATS_THREADS = 256  # a power of 2 (the tree halves it)
 _STATS = """
 extern "C" __global__ void minidiff_gn_stats_SCALAR(const SCALAR* x, SCALAR* mean, SCALAR* rstd,
                                                     const long long m, const SCALAR eps) {
-    __shared__ SCALAR part[256];
+    __shared__ SCALAR part[THREADS];
     const SCALAR* row = x + (long long)blockIdx.x * m;
     const unsigned int t = threadIdx.x;
     SCALAR acc = 0;
@@ -72,7 +72,8 @@ def _kernels(xp) -> dict:
     if not _KERNELS:
         red, ew = xp.ReductionKernel, xp.ElementwiseKernel
         for scalar in ("float", "double"):  # mean and rstd per group, for float32 / float64
-            _KERNELS["stats_" + scalar] = xp.RawKernel(_STATS.replace("SCALAR", scalar), "minidiff_gn_stats_" + scalar)
+            code = _STATS.replace("SCALAR", scalar).replace("THREADS", str(STATS_THREADS))
+            _KERNELS["stats_" + scalar] = xp.RawKernel(code, "minidiff_gn_stats_" + scalar)
         _KERNELS["dot_centered"] = red(  # sum_k dy (x - m)
             "T dy, T x, T m", "T s", "dy * (x - m)", "a + b", "s = a", "0", "minidiff_gn_dot_centered")
         _KERNELS["dot"] = red(  # sum_k u v
@@ -107,7 +108,7 @@ def _kernels(xp) -> dict:
 
 
 def groupnorm_forward_cuda(xp, x, gamma, beta, g: int, eps: float, silu: bool = False):
-    """groupnorm_forward's y (silu(y) with silu=True) and (mean, rstd) (N, G), in 3 kernels; x (N, C, *S) on CuPy."""
+    """groupnorm_forward's y (silu(y) with silu=True) and (mean, rstd) (N, G), in 2 kernels; x (N, C, *S) on CuPy."""
     k = _kernels(xp)
     n, c = x.shape[:2]
     xg = xp.ascontiguousarray(x).reshape(n, g, -1)  # (N, G, M)
