@@ -117,8 +117,8 @@ KERNEL_NAMES = [
     "minidiff_gn_apply", "minidiff_gn_k",
     "minidiff_gn_backward_apply", "minidiff_gn_apply_silu", "minidiff_gn_silu_grad_sum",
     "minidiff_gn_silu_grad_dot_centered", "minidiff_gn_silu_backward_apply",
-    "minidiff_adam_update", "minidiff_ema_update", "minidiff_im2col_float", "minidiff_im2col_double", "minidiff_col2im",
-    "minidiff_reverse_step", "minidiff_col2im32", "minidiff_bias_nchw32",
+    "minidiff_adam_update", "minidiff_ema_update", "minidiff_reverse_step",
+    "minidiff_im2col_float", "minidiff_im2col_double", "minidiff_col2im", "minidiff_col2im32", "minidiff_bias_nchw32",
 ]
 
 

@@ -38,12 +38,12 @@ def fake(monkeypatch):
 def test_a_training_step_on_the_gpu_path_matches_numpy(fake, monkeypatch, preset, one_buffer, fused):
     monkeypatch.setattr(backend, "FUSED", fused)
     check_training_step(dataclasses.replace(get_preset(preset), sample_size=8, dropout=0.1), one_buffer, TOL)
-    kernels = {"minidiff_silu_forward", "minidiff_silu_backward", "minidiff_gn_stats_double", "minidiff_gn_dot",  # float64 here
+    kernels = {"minidiff_silu_forward", "minidiff_silu_backward", "minidiff_gn_stats_double", "minidiff_gn_dot",
                "minidiff_gn_apply", "minidiff_gn_dot_centered", "minidiff_gn_k", "minidiff_gn_backward_apply",
                "minidiff_gn_apply_silu", "minidiff_gn_silu_grad_sum", "minidiff_gn_silu_grad_dot_centered",
                "minidiff_gn_silu_backward_apply",  # GroupNorm alone in the attention blocks, with SiLU elsewhere
-               "minidiff_adam_update", "minidiff_im2col_double", "minidiff_col2im32",
-               "minidiff_bias_nchw32"}  # 32-bit indices: small arrays
+               "minidiff_adam_update", "minidiff_im2col_double", "minidiff_col2im32",  # float64; small arrays:
+               "minidiff_bias_nchw32"}  # col2im's and bias_nchw's 32-bit kernels
     assert set(fake.kernels_called) == (kernels if fused else set())
 
 
