@@ -41,16 +41,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import flat
-from .allocator import keep_freed_memory
+from .fast import flat
+from .fast.cpu.allocator import keep_freed_memory
 from .bench_timing import alternating_ms, cpu_peak_mb, set_blas_threads
 from .backend import BackendError, check_tf32, set_tf32, synchronize, to_device, to_numpy, xp_for
-from .optim import AdamW
-from .parallel import SHARD_MODES, check_shards, forward, loss_and_grads, resolve_workers
-from .sampler import ddim_step
-from .schedule import add_noise, make_schedule
-from .unet import count_params, init_params, unet_forward
-from .unet_config import PRESETS, get_preset
+from .train.optim import AdamW
+from .fast.cpu.shards import SHARD_MODES, check_shards, forward, loss_and_grads, resolve_workers
+from .diffusion.sampler import ddim_step
+from .diffusion.schedule import add_noise, make_schedule
+from .model.unet import count_params, init_params, unet_forward
+from .model.config import PRESETS, get_preset
 
 T_SAMPLE, T_PREV = 500, 480  # one step of 50-step DDIM with "leading" spacing (timesteps 980, 960, ..., 0)
 LR = 2e-4  # AdamW learning rate of the timed step (weight decay 0.01 on both sides, PyTorch's default)

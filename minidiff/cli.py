@@ -1,6 +1,6 @@
 """The `minidiff` command: train, sample, eval, info (and python -m minidiff).
 
-Flags of `train` and `sample` are generated from TrainConfig / SampleConfig (minidiff/config.py),
+Flags of `train` and `sample` are generated from TrainConfig / SampleConfig (minidiff/train/config.py),
 so each flag, its type and its default are written once, next to a comment saying what it does.
 """
 
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .allocator import keep_freed_memory
+from .fast.cpu.allocator import keep_freed_memory
 from .backend import BackendError, check_tf32, set_tf32
-from .config import SampleConfig, TrainConfig, add_dataclass_args, dataclass_from_args
-from .parallel import SHARD_MODES
+from .train.config import SampleConfig, TrainConfig, add_dataclass_args, dataclass_from_args
+from .fast.cpu.shards import SHARD_MODES
 
 
 def cmd_train(args) -> int:
     """`minidiff train`: build a TrainConfig from the flags and run (or resume) training."""
-    from .train import train
+    from .train.trainer import train
 
     train(dataclass_from_args(TrainConfig, args))
     return 0
@@ -49,10 +49,10 @@ def _conditions(bundle, cfg: SampleConfig):
 
 def cmd_sample(args) -> int:
     """`minidiff sample`: load a run, draw n images with guidance, write a PNG grid and an .npz."""
-    from .bundle import load_bundle
-    from .parallel import check_shards, resolve_workers
-    from .report import ProgressBar, save_grid
-    from .sample import generate
+    from .train.bundle import load_bundle
+    from .fast.cpu.shards import check_shards, resolve_workers
+    from .train.report import ProgressBar, save_grid
+    from .train.generate import generate
 
     cfg = dataclass_from_args(SampleConfig, args)
     if not cfg.checkpoint:
@@ -65,7 +65,7 @@ def cmd_sample(args) -> int:
     cond, labels = _conditions(bundle, cfg)
     grad_fn = None
     if cfg.classifier:
-        from .classifier import load_classifier
+        from .model.classifier import load_classifier
 
         clf = load_classifier(cfg.classifier, device=cfg.device, dtype=cfg.dtype)
         targets = clf.targets_for(bundle, cond, labels, cfg)
@@ -102,7 +102,7 @@ def cmd_info(args) -> int:
     """`minidiff info`: version, GPU availability and the presets' parameter counts."""
     from . import __version__
     from .backend import gpu_available
-    from .unet import print_param_counts
+    from .model.unet import print_param_counts
 
     print(f"minidiff {__version__}, numpy {np.__version__}, GPU (CuPy) available: {gpu_available()}")
     print("U-Net presets (parameters):")
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dataclass_args(t, TrainConfig)
     t.set_defaults(func=cmd_train)
-    from .classifier_train import add_classifier_parser
+    from .train.classifier import add_classifier_parser
 
     add_classifier_parser(sub)
     s = sub.add_parser("sample", help="sample a PNG grid from a trained model",

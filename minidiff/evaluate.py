@@ -13,11 +13,11 @@ import json
 import time
 from pathlib import Path
 
-from .bundle import load_bundle, resolve_checkpoint
-from .parallel import resolve_workers
+from .train.bundle import load_bundle, resolve_checkpoint
+from .fast.cpu.shards import resolve_workers
 from .data import shapes
-from .report import save_grid
-from .sample import generate
+from .train.report import save_grid
+from .train.generate import generate
 
 
 def evaluate(checkpoint, n_per_class: int = 10, scales=(0.0, 1.0, 3.0), steps: int = 50, sampler: str = "ddim",

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from .fixtures_model import _rng, _scalar, nn_fixtures, unet_fixtures
-from .guidance import cfg, classifier_guided_eps, guidance_scale_to_w, rescale_noise_cfg
-from .sampler import VARIANCE_TYPES, ddim_step, ddpm_std, ddpm_step
-from .schedule import BETA_SCHEDULES, PREDICTION_TYPES, make_schedule
+from .diffusion.guidance import cfg, classifier_guided_eps, guidance_scale_to_w, rescale_noise_cfg
+from .diffusion.sampler import VARIANCE_TYPES, ddim_step, ddpm_std, ddpm_step
+from .diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, make_schedule
 from .nn.embedding import timestep_embedding_backward, timestep_embedding_forward
-from .timesteps import TIMESTEP_SPACINGS, ddim_prev_timesteps, make_timesteps, prev_timesteps
+from .diffusion.timesteps import TIMESTEP_SPACINGS, ddim_prev_timesteps, make_timesteps, prev_timesteps
 
 T = 1000
 STEP_SHAPE = (2, 2, 3, 3)  # (N, C, H, W) of every sampler-step fixture

@@ -11,8 +11,8 @@ import json
 import numpy as np
 
 from . import nn
-from .unet import init_params, unet_backward, unet_forward
-from .unet_config import get_preset, to_diffusers_config
+from .model.unet import init_params, unet_backward, unet_forward
+from .model.config import get_preset, to_diffusers_config
 
 SEED = 0
 

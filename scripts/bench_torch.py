@@ -7,7 +7,7 @@ It lives in scripts/ because minidiff/ never imports torch or diffusers.
 from __future__ import annotations
 
 from minidiff.bench import LR, T_SAMPLE
-from minidiff.unet_config import to_diffusers_config
+from minidiff.model.config import to_diffusers_config
 
 
 def make_torch_side(config, host_params, inputs, device, dtype, note, threads=None, tf32=False):

@@ -13,18 +13,18 @@ import sys
 import numpy as np
 
 from gradcheck import grads_rel_error, rel_error
-from minidiff import flat
+from minidiff.fast import flat
 from minidiff.backend import is_cupy_array, to_device, to_numpy
 from minidiff.bench import MinidiffSide, make_inputs
-from minidiff.config import TrainConfig
-from minidiff.loss import diffusion_loss
-from minidiff.optim import EMA, Adam, AdamW, clip_grad_norm
-from minidiff.sampler import sample
-from minidiff.sampler_cuda import reverse_step_cuda
-from minidiff.schedule import add_noise, make_schedule
-from minidiff.train import Trainer
-from minidiff.unet import init_params, unet_backward, unet_forward
-from minidiff.unet_config import get_preset
+from minidiff.train.config import TrainConfig
+from minidiff.diffusion.loss import diffusion_loss
+from minidiff.train.optim import EMA, Adam, AdamW, clip_grad_norm
+from minidiff.diffusion.sampler import sample
+from minidiff.fast.cuda.sampler import reverse_step_cuda
+from minidiff.diffusion.schedule import add_noise, make_schedule
+from minidiff.train.trainer import Trainer
+from minidiff.model.unet import init_params, unet_backward, unet_forward
+from minidiff.model.config import get_preset
 
 
 def randn(*shape, seed=0):
@@ -98,7 +98,7 @@ def check_reverse_step_bit_for_bit(monkeypatch, dtype):
     """One DDPM or DDIM step on the device, one kernel with one timestep for the batch (sampler_cuda.py, compiled
     with --fmad=false), gives the NumPy array ops' numbers bit for bit: x_prev and x0^, float32 and float64,
     every prediction type, clipping, use_clipped_model_output, with and without noise."""
-    from minidiff import sampler
+    from minidiff.diffusion import sampler
 
     calls = []
     monkeypatch.setattr(sampler, "reverse_step_cuda", lambda *a, **k: calls.append(1) or reverse_step_cuda(*a, **k))

@@ -368,8 +368,11 @@ def count(fn) -> dict:
 def install(monkeypatch) -> FakeCupy:
     """Make minidiff's backend see the fake as CuPy with one GPU (undone by monkeypatch at the test's end)."""
     from minidiff import backend
-    from minidiff import optim_cuda, sampler_cuda
-    from minidiff.nn import activations, groupnorm_cuda, im2col_cuda
+    from minidiff.fast.cuda import optim as optim_cuda
+    from minidiff.fast.cuda import sampler as sampler_cuda
+    from minidiff.nn import activations
+    from minidiff.fast.cuda import groupnorm as groupnorm_cuda
+    from minidiff.fast.cuda import im2col as im2col_cuda
 
     fake = FakeCupy()
     monkeypatch.setattr(backend, "_CUPY", fake)

@@ -6,7 +6,8 @@ from unittest import mock
 
 import pytest
 
-from minidiff import allocator, cli
+from minidiff import cli
+from minidiff.fast.cpu import allocator
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",

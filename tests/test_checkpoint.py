@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from minidiff import checkpoint
-from minidiff.checkpoint import check_config, load_checkpoint, rng_from_state, rng_state, save_checkpoint
+from minidiff.train import checkpoint
+from minidiff.train.checkpoint import check_config, load_checkpoint, rng_from_state, rng_state, save_checkpoint
 from minidiff.data.tokenizer import Tokenizer
-from minidiff.optim import EMA, AdamW
+from minidiff.train.optim import EMA, AdamW
 
 
 def training_state(seed=0):

@@ -18,12 +18,12 @@ from gradcheck import check_grads, check_network_grads, numeric_grad, rel_error
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from minidiff.classifier import (classifier_backward, classifier_forward, classifier_init_params,
+from minidiff.model.classifier import (classifier_backward, classifier_forward, classifier_init_params,
                                  classifier_param_shapes, log_prob_grad)
 from minidiff.nn import softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from minidiff.nn.cross_entropy import log_softmax
-from minidiff.unet import init_params
-from minidiff.unet_config import get_preset
+from minidiff.model.unet import init_params
+from minidiff.model.config import get_preset
 
 TINY = get_preset("tiny")  # 8x8, levels (8, 16), attention in down_blocks.1 and the mid block
 # the other code paths: padding-0 downsampling, [sin, cos], one head, no mid attention, dropout
@@ -185,7 +185,7 @@ def test_log_prob_grad_is_the_gradient_of_log_p():
 def test_classifier_against_diffusers_encoder(torch1):
     """Logits, dx and every parameter gradient vs diffusers' UNet2DModel blocks + a torch head, float64."""
     torch, diffusers = torch1, pytest.importorskip("diffusers")
-    from minidiff.unet_config import to_diffusers_config
+    from minidiff.model.config import to_diffusers_config
 
     p, (x, t) = _params(TINY), _inputs()
     unet = init_params(TINY, dtype=np.float64) | {k: v for k, v in p.items() if not k.startswith("head.")}

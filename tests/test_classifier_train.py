@@ -17,19 +17,19 @@ import math
 import numpy as np
 import pytest
 
-from minidiff.bundle import Bundle
-from minidiff.checkpoint import load_checkpoint, save_checkpoint
-from minidiff.classifier import (ClassifierTrainConfig, add_classifier_parser, classifier_forward,
+from minidiff.train.bundle import Bundle
+from minidiff.train.checkpoint import load_checkpoint, save_checkpoint
+from minidiff.model.classifier import (ClassifierTrainConfig, add_classifier_parser, classifier_forward,
                                  classifier_init_params, classifier_param_shapes, load_classifier, log_prob_grad,
                                  train_classifier)
-from minidiff.config import SampleConfig
+from minidiff.train.config import SampleConfig
 from minidiff.data import load_dataset
-from minidiff.guidance import make_classifier_guided_model_fn
+from minidiff.diffusion.guidance import make_classifier_guided_model_fn
 from minidiff.nn import softmax_cross_entropy_forward
-from minidiff.sample import generate
-from minidiff.sampler import sample
-from minidiff.schedule import add_noise, make_schedule
-from minidiff.unet_config import get_preset
+from minidiff.train.generate import generate
+from minidiff.diffusion.sampler import sample
+from minidiff.diffusion.schedule import add_noise, make_schedule
+from minidiff.model.config import get_preset
 
 TINY = get_preset("tiny")
 
@@ -232,7 +232,7 @@ def test_cli_and_bad_training_input(tmp_path):
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import minidiff.classifier_train as ct
+    import minidiff.train.classifier as ct
 
     data, _ = _two_colors(tmp_path, n=8)
     calls = {"n": 0}

@@ -30,8 +30,9 @@ try:  # CuPy internals: the source generators, the argument descriptions, the co
 except (ImportError, AttributeError) as err:  # pragma: no cover (another CuPy)
     pytest.skip(f"this CuPy's kernel internals differ from CuPy 14's ({err})", allow_module_level=True)
 
-from minidiff import optim_cuda, sampler_cuda  # noqa: E402
-from minidiff.nn import activations, groupnorm_cuda, im2col_cuda  # noqa: E402
+from minidiff.fast.cuda import optim as optim_cuda, sampler as sampler_cuda  # noqa: E402
+from minidiff.nn import activations  # noqa: E402
+from minidiff.fast.cuda import groupnorm as groupnorm_cuda, im2col as im2col_cuda  # noqa: E402
 
 ARCH = "90"  # an H100 (sm_90)
 SCALAR_PARAMS = {  # the parameters each kernel's caller passes as Python numbers (the rest are arrays)

@@ -85,7 +85,7 @@ def matches(ref_name: str, path: Path) -> list:
     """Lines that define ref_name's last part inside the scopes its other parts name."""
     parts = ref_name.split(".")
     if len(parts) > 1 and parts[0] == path.stem:
-        parts = parts[1:]  # schedule.add_noise in minidiff/schedule.py
+        parts = parts[1:]  # schedule.add_noise in minidiff/diffusion/schedule.py
     *scopes, name = parts
     return sorted(line for line, n, enclosing in definitions(path) if n == name and all(s in enclosing for s in scopes))
 

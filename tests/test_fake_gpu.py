@@ -22,7 +22,7 @@ from minidiff import backend
 from minidiff.backend import is_cupy_array, to_numpy
 from minidiff.bench import run_bench
 from minidiff.nn.dropout import dropout_mask
-from minidiff.unet_config import get_preset
+from minidiff.model.config import get_preset
 
 TOL = 1e-10  # float64, two code paths: rounding only
 
@@ -61,8 +61,8 @@ def test_optimizer_updates_on_the_gpu_path_are_bit_for_bit_numpy(fake, monkeypat
 def test_the_reverse_step_kernel_on_the_gpu_path_is_bit_for_bit_numpy(fake, monkeypatch, dtype):
     check_reverse_step_bit_for_bit(monkeypatch, dtype)
     assert "minidiff_reverse_step" in fake.kernels_called
-    from minidiff.sampler import ddim_step, ddpm_step
-    from minidiff.schedule import make_schedule
+    from minidiff.diffusion.sampler import ddim_step, ddpm_step
+    from minidiff.diffusion.schedule import make_schedule
 
     schedule, x = make_schedule(1000, "linear"), fake.asarray(np.ones((2, 3, 4, 4), dtype))
     assert fake_cupy.count(lambda: ddim_step(schedule, x, 500, 480, x))["ops"] == 1  # 6 array ops unfused
@@ -105,7 +105,7 @@ def test_the_fake_records_host_reads_of_device_values(fake):
 def test_classifier_training_on_the_gpu_path_reads_its_losses_once_per_log(fake, tmp_path, monkeypatch):
     """train-classifier keeps each step's loss and accuracy on the device and reads them in one copy per
     --log-every (here once, at the last of 3 steps); its numbers are the CPU run's."""
-    from minidiff.classifier_train import ClassifierTrainConfig, train_classifier
+    from minidiff.train.classifier import ClassifierTrainConfig, train_classifier
 
     rng = np.random.default_rng(0)
     labels = np.arange(16) % 2
@@ -129,9 +129,9 @@ def test_classifier_training_on_the_gpu_path_reads_its_losses_once_per_log(fake,
 def test_the_fused_kernels_cut_the_device_operations_of_a_step(fake, tmp_path, monkeypatch, capsys, preset):
     """Device operations (each about one kernel launch or cuBLAS call on CuPy, counted by the fake) of one
     Trainer step and one DDIM sampling step, with MINIDIFF_FUSED=0 and with the fused kernels."""
-    from minidiff.config import TrainConfig
-    from minidiff.sampler import ddim_step
-    from minidiff.train import Trainer
+    from minidiff.train.config import TrainConfig
+    from minidiff.diffusion.sampler import ddim_step
+    from minidiff.train.trainer import Trainer
 
     counts = {}
     for fused in (False, True):

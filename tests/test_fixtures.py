@@ -20,12 +20,12 @@ from minidiff.fixtures import (
     write_fixtures,
 )
 from minidiff.fixtures_model import BACKWARDS, NN_CASES
-from minidiff.guidance import cfg, classifier_guided_eps, rescale_noise_cfg
-from minidiff.sampler import VARIANCE_TYPES, ddim_step, ddpm_step
-from minidiff.schedule import BETA_SCHEDULES, PREDICTION_TYPES, make_schedule
-from minidiff.timesteps import TIMESTEP_SPACINGS, ddim_prev_timesteps, make_timesteps
-from minidiff.unet import unet_backward, unet_forward
-from minidiff.unet_config import UNetConfig
+from minidiff.diffusion.guidance import cfg, classifier_guided_eps, rescale_noise_cfg
+from minidiff.diffusion.sampler import VARIANCE_TYPES, ddim_step, ddpm_step
+from minidiff.diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, make_schedule
+from minidiff.diffusion.timesteps import TIMESTEP_SPACINGS, ddim_prev_timesteps, make_timesteps
+from minidiff.model.unet import unet_backward, unet_forward
+from minidiff.model.config import UNetConfig
 
 
 @pytest.fixture(scope="module")

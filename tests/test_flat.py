@@ -9,11 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minidiff import flat, parallel
-from minidiff.optim import EMA, Adam, AdamW, clip_grad_norm
-from minidiff.schedule import add_noise, make_schedule
-from minidiff.unet import init_params
-from minidiff.unet_config import get_preset
+from minidiff.fast import flat
+from minidiff.fast.cpu import shards as parallel
+from minidiff.train.optim import EMA, Adam, AdamW, clip_grad_norm
+from minidiff.diffusion.schedule import add_noise, make_schedule
+from minidiff.model.unet import init_params
+from minidiff.model.config import get_preset
 
 shapes = st.lists(st.lists(st.integers(1, 7), min_size=0, max_size=4).map(tuple), min_size=1, max_size=6)
 
@@ -154,8 +155,8 @@ def test_loss_and_grads_returns_one_buffer_equal_to_the_per_key_grads(workers):
 
 
 def test_the_trainer_keeps_params_moments_and_ema_on_one_buffer_through_steps_and_resume(tmp_path):
-    from minidiff.config import TrainConfig
-    from minidiff.train import Trainer
+    from minidiff.train.config import TrainConfig
+    from minidiff.train.trainer import Trainer
 
     cfg = dict(out=str(tmp_path / "run"), preset="tiny", steps=4, batch_size=4, save_every=2, sample_every=0,
                log_every=1, warmup_steps=2, lr=1e-3, grad_clip=1.0)

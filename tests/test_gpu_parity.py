@@ -31,8 +31,8 @@ from minidiff.nn import (  # noqa: E402
     timestep_embedding_backward, timestep_embedding_forward, upsample_nearest2x_backward,
     upsample_nearest2x_forward,
 )
-from minidiff.nn import im2col_cuda  # noqa: E402
-from minidiff.unet_config import get_preset  # noqa: E402
+from minidiff.fast.cuda import im2col as im2col_cuda  # noqa: E402
+from minidiff.model.config import get_preset  # noqa: E402
 
 if not gpu_available():
     pytest.skip("needs CuPy with a CUDA device (pip install 'minidiff[gpu]')", allow_module_level=True)

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidiff import guidance as G
-from minidiff import sampler as SM
-from minidiff import schedule as S
+from minidiff.diffusion import guidance as G
+from minidiff.diffusion import sampler as SM
+from minidiff.diffusion import schedule as S
 
 SCHED = S.make_schedule()
 M, SD, NULL = np.array([-1.0, 1.0]), 0.7, 2

@@ -6,8 +6,8 @@ from gradcheck import check_grads
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from minidiff import loss as L
-from minidiff import schedule as S
+from minidiff.diffusion import loss as L
+from minidiff.diffusion import schedule as S
 
 SCHED = S.make_schedule()
 ZSNR = S.make_schedule(rescale_betas_zero_snr=True)

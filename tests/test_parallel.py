@@ -1,4 +1,4 @@
-"""Data parallelism (minidiff/parallel.py): a batch split into shards run in threads gives the
+"""Data parallelism (minidiff/fast/cpu/shards.py): a batch split into shards run in threads gives the
 unsplit step's loss, gradients, dropout masks and rng state, up to float rounding."""
 
 import dataclasses
@@ -8,14 +8,14 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from minidiff.loss import diffusion_loss
+from minidiff.diffusion.loss import diffusion_loss
 from minidiff.nn.dropout import dropout_mask
-from minidiff.parallel import forward, loss_and_grads, resolve_workers, shard_bounds
-from minidiff.schedule import add_noise, make_schedule
-from minidiff.train import Trainer
-from minidiff.config import TrainConfig
-from minidiff.unet import init_params, unet_backward, unet_forward
-from minidiff.unet_config import get_preset
+from minidiff.fast.cpu.shards import forward, loss_and_grads, resolve_workers, shard_bounds
+from minidiff.diffusion.schedule import add_noise, make_schedule
+from minidiff.train.trainer import Trainer
+from minidiff.train.config import TrainConfig
+from minidiff.model.unet import init_params, unet_backward, unet_forward
+from minidiff.model.config import get_preset
 
 SCHEDULE = make_schedule(1000, "linear")
 

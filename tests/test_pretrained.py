@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from minidiff.pretrained import load_pretrained, save_pretrained
-from minidiff.unet import init_params, param_shapes, unet_forward
-from minidiff.unet_config import get_preset
+from minidiff.model.pretrained import load_pretrained, save_pretrained
+from minidiff.model.unet import init_params, param_shapes, unet_forward
+from minidiff.model.config import get_preset
 
 TINY = get_preset("tiny")
 CROSS = dataclasses.replace(TINY, cross_attention_dim=6, context_vocab_size=7, num_class_embeds=3)

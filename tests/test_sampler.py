@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidiff import sampler as SM
-from minidiff import schedule as S
-from minidiff.timesteps import ddim_prev_timesteps, make_timesteps, prev_timesteps
+from minidiff.diffusion import sampler as SM
+from minidiff.diffusion import schedule as S
+from minidiff.diffusion.timesteps import ddim_prev_timesteps, make_timesteps, prev_timesteps
 
 # ----------------------------------------------------------------------------- timestep lists (T = 1000)
 

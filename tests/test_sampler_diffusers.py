@@ -7,9 +7,9 @@ both sides run the same float64 arithmetic and agree to rounding."""
 import numpy as np
 import pytest
 
-from minidiff import sampler as SM
-from minidiff import schedule as S
-from minidiff.timesteps import ddim_prev_timesteps, make_timesteps
+from minidiff.diffusion import sampler as SM
+from minidiff.diffusion import schedule as S
+from minidiff.diffusion.timesteps import ddim_prev_timesteps, make_timesteps
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

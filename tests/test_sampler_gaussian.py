@@ -20,9 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidiff import sampler as SM
-from minidiff import schedule as S
-from minidiff.timesteps import make_timesteps, prev_timesteps
+from minidiff.diffusion import sampler as SM
+from minidiff.diffusion import schedule as S
+from minidiff.diffusion.timesteps import make_timesteps, prev_timesteps
 
 SCHED = S.make_schedule()                                         # linear, T = 1000
 FINE = S.make_schedule(2000, beta_start=5e-5, beta_end=0.01)    # the same continuous process, steps halved

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from minidiff import schedule as S
+from minidiff.diffusion import schedule as S
 
 SCHEDULES = list(S.BETA_SCHEDULES)
 schedule_args = st.tuples(st.sampled_from(SCHEDULES), st.integers(2, 1000), st.booleans())

@@ -1,4 +1,4 @@
-"""The batch's shards in worker processes (minidiff/shard_processes.py, --shards processes): the same
+"""The batch's shards in worker processes (minidiff/fast/cpu/shard_processes.py, --shards processes): the same
 loss, gradients, rng state and outputs as the shards in threads, bit for bit; errors come back."""
 
 import os
@@ -6,9 +6,11 @@ import os
 import numpy as np
 import pytest
 
-from minidiff import flat, shard_messages, shard_processes
-from minidiff.parallel import forward, loss_and_grads
-from minidiff.shard_messages import pack, unpack
+from minidiff.fast import flat
+from minidiff.fast.cpu import shard_messages
+from minidiff.fast.cpu import shard_processes
+from minidiff.fast.cpu.shards import forward, loss_and_grads
+from minidiff.fast.cpu.shard_messages import pack, unpack
 from test_parallel import SCHEDULE, _setup
 
 

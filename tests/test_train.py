@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from minidiff import parallel as parallel_mod
+from minidiff.fast.cpu import shards as parallel_mod
 from minidiff.cli import main
-from minidiff.config import TrainConfig
-from minidiff.train import Trainer, TrainingDiverged, train
+from minidiff.train.config import TrainConfig
+from minidiff.train.trainer import Trainer, TrainingDiverged, train
 
 
 def tiny_cfg(out, **kw):
@@ -32,7 +32,7 @@ def test_interrupted_and_resumed_run_repeats_the_losses(tmp_path, conditioning):
     assert len(full["losses"]) == 6
     assert rest["losses"] == full["losses"]  # bit-identical, not approximately equal
     # and the final weights agree too
-    from minidiff.checkpoint import load_checkpoint
+    from minidiff.train.checkpoint import load_checkpoint
 
     a, _ = load_checkpoint(tmp_path / "a" / "checkpoints" / "latest.npz")
     b, _ = load_checkpoint(tmp_path / "b" / "checkpoints" / "latest.npz")
@@ -77,7 +77,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     poison_loss(monkeypatch, 3, np.nan)
     with pytest.raises(TrainingDiverged, match="step 3"):
         train(tiny_cfg(out, threads=1), log=quiet)  # one shard: one loss call per step
-    from minidiff.checkpoint import load_checkpoint
+    from minidiff.train.checkpoint import load_checkpoint
 
     _, meta = load_checkpoint(out / "checkpoints" / "latest.npz")
     assert meta["step"] == 2 and all(np.isfinite(meta["losses"]))
@@ -92,7 +92,7 @@ def test_losses_read_in_batches_still_stop_at_the_first_bad_step(tmp_path, monke
     trainer.flush_every = 4  # as on a GPU (cfg.log_every)
     with pytest.raises(TrainingDiverged, match="loss became inf at step 5"):
         trainer.run()
-    from minidiff.checkpoint import load_checkpoint
+    from minidiff.train.checkpoint import load_checkpoint
 
     _, meta = load_checkpoint(out / "checkpoints" / "latest.npz")
     assert meta["step"] == 4 and len(meta["losses"]) == 4 and all(np.isfinite(meta["losses"]))

@@ -16,8 +16,8 @@ import pytest
 from gradcheck import check_network_grads, rel_error
 
 from minidiff.backend import gpu_available, to_device, to_numpy
-from minidiff.unet import count_params, init_params, param_shapes, print_param_counts, unet_backward, unet_forward
-from minidiff.unet_config import PRESETS, UNetConfig, from_diffusers_config, get_preset
+from minidiff.model.unet import count_params, init_params, param_shapes, print_param_counts, unet_backward, unet_forward
+from minidiff.model.config import PRESETS, UNetConfig, from_diffusers_config, get_preset
 
 TINY = get_preset("tiny")
 CLASS = dataclasses.replace(TINY, num_class_embeds=3, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,

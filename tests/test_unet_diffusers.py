@@ -19,9 +19,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from minidiff.attention_block import attention_block_backward, attention_block_forward
-from minidiff.unet import count_params, init_params, param_shapes, unet_backward, unet_forward
-from minidiff.unet_config import PRESETS, UNetConfig, from_diffusers_config, get_preset, to_diffusers_config
+from minidiff.model.attention_block import attention_block_backward, attention_block_forward
+from minidiff.model.unet import count_params, init_params, param_shapes, unet_backward, unet_forward
+from minidiff.model.config import PRESETS, UNetConfig, from_diffusers_config, get_preset, to_diffusers_config
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

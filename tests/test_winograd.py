@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) conv (minidiff/nn/winograd.py) against the im2col conv2d it replaces.
+"""Winograd F(2x2, 3x3) conv (minidiff/fast/cpu/winograd.py) against the im2col conv2d it replaces.
 
 It computes the same 3x3, stride 1, padding 1 conv exactly (only the rounding differs), so in float64
 forward and backward must equal conv2d_forward / conv2d_backward(padding=1) to ~1e-12 on every shape:
@@ -15,9 +15,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gradcheck import check_weight_bias_against_torch, check_weight_bias_grads, needs, rel_error
-from minidiff.nn import winograd
+from minidiff.fast.cpu import winograd
 from minidiff.nn.conv2d import conv2d_backward, conv2d_forward
-from minidiff.nn.winograd import winograd_conv3x3_backward, winograd_conv3x3_forward
+from minidiff.fast.cpu.winograd import winograd_conv3x3_backward, winograd_conv3x3_forward
 
 MAX_COORDS = 40  # finite-difference coordinates checked per input (a seeded random subset)
 

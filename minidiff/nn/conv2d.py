@@ -22,7 +22,7 @@ from .. import backend
 from ..backend import get_array_module
 from ._check import check_float, check_ndim, check_same_backend, check_shape
 from .im2col import _col2im, _im2col
-from .im2col_cuda import bias_nchw_cuda
+from ..fast.cuda.im2col import bias_nchw_cuda
 
 
 def _check_int(name: str, v, low: int) -> int:
@@ -162,7 +162,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, lowering="auto"):
     s, pads, Ho, Wo = _setup(x, w, b, stride, padding)
     lowering = choose_lowering(x, w, s, pads, lowering)
     if lowering == "winograd":
-        from .winograd import winograd_conv3x3_forward  # noqa: PLC0415  (winograd.py imports this module)
+        from ..fast.cpu.winograd import winograd_conv3x3_forward  # noqa: PLC0415  (winograd.py imports this module)
 
         return winograd_conv3x3_forward(x, w, b)
     if lowering == "matmul":
@@ -226,7 +226,7 @@ def conv2d_backward(dy, cache, lowering="auto"):
     x, w, has_bias, s, pads, Ho, Wo = _backward_setup(dy, cache)
     lowering = choose_lowering(x, w, s, pads, lowering)
     if lowering == "winograd":
-        from .winograd import winograd_conv3x3_backward  # noqa: PLC0415
+        from ..fast.cpu.winograd import winograd_conv3x3_backward  # noqa: PLC0415
 
         return winograd_conv3x3_backward(dy, cache)
     if lowering == "matmul":

@@ -27,7 +27,7 @@ import numpy as np
 from .. import backend
 from ..backend import get_array_module
 from ._check import check_float, check_same_backend, check_shape
-from .groupnorm_cuda import groupnorm_backward_cuda, groupnorm_forward_cuda
+from ..fast.cuda.groupnorm import groupnorm_backward_cuda, groupnorm_forward_cuda
 
 
 def _check_num_groups(num_groups, channels: int) -> int:

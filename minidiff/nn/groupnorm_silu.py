@@ -21,7 +21,7 @@ from ..backend import get_array_module
 from ._check import check_shape
 from .activations import silu_backward, silu_forward
 from .groupnorm import check_groupnorm_args, groupnorm_backward, groupnorm_forward
-from .groupnorm_cuda import groupnorm_backward_cuda, groupnorm_forward_cuda
+from ..fast.cuda.groupnorm import groupnorm_backward_cuda, groupnorm_forward_cuda
 
 
 def groupnorm_silu_forward(x, gamma, beta, num_groups, eps=1e-5):

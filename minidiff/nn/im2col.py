@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import backend
 from ..backend import get_array_module
-from .im2col_cuda import col2im_cuda, im2col_cuda
+from ..fast.cuda.im2col import col2im_cuda, im2col_cuda
 
 
 def _taps(offset: int, s: int, size: int, n_out: int) -> tuple:

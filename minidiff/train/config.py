@@ -13,9 +13,9 @@ import re
 import typing
 from dataclasses import dataclass
 
-from .backend import check_tf32
-from .parallel import check_shards, resolve_workers
-from .schedule import check_choice
+from ..backend import check_tf32
+from ..fast.cpu.shards import check_shards, resolve_workers
+from ..diffusion.schedule import check_choice
 
 
 @dataclass

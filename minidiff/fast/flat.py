@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from .backend import get_array_module
+from ..backend import get_array_module
 
 ALIGN = 64  # entries: 256 bytes in float32, 512 in float64
 

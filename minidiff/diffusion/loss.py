@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import get_array_module
+from ..backend import get_array_module
 from .schedule import PREDICTION_TYPES, check_choice, check_same_shape, check_t, coef_like, from_x0_eps
 
 

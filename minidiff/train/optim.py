@@ -34,9 +34,10 @@ import math
 
 import numpy as np
 
-from . import backend, flat
-from .backend import get_array_module, to_numpy
-from .optim_cuda import adam_update_cuda, ema_update_cuda
+from .. import backend
+from ..fast import flat
+from ..backend import get_array_module, to_numpy
+from ..fast.cuda.optim import adam_update_cuda, ema_update_cuda
 
 
 def _check_keys(name: str, got: dict, want: dict) -> None:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import to_numpy
-from .unet_config import UNetConfig, from_diffusers_config, to_diffusers_config
-from .unet_params import param_shapes
+from ..backend import to_numpy
+from .config import UNetConfig, from_diffusers_config, to_diffusers_config
+from .params import param_shapes
 
 CONFIG_KEY = "__config__"  # the npz entry that holds the config JSON
 METADATA_KEY = "minidiff_config"  # the safetensors metadata entry that holds the config JSON

@@ -24,20 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
-from . import flat
-from .backend import to_device, xp_for
+from ..fast import flat
+from ..backend import to_device, xp_for
 from .bundle import build_unet_config
 from .checkpoint import save_checkpoint
-from .classifier import classifier_backward, classifier_forward, classifier_init_params
+from ..model.classifier import classifier_backward, classifier_forward, classifier_init_params
 from .config import add_dataclass_args, dataclass_from_args
-from .data import load_dataset
-from .loss import sample_timesteps
-from .nn import softmax_cross_entropy_backward, softmax_cross_entropy_forward
-from .nn._check import check_indices
+from ..data import load_dataset
+from ..diffusion.loss import sample_timesteps
+from ..nn import softmax_cross_entropy_backward, softmax_cross_entropy_forward
+from ..nn._check import check_indices
 from .optim import AdamW, clip_grad_norm, warmup_lr
 from .report import ProgressBar
-from .schedule import add_noise, check_choice, make_schedule
-from .train import TrainingDiverged
+from ..diffusion.schedule import add_noise, check_choice, make_schedule
+from .trainer import TrainingDiverged
 
 
 @dataclass

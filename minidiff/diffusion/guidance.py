@@ -10,7 +10,7 @@ or (N, 2C, ...) for learned-variance models (guidance then applies to the first 
 
 from __future__ import annotations
 
-from .backend import get_array_module
+from ..backend import get_array_module
 from .schedule import PREDICTION_TYPES, check_choice, check_same_shape, check_t, coef_like, from_x0_eps, to_x0_eps
 
 

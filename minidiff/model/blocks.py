@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .attention_block import attention_block_backward, attention_block_forward
-from .backend import get_array_module
-from .nn import (
+from ..backend import get_array_module
+from ..nn import (
     conv2d_backward,
     conv2d_forward,
     downsample_backward,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .activations import SILU_CUDA
+from ...nn.activations import SILU_CUDA
 
 _KERNELS: dict = {}  # name -> cupy kernel, made on first use
 

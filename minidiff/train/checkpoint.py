@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import to_numpy
+from ..backend import to_numpy
 
 META_KEY = "__meta__"
 FORMAT = 1  # meta["checkpoint_format"]; bump when the layout changes

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_array_module
-from .conv2d import _backward_setup, _setup
-from .conv2d import _chunks as conv2d_chunks
+from ...backend import get_array_module
+from ...nn.conv2d import _backward_setup, _setup
+from ...nn.conv2d import _chunks as conv2d_chunks
 
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])  # (4, 3); B^T and A^T are in _bt, _at
 GG = np.einsum("ai,bj->abij", G, G).reshape(16, 9)  # U[a, b] = sum_ij G[a, i] g[i, j] G[b, j], as one matmul

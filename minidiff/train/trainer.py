@@ -25,20 +25,20 @@ from pathlib import Path
 
 import numpy as np
 
-from . import flat
-from .backend import set_tf32, to_device, xp_for
+from ..fast import flat
+from ..backend import set_tf32, to_device, xp_for
 from .bundle import Bundle, build_unet_config, choose_conditioning
 from .checkpoint import check_config, load_checkpoint, rng_from_state, rng_state, save_checkpoint
 from .config import TrainConfig, validate_train_config
-from .data import load_dataset
-from .data.tokenizer import Tokenizer
-from .loss import drop_condition, sample_timesteps
+from ..data import load_dataset
+from ..data.tokenizer import Tokenizer
+from ..diffusion.loss import drop_condition, sample_timesteps
 from .optim import EMA, Adam, AdamW, clip_grad_norm, warmup_lr
-from .parallel import loss_and_grads, resolve_workers
+from ..fast.cpu.shards import loss_and_grads, resolve_workers
 from .report import ProgressBar, save_grid, save_loss_curve
-from .sample import generate
-from .schedule import add_noise, make_schedule
-from .unet import count_params, init_params
+from .generate import generate
+from ..diffusion.schedule import add_noise, make_schedule
+from ..model.unet import count_params, init_params
 
 # the settings a resumed run must share with the run it continues
 RESUME_FIELDS = ("data", "preset", "conditioning", "max_prompt_len", "num_train_timesteps", "beta_schedule",

@@ -18,7 +18,7 @@ import tempfile
 
 import numpy as np
 
-from . import flat
+from .. import flat
 
 
 def pack(meta: dict, arrays: dict) -> bytes:

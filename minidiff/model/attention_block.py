@@ -17,9 +17,9 @@ cross-attention add_k_proj / add_v_proj .weight (C, Cd) .bias (C,).
 
 from __future__ import annotations
 
-from .backend import get_array_module
-from .nn import groupnorm_backward, groupnorm_forward, linear_backward, linear_forward, sdpa_backward, sdpa_forward
-from .nn.attention import merge_heads, split_heads
+from ..backend import get_array_module
+from ..nn import groupnorm_backward, groupnorm_forward, linear_backward, linear_forward, sdpa_backward, sdpa_forward
+from ..nn.attention import merge_heads, split_heads
 
 
 def attention_block_forward(params, prefix, x, heads, groups, eps, context=None, context_mask=None,

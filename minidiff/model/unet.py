@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import get_array_module, to_numpy
+from ..backend import get_array_module, to_numpy
 from .blocks import (
     BlockArgs,
     down_block_backward,
@@ -30,7 +30,7 @@ from .blocks import (
     up_block_backward,
     up_block_forward,
 )
-from .nn import (
+from ..nn import (
     conv2d_backward,
     conv2d_forward,
     embedding_backward,
@@ -43,8 +43,8 @@ from .nn import (
     silu_forward,
     timestep_embedding,
 )
-from .nn._check import check_float, check_indices, check_ndim, check_shape
-from .unet_params import count_params, init_params, param_shapes, print_param_counts
+from ..nn._check import check_float, check_indices, check_ndim, check_shape
+from .params import count_params, init_params, param_shapes, print_param_counts
 
 __all__ = ["unet_forward", "unet_backward", "init_params", "param_shapes", "count_params", "print_param_counts"]
 

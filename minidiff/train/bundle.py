@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import to_device
+from ..backend import to_device
 from .checkpoint import load_checkpoint
-from .data.dataset import caption_of
-from .data.tokenizer import Tokenizer
-from .schedule import make_schedule
-from .parallel import forward
-from .unet_config import UNetConfig, get_preset
+from ..data.dataset import caption_of
+from ..data.tokenizer import Tokenizer
+from ..diffusion.schedule import make_schedule
+from ..fast.cpu.shards import forward
+from ..model.config import UNetConfig, get_preset
 
 CONDITIONINGS = ("text", "class", "none")
 TEXT_WIDTH = 64  # width of the prompt-token embeddings (cross_attention_dim) for text models

@@ -24,19 +24,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import get_array_module, to_device, to_numpy
+from ..backend import get_array_module, to_device, to_numpy
 from .blocks import BlockArgs, down_block_backward, down_block_forward, mid_block_backward, mid_block_forward
-from .bundle import resolve_checkpoint
-from .checkpoint import load_checkpoint
-from .data.dataset import caption_of
-from .nn import (conv2d_backward, conv2d_forward, groupnorm_backward, groupnorm_forward, linear_backward,
+from ..train.bundle import resolve_checkpoint
+from ..train.checkpoint import load_checkpoint
+from ..data.dataset import caption_of
+from ..nn import (conv2d_backward, conv2d_forward, groupnorm_backward, groupnorm_forward, linear_backward,
                  linear_forward, silu_backward, silu_forward, softmax_cross_entropy_backward,
                  softmax_cross_entropy_forward, timestep_embedding)
-from .nn._check import check_float, check_indices, check_ndim, check_shape
-from .nn.cross_entropy import log_softmax
-from .schedule import check_choice, make_schedule
+from ..nn._check import check_float, check_indices, check_ndim, check_shape
+from ..nn.cross_entropy import log_softmax
+from ..diffusion.schedule import check_choice, make_schedule
 from .unet import init_params, param_shapes
-from .unet_config import UNetConfig
+from .config import UNetConfig
 
 SHARED = ("time_embedding.", "conv_in.", "down_blocks.", "mid_block.")  # key prefixes taken from the U-Net
 
@@ -282,9 +282,9 @@ def load_classifier(path, device: str = "cpu", dtype: str = "float32") -> Classi
 
 
 def __getattr__(name):
-    """The training half lives in classifier_train.py (file size); this keeps `from minidiff.classifier import
+    """The training half lives in classifier_train.py (file size); this keeps `from minidiff.model.classifier import
     train_classifier` working, imported lazily (classifier_train imports this module)."""
     if name in ("ClassifierTrainConfig", "train_classifier", "add_classifier_parser", "validate_classifier_config"):
-        from . import classifier_train
+        from ..train import classifier as classifier_train
         return getattr(classifier_train, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .backend import to_numpy
+from ..backend import to_numpy
 
 
 def to_uint8(x) -> np.ndarray:

@@ -32,7 +32,7 @@ import traceback
 
 import numpy as np
 
-from . import flat
+from .. import flat
 from .shard_messages import flat_view, pack, shared_file, unlink, unpack
 
 _POOLS: dict = {}  # workers -> ShardProcesses, started on first use, closed at exit
@@ -44,7 +44,7 @@ _IDS = itertools.count()  # the shared files' ids, by which the workers keep the
 
 def _config(d: dict):
     """A UNetConfig from its JSON dict (lists back to tuples)."""
-    from .unet_config import UNetConfig  # noqa: PLC0415  (workers import what they need)
+    from ...model.config import UNetConfig  # noqa: PLC0415  (workers import what they need)
 
     return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
@@ -68,9 +68,9 @@ def _mapped(files: dict, role: str, desc: dict, layout, mode: str) -> flat.FlatD
 
 def _run(meta: dict, arrays: dict, files: dict) -> tuple[dict, dict]:
     """One task in a worker: the shard's forward, or its loss and gradients (parallel.py's shard())."""
-    from .loss import diffusion_loss  # noqa: PLC0415
-    from .schedule import make_schedule  # noqa: PLC0415
-    from .unet import unet_backward, unet_forward  # noqa: PLC0415
+    from ...diffusion.loss import diffusion_loss  # noqa: PLC0415
+    from ...diffusion.schedule import make_schedule  # noqa: PLC0415
+    from ...model.unet import unet_backward, unet_forward  # noqa: PLC0415
 
     p = meta["params"]
     params, config = _mapped(files, "params", p, p["layout"], "r"), _config(meta["config"])

@@ -8,9 +8,9 @@ Shape legend: N samples, C channels, H = W = image side, L prompt tokens.
 
 from __future__ import annotations
 
-from .backend import to_device, xp_for
-from .guidance import make_classifier_guided_model_fn, make_guided_model_fn
-from .sampler import sample
+from ..backend import to_device, xp_for
+from ..diffusion.guidance import make_classifier_guided_model_fn, make_guided_model_fn
+from ..diffusion.sampler import sample
 
 
 def generate(bundle, cond=None, n: int = 16, guidance_scale: float = 3.0, sampler: str = "ddim",

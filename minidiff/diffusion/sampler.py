@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backend
-from .backend import get_array_module, to_numpy, xp_for
-from .sampler_cuda import reverse_step_cuda
+from .. import backend
+from ..backend import get_array_module, to_numpy, xp_for
+from ..fast.cuda.sampler import reverse_step_cuda
 from .schedule import PREDICTION_TYPES, check_choice, check_same_shape, check_t, coef_like, to_x0_eps
 from .timesteps import check_timestep_list, make_timesteps
 from .timesteps import prev_timesteps as next_entry_prev_timesteps

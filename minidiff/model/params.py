@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .unet_config import PRESETS, UNetConfig
+from .config import PRESETS, UNetConfig
 
 
 def _resnet_shapes(prefix, cin, cout, temb_dim):

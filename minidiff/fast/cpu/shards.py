@@ -32,10 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import flat, shard_processes
-from .backend import get_array_module
-from .loss import diffusion_loss
-from .unet import unet_backward, unet_forward
+from .. import flat
+from . import shard_processes
+from ...backend import get_array_module
+from ...diffusion.loss import diffusion_loss
+from ...model.unet import unet_backward, unet_forward
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 # While shards run, a thread that holds the GIL through a run of small NumPy ops is asked to hand it
