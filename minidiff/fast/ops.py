@@ -1,0 +1,32 @@
+"""The fast ops tables: nn/ops.py's Ops with every field that has a faster version replaced.
+
+    ops = fast_ops(workers=2, shards="processes")   # what `minidiff train` uses unless --reference
+    unet_forward(params, config, x, t, ops=ops)
+
+Each fast function has the reference function's signature and returns the same numbers, exactly
+where the arithmetic is the same and within a stated tolerance where it is not (Winograd); the
+tests under tests/fast/ check every one against its reference op in float64. The functions pick
+their path from their arrays: NumPy runs the CPU code (fast/cpu/), CuPy the CUDA kernels (fast/cuda/).
+
+Shape legend: none; see each op's module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..nn.ops import REFERENCE, Ops
+
+# Filled in as the fast ops land (each module owns its functions):
+#   fast/conv.py      conv2d_forward / conv2d_backward / downsample_forward / downsample_backward
+#   fast/norm.py      groupnorm_*, groupnorm_silu_*, silu_* (CUDA kernels on CuPy; the CPU fold on NumPy)
+#   fast/sampler.py   ddpm_step / ddim_step (one kernel per step on CuPy)
+#   fast/optim.py     adam_update / ema_update (one update of the flat buffers; one kernel on CuPy)
+#   fast/flat.py      flatten (arrange_params)
+#   fast/cpu/shards.py  map_batch over worker threads or processes
+FAST = dataclasses.replace(REFERENCE, name="fast")
+
+
+def fast_ops(workers: int = 1, shards: str = "threads") -> Ops:
+    """FAST, with the batch split over `workers` CPU shards in threads or processes (workers = 1: one piece)."""
+    return FAST
