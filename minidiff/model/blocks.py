@@ -21,27 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from .attention_block import attention_block_backward, attention_block_forward
 from ..backend import get_array_module
-from ..nn import (
-    conv2d_backward,
-    conv2d_forward,
-    downsample_backward,
-    downsample_forward,
-    dropout_backward,
-    dropout_forward,
-    dropout_mask,
-    groupnorm_silu_backward,
-    groupnorm_silu_forward,
-    linear_backward,
-    linear_forward,
-    silu_backward,
-    silu_forward,
-    upsample_nearest2x_backward,
-    upsample_nearest2x_forward,
-)
+from ..nn.ops import REFERENCE, Ops
+from .attention_block import attention_block_backward, attention_block_forward
 
 
 @dataclass
@@ -52,10 +34,10 @@ class BlockArgs:
     eps: float  # GroupNorm epsilon (norm_eps)
     dropout: float = 0.0  # resnet dropout probability
     train: bool = False  # dropout on (True) or identity (False)
-    rng: np.random.Generator | None = None  # host generator: one dropout seed per resnet, in order
+    masks: dict | None = None  # {resnet prefix: keep-mask (N, C_out, H, W)} when training with dropout (dropout.py)
     context: object = None  # (N, S, Cd) prompt-token embeddings for cross-attention, or None
     context_mask: object = None  # (N, S) bool, True = real token
-    rows: tuple | None = None  # (start, stop, total): x is rows start:stop of a batch of total (dropout masks)
+    ops: Ops = REFERENCE  # the table that runs each op (nn/ops.py)
 
 
 def _put(grads, key, dw, db):
@@ -72,30 +54,26 @@ def resnet_block_forward(params, prefix, x, temb, args: BlockArgs, output_scale_
     def p(name):  # this block's parameter called name
         return params[prefix + name]
 
-    h, norm_act1 = groupnorm_silu_forward(x, p("norm1.weight"), p("norm1.bias"), args.groups, args.eps)  # silu(GN1(x))
-    h, conv1 = conv2d_forward(h, p("conv1.weight"), p("conv1.bias"), padding=1)  # (N, C_out, H, W)
-    e, temb_act = silu_forward(temb)  # (N, T)
-    e, temb_proj = linear_forward(e, p("time_emb_proj.weight"), p("time_emb_proj.bias"))  # (N, C_out)
+    ops = args.ops
+    h, norm_act1 = ops.groupnorm_silu_forward(x, p("norm1.weight"), p("norm1.bias"), args.groups, args.eps)  # silu(GN1(x))
+    h, conv1 = ops.conv2d_forward(h, p("conv1.weight"), p("conv1.bias"), padding=1)  # (N, C_out, H, W)
+    e, temb_act = ops.silu_forward(temb)  # (N, T)
+    e, temb_proj = ops.linear_forward(e, p("time_emb_proj.weight"), p("time_emb_proj.bias"))  # (N, C_out)
     h += e[:, :, None, None]  # (N, C_out, H, W) the time embedding, one shift per channel (in place)
-    h, norm_act2 = groupnorm_silu_forward(h, p("norm2.weight"), p("norm2.bias"), args.groups, args.eps)
-    drawing = args.train and args.dropout > 0
-    seed = int(args.rng.integers(2**63 - 1)) if drawing else None  # host draw: NumPy == CuPy
+    h, norm_act2 = ops.groupnorm_silu_forward(h, p("norm2.weight"), p("norm2.bias"), args.groups, args.eps)
     drop = None  # dropout is the identity unless training with p > 0: no op, no copy
-    if drawing:
-        mask = None
-        if args.rows is not None:  # a shard of a batch: its rows of the whole batch's mask
-            start, stop, total = args.rows
-            mask = dropout_mask(seed, (total,) + h.shape[1:], args.dropout, (start, stop), xp=get_array_module(h))
-        h, drop = dropout_forward(h, args.dropout, train=True, mask=mask, seed=seed)
-    h, conv2 = conv2d_forward(h, p("conv2.weight"), p("conv2.bias"), padding=1)  # (N, C_out, H, W)
+    if args.train and args.dropout > 0:
+        h, drop = ops.dropout_forward(h, args.dropout, train=True, mask=args.masks[prefix])
+    h, conv2 = ops.conv2d_forward(h, p("conv2.weight"), p("conv2.bias"), padding=1)  # (N, C_out, H, W)
     skip, shortcut = x, None
     if prefix + "conv_shortcut.weight" in params:
-        skip, shortcut = conv2d_forward(x, p("conv_shortcut.weight"), p("conv_shortcut.bias"))  # (N, C_out, H, W)
+        skip, shortcut = ops.conv2d_forward(x, p("conv_shortcut.weight"), p("conv_shortcut.bias"))  # (N, C_out, H, W)
     h += skip  # (N, C_out, H, W) conv2's output, in place: y = (skip + h) / output_scale_factor
     if output_scale_factor != 1:
         h /= output_scale_factor
     y = h
     cache = (
+        ops,  # the ops table that ran the forward: its backwards take these caches
         prefix,  # the key prefix, so the backward names its gradients
         output_scale_factor,  # the output divisor
         norm_act1, conv1, temb_act, temb_proj, norm_act2, drop, conv2,  # op caches, in forward order
@@ -109,33 +87,33 @@ def resnet_block_backward(dy, cache, grads):
 
     Returns: dx (N, C_in, H, W), dtemb (N, T).
     """
-    prefix, osf, norm_act1, conv1, temb_act, temb_proj, norm_act2, drop, conv2, shortcut = cache
+    ops, prefix, osf, norm_act1, conv1, temb_act, temb_proj, norm_act2, drop, conv2, shortcut = cache
     # forward: y = (skip + h) / output_scale_factor
     dh = dy / osf if osf != 1 else dy  # (N, C_out, H, W) (no op mutates its dy: no copy needed)
     dskip = dh
     # forward: skip = conv_shortcut(x)   (or skip = x)
     dx_skip = dskip
     if shortcut is not None:
-        dx_skip, dw, db = conv2d_backward(dskip, shortcut)
+        dx_skip, dw, db = ops.conv2d_backward(dskip, shortcut)
         _put(grads, prefix + "conv_shortcut", dw, db)
     # forward: h = conv2(h)
-    dh, dw, db = conv2d_backward(dh, conv2)
+    dh, dw, db = ops.conv2d_backward(dh, conv2)
     _put(grads, prefix + "conv2", dw, db)
     # forward: h = dropout(h);  h = silu(h);  h = norm2(h)
     if drop is not None:
-        dh = dropout_backward(dh, drop)
-    dh, dgamma, dbeta = groupnorm_silu_backward(dh, norm_act2)
+        dh = ops.dropout_backward(dh, drop)
+    dh, dgamma, dbeta = ops.groupnorm_silu_backward(dh, norm_act2)
     _put(grads, prefix + "norm2", dgamma, dbeta)
     # forward: h = h + e[:, :, None, None]
     de = dh.sum(axis=(2, 3))  # (N, C_out)
     # forward: e = time_emb_proj(silu(temb))
-    de, dw, db = linear_backward(de, temb_proj)
+    de, dw, db = ops.linear_backward(de, temb_proj)
     _put(grads, prefix + "time_emb_proj", dw, db)
-    dtemb = silu_backward(de, temb_act)  # (N, T)
+    dtemb = ops.silu_backward(de, temb_act)  # (N, T)
     # forward: h = conv1(silu(norm1(x)))
-    dh, dw, db = conv2d_backward(dh, conv1)
+    dh, dw, db = ops.conv2d_backward(dh, conv1)
     _put(grads, prefix + "conv1", dw, db)
-    dx, dgamma, dbeta = groupnorm_silu_backward(dh, norm_act1)
+    dx, dgamma, dbeta = ops.groupnorm_silu_backward(dh, norm_act1)
     _put(grads, prefix + "norm1", dgamma, dbeta)
     # forward: x feeds norm1 and the shortcut (fan-in summed)
     dx += dx_skip  # (N, C_in, H, W) in place: dx is groupnorm_silu_backward's new array
@@ -153,7 +131,7 @@ def _layer_forward(params, prefix, i, h, temb, heads, args, scale=1.0):
     ac = None
     if heads is not None:
         h, ac = attention_block_forward(params, f"{prefix}attentions.{i}.", h, heads, args.groups, args.eps,
-                                        args.context, args.context_mask, scale)
+                                        args.context, args.context_mask, scale, ops=args.ops)
     return h, (rc, ac)
 
 
@@ -185,9 +163,10 @@ def down_block_forward(params, prefix, x, temb, num_layers, heads, add_downsampl
         layers.append(lc)
     if add_downsample:
         w, b = params[prefix + "downsamplers.0.conv.weight"], params[prefix + "downsamplers.0.conv.bias"]
-        h, down = downsample_forward(h, w, b, padding=downsample_padding)  # (N, C_out, H/2, W/2)
+        h, down = args.ops.downsample_forward(h, w, b, padding=downsample_padding)  # (N, C_out, H/2, W/2)
         skips.append(h)
     cache = (
+        args.ops,  # the ops table that ran the forward
         prefix,  # the key prefix
         layers,  # one (resnet cache, attention cache or None) per layer
         down,  # the downsampling conv's cache, or None
@@ -200,12 +179,12 @@ def down_block_backward(dh, dskips, cache, grads):
 
     Returns: dx (N, C_in, H, W), dtemb (N, T), dcontext (N, S, Cd) or None.
     """
-    prefix, layers, down = cache
+    ops, prefix, layers, down = cache
     dtemb, dctx = None, None
     if down is not None:
         # forward: h = downsample(h); skips.append(h)   (h is the output and a skip: fan-in)
         dh = dh + dskips[-1]
-        dh, dw, db = downsample_backward(dh, down)
+        dh, dw, db = ops.downsample_backward(dh, down)
         _put(grads, prefix + "downsamplers.0.conv", dw, db)
     for i in reversed(range(len(layers))):
         # forward: h = layer_i(h); skips.append(h)
@@ -225,7 +204,7 @@ def mid_block_forward(params, prefix, x, temb, heads, output_scale_factor, args:
     attn = None
     if heads is not None:
         h, attn = attention_block_forward(params, prefix + "attentions.0.", h, heads, args.groups, args.eps,
-                                          args.context, args.context_mask, output_scale_factor)
+                                          args.context, args.context_mask, output_scale_factor, ops=args.ops)
     h, second = resnet_block_forward(params, prefix + "resnets.1.", h, temb, args, output_scale_factor)
     cache = (
         first,  # resnets.0's cache
@@ -265,11 +244,12 @@ def up_block_forward(params, prefix, x, skips, temb, heads, add_upsample, args: 
         layers.append(lc)
     up = None
     if add_upsample:
-        h, up_cache = upsample_nearest2x_forward(h)  # (N, C_out, 2H, 2W)
+        h, up_cache = args.ops.upsample_nearest2x_forward(h)  # (N, C_out, 2H, 2W)
         w, b = params[prefix + "upsamplers.0.conv.weight"], params[prefix + "upsamplers.0.conv.bias"]
-        h, conv_cache = conv2d_forward(h, w, b, padding=1)  # (N, C_out, 2H, 2W)
+        h, conv_cache = args.ops.conv2d_forward(h, w, b, padding=1)  # (N, C_out, 2H, 2W)
         up = (up_cache, conv_cache)
     cache = (
+        args.ops,  # the ops table that ran the forward
         prefix,  # the key prefix
         layers,  # one (resnet cache, attention cache or None) per layer
         widths,  # channels of h before each concat: where the gradient splits into h and the skip
@@ -280,13 +260,13 @@ def up_block_forward(params, prefix, x, skips, temb, heads, add_upsample, args: 
 
 def up_block_backward(dh, cache, grads):
     """Backward of up_block_forward. Returns dx, dskips (list, same order as skips), dtemb, dcontext."""
-    prefix, layers, widths, up = cache
+    ops, prefix, layers, widths, up = cache
     if up is not None:
         up_cache, conv_cache = up
         # forward: h = conv(h);  h = upsample_nearest2x(h)
-        dh, dw, db = conv2d_backward(dh, conv_cache)
+        dh, dw, db = ops.conv2d_backward(dh, conv_cache)
         _put(grads, prefix + "upsamplers.0.conv", dw, db)
-        dh = upsample_nearest2x_backward(dh, up_cache)
+        dh = ops.upsample_nearest2x_backward(dh, up_cache)
     dtemb, dctx, dskips = None, None, [None] * len(layers)
     for i in reversed(range(len(layers))):
         dh, dt, dc = _layer_backward(dh, layers[i], grads)

@@ -37,6 +37,7 @@ from ..nn.cross_entropy import log_softmax
 from ..diffusion.schedule import check_choice, make_schedule
 from .unet import init_params, param_shapes
 from .config import UNetConfig
+from .dropout import draw_dropout_masks
 
 SHARED = ("time_embedding.", "conv_in.", "down_blocks.", "mid_block.")  # key prefixes taken from the U-Net
 
@@ -101,9 +102,11 @@ def classifier_forward(params, config, x, t, train=False, rng=None):
     check_shape("t", t, (N,), "(N,) or a scalar")
     if rng is not None and not isinstance(rng, (int, np.integer, np.random.Generator)):
         raise ValueError(f"rng must be None, an int seed or a np.random.Generator, got {type(rng).__name__}")
-    drawing = train and c.dropout > 0
-    args = BlockArgs(c.norm_num_groups, c.norm_eps, c.dropout, train,
-                     (rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)) if drawing else None)
+    masks = None
+    if train and c.dropout > 0:
+        gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        masks = draw_dropout_masks(c, gen, x.shape, xp, encoder_only=True)
+    args = BlockArgs(c.norm_num_groups, c.norm_eps, c.dropout, train, masks)
     p = params
     # 1. time embedding -> temb (N, T)
     t_emb = timestep_embedding(t, boc[0], c.flip_sin_to_cos, c.freq_shift, dtype=x.dtype)

@@ -30,20 +30,9 @@ from .blocks import (
     up_block_backward,
     up_block_forward,
 )
-from ..nn import (
-    conv2d_backward,
-    conv2d_forward,
-    embedding_backward,
-    embedding_forward,
-    groupnorm_silu_backward,
-    groupnorm_silu_forward,
-    linear_backward,
-    linear_forward,
-    silu_backward,
-    silu_forward,
-    timestep_embedding,
-)
 from ..nn._check import check_float, check_indices, check_ndim, check_shape
+from ..nn.ops import REFERENCE
+from .dropout import draw_dropout_masks
 from .params import count_params, init_params, param_shapes, print_param_counts
 
 __all__ = ["unet_forward", "unet_backward", "init_params", "param_shapes", "count_params", "print_param_counts"]
@@ -77,8 +66,8 @@ def _as_rng(rng):
     raise ValueError(f"rng must be None, an int seed or a np.random.Generator, got {type(rng).__name__}")
 
 
-def unet_forward(params, config, x, t, class_labels=None, context=None, train=False, rng=None, rows=None,
-                 for_backward=True):
+def unet_forward(params, config, x, t, class_labels=None, context=None, train=False, rng=None,
+                 dropout_masks=None, for_backward=True, ops=REFERENCE):
     """eps = UNet(x_t, t[, y][, prompt])   (UNet2DModel.forward, op for op)
 
     Inputs:  params from init_params (or load_pretrained), config its UNetConfig;
@@ -86,11 +75,11 @@ def unet_forward(params, config, x, t, class_labels=None, context=None, train=Fa
              t int or float, a scalar or (N,); class_labels (N,) ints in [0, num_class_embeds)
              (required iff num_class_embeds is set); context (N, S) int token ids in
              [0, context_vocab_size), id 0 = padding (None = empty prompt; cross-attention configs only);
-             train: dropout on; rng: None, an int seed or a np.random.Generator for the dropout masks;
-             rows: None, or (start, stop, total) when x is rows start:stop of a batch of total
-             (parallel.py's shards): dropout then uses those rows of the whole batch's masks;
+             train: dropout on; dropout_masks: {resnet prefix: keep-mask} (model/dropout.py), or None to
+             draw them here from rng (None, an int seed or a np.random.Generator);
              for_backward=False (inference, like torch.no_grad): each block's cache is dropped as soon
-             as the block returns, so its activations are freed (sampling memory: docs/performance.md).
+             as the block returns, so its activations are freed (sampling memory: docs/performance.md);
+             ops: the table that runs each op (nn/ops.py: REFERENCE, or minidiff.fast's FAST).
     Returns: eps (N, C_out, H, W), and the cache for unet_backward (an independent object per call;
              None when for_backward is False).
     """
@@ -119,22 +108,23 @@ def unet_forward(params, config, x, t, class_labels=None, context=None, train=Fa
                          f"(num_class_embeds={c.num_class_embeds}, class_labels {given})")
     if context is not None and c.cross_attention_dim is None:
         raise ValueError("context must be None: config.cross_attention_dim is None (no cross-attention)")
-    args = BlockArgs(c.norm_num_groups, c.norm_eps, c.dropout, train,
-                     _as_rng(rng) if train and c.dropout > 0 else None, rows=rows)
+    if train and c.dropout > 0 and dropout_masks is None:
+        dropout_masks = draw_dropout_masks(c, _as_rng(rng), x.shape, xp)
+    args = BlockArgs(c.norm_num_groups, c.norm_eps, c.dropout, train, dropout_masks, ops=ops)
     p = params
 
     # 1. time (and class) embedding -> temb (N, T)
-    t_emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift, dtype=x.dtype)
-    e, lin1 = linear_forward(t_emb, p["time_embedding.linear_1.weight"], p["time_embedding.linear_1.bias"])
-    e, act = silu_forward(e)  # (N, T)
-    temb, lin2 = linear_forward(e, p["time_embedding.linear_2.weight"], p["time_embedding.linear_2.bias"])
+    t_emb = ops.timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift, dtype=x.dtype)
+    e, lin1 = ops.linear_forward(t_emb, p["time_embedding.linear_1.weight"], p["time_embedding.linear_1.bias"])
+    e, act = ops.silu_forward(e)  # (N, T)
+    temb, lin2 = ops.linear_forward(e, p["time_embedding.linear_2.weight"], p["time_embedding.linear_2.bias"])
     cls = None
     if class_labels is not None:
         labels = as_array(class_labels)
         check_indices("class_labels", labels, c.num_class_embeds)  # before the copy: host labels, no sync
         labels = on_x_backend(labels)
         check_shape("class_labels", labels, (N,), "(N,)")
-        y_emb, cls = embedding_forward(labels, p["class_embedding.weight"], check_ids=False)  # (N, T)
+        y_emb, cls = ops.embedding_forward(labels, p["class_embedding.weight"], check_ids=False)  # (N, T)
         temb = temb + y_emb  # (N, T)
     ctx = None
     if c.cross_attention_dim is not None:
@@ -143,10 +133,10 @@ def unet_forward(params, config, x, t, class_labels=None, context=None, train=Fa
         check_shape("context", ids, (N, ids.shape[1]), "(N, S)")
         check_indices("context", ids, c.context_vocab_size)  # before the copy: host ids, no sync
         ids = on_x_backend(ids)
-        args.context, ctx = embedding_forward(ids, p["context_embedding.weight"], check_ids=False)  # (N, S, Cd)
+        args.context, ctx = ops.embedding_forward(ids, p["context_embedding.weight"], check_ids=False)  # (N, S, Cd)
         args.context_mask = ids != 0  # (N, S) padding (id 0) is never attended to
     # 2. conv_in
-    h, conv_in = conv2d_forward(x, p["conv_in.weight"], p["conv_in.bias"], padding=1)  # (N, C0, H, W)
+    h, conv_in = ops.conv2d_forward(x, p["conv_in.weight"], p["conv_in.bias"], padding=1)  # (N, C0, H, W)
     skips = [h]
     # 3. down
     downs = []
@@ -169,12 +159,13 @@ def unet_forward(params, config, x, t, class_labels=None, context=None, train=Fa
         ups.append(uc if for_backward else None)
         del block_skips, uc  # without a backward the skips are freed here
     # 6. out
-    h, norm_act_out = groupnorm_silu_forward(h, p["conv_norm_out.weight"], p["conv_norm_out.bias"],
+    h, norm_act_out = ops.groupnorm_silu_forward(h, p["conv_norm_out.weight"], p["conv_norm_out.bias"],
                                              c.norm_num_groups, c.norm_eps)  # silu(conv_norm_out(h))
-    eps, conv_out = conv2d_forward(h, p["conv_out.weight"], p["conv_out.bias"], padding=1)  # (N, C_out, H, W)
+    eps, conv_out = ops.conv2d_forward(h, p["conv_out.weight"], p["conv_out.bias"], padding=1)  # (N, C_out, H, W)
     if not for_backward:
         return eps, None
     cache = dict(
+        ops=ops,  # the ops table that ran the forward: its backwards take these caches
         keys=tuple(p),  # the params' keys, to return grads in the same order
         lin1=lin1, act=act, lin2=lin2,  # time-embedding MLP caches
         cls=cls,  # class-embedding lookup cache, or None
@@ -196,9 +187,10 @@ def unet_backward(deps, cache):
     """
     check_float("deps", deps)
     g, k = {}, cache
+    ops = k["ops"]
     # 6. out -- forward: eps = conv_out(silu(conv_norm_out(h)))
-    dh, g["conv_out.weight"], g["conv_out.bias"] = conv2d_backward(deps, k["conv_out"])
-    dh, g["conv_norm_out.weight"], g["conv_norm_out.bias"] = groupnorm_silu_backward(dh, k["norm_act_out"])
+    dh, g["conv_out.weight"], g["conv_out.bias"] = ops.conv2d_backward(deps, k["conv_out"])
+    dh, g["conv_norm_out.weight"], g["conv_norm_out.bias"] = ops.groupnorm_silu_backward(dh, k["norm_act_out"])
     # 5. up -- forward: h = up_block(h, skips.pop(layers + 1), temb); each block took the LAST skips,
     # so walking the blocks backwards rebuilds the skip gradients in push order
     dtemb, dctx, dskips = None, None, []
@@ -217,15 +209,15 @@ def unet_backward(deps, cache):
         dtemb, dctx = _add(dtemb, dt), _add(dctx, dc)
     # 2. conv_in -- forward: h = conv_in(x); skips = [h]   (h feeds down_blocks.0 and the first skip)
     dh = dh + dskips[0]
-    dx, g["conv_in.weight"], g["conv_in.bias"] = conv2d_backward(dh, k["conv_in"])
+    dx, g["conv_in.weight"], g["conv_in.bias"] = ops.conv2d_backward(dh, k["conv_in"])
     # 1. embeddings -- forward: args.context = context_embedding[ids]
     if k["ctx"] is not None:
-        g["context_embedding.weight"] = embedding_backward(dctx, k["ctx"])
+        g["context_embedding.weight"] = ops.embedding_backward(dctx, k["ctx"])
     # forward: temb = temb + class_embedding[class_labels]
     if k["cls"] is not None:
-        g["class_embedding.weight"] = embedding_backward(dtemb, k["cls"])
+        g["class_embedding.weight"] = ops.embedding_backward(dtemb, k["cls"])
     # forward: temb = linear_2(silu(linear_1(t_emb)))   (t_emb has no parameters: its gradient is dropped)
-    de, g["time_embedding.linear_2.weight"], g["time_embedding.linear_2.bias"] = linear_backward(dtemb, k["lin2"])
-    de = silu_backward(de, k["act"])
-    _, g["time_embedding.linear_1.weight"], g["time_embedding.linear_1.bias"] = linear_backward(de, k["lin1"])
+    de, g["time_embedding.linear_2.weight"], g["time_embedding.linear_2.bias"] = ops.linear_backward(dtemb, k["lin2"])
+    de = ops.silu_backward(de, k["act"])
+    _, g["time_embedding.linear_1.weight"], g["time_embedding.linear_1.bias"] = ops.linear_backward(de, k["lin1"])
     return {key: g[key] for key in k["keys"]}, dx
