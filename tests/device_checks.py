@@ -19,8 +19,10 @@ from minidiff.bench import MinidiffSide, make_inputs
 from minidiff.train.config import TrainConfig
 from minidiff.diffusion.loss import diffusion_loss
 from minidiff.train.optim import EMA, Adam, AdamW, clip_grad_norm
+from minidiff.diffusion import sampler as reference_sampler
 from minidiff.diffusion.sampler import sample
-from minidiff.fast.cuda.sampler import reverse_step_cuda
+from minidiff.fast import sampler as fast_sampler
+from minidiff.fast.ops import FAST
 from minidiff.diffusion.schedule import add_noise, make_schedule
 from minidiff.train.trainer import Trainer
 from minidiff.model.unet import init_params, unet_backward, unet_forward
@@ -82,7 +84,7 @@ def check_optimizer_bit_for_bit(make, dtype):
             assert np.array_equal(to_numpy(got[k]), want[k]), f"{name}[{k}] differs by up to {diff:.3g}"
 
 
-REVERSE_STEPS = [  # (sampler, t, prev_t, keyword arguments): the branches of the fused reverse step (sampler_cuda.py)
+REVERSE_STEPS = [  # (sampler, t, prev_t, keyword arguments): the branches of the one-kernel step (fast/sampler.py)
     ("ddpm", 500, 480, {}),  # the default: epsilon, fixed_small
     ("ddpm", 999, 0, dict(variance_type="fixed_large", prediction_type="v_prediction")),
     ("ddpm", 300, 299, dict(variance_type="fixed_small_log", prediction_type="sample", clip_sample=True)),
@@ -95,20 +97,18 @@ REVERSE_STEPS = [  # (sampler, t, prev_t, keyword arguments): the branches of th
 
 
 def check_reverse_step_bit_for_bit(monkeypatch, dtype):
-    """One DDPM or DDIM step on the device, one kernel with one timestep for the batch (sampler_cuda.py, compiled
-    with --fmad=false), gives the NumPy array ops' numbers bit for bit: x_prev and x0^, float32 and float64,
-    every prediction type, clipping, use_clipped_model_output, with and without noise."""
-    from minidiff.diffusion import sampler
-
-    calls = []
-    monkeypatch.setattr(sampler, "reverse_step_cuda", lambda *a, **k: calls.append(1) or reverse_step_cuda(*a, **k))
+    """One DDPM or DDIM step of fast/sampler.py on the device, one kernel with one timestep for the batch
+    (fast/cuda/sampler.py, compiled with --fmad=false), gives the reference step's NumPy numbers bit for bit:
+    x_prev and x0^, float32 and float64, every prediction type, clipping, use_clipped_model_output, with
+    and without noise."""
+    calls, kernel = [], fast_sampler.reverse_step_cuda
+    monkeypatch.setattr(fast_sampler, "reverse_step_cuda", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     schedule = make_schedule(1000, "linear")
     for i, (name, t, prev_t, kwargs) in enumerate(REVERSE_STEPS):
         out, x, z = (1.5 * randn(3, 2, 5, 4, seed=10 * i + j).astype(dtype) for j in range(3))
-        step = sampler.ddpm_step if name == "ddpm" else sampler.ddim_step
-        want = step(schedule, out, t, prev_t, x, noise=z, **kwargs)
+        want = getattr(reference_sampler, f"{name}_step")(schedule, out, t, prev_t, x, noise=z, **kwargs)
         out_d, x_d, z_d = (to_device(a, "gpu") for a in (out, x, z))
-        got = step(schedule, out_d, t, prev_t, x_d, noise=z_d, **kwargs)
+        got = getattr(fast_sampler, f"{name}_step")(schedule, out_d, t, prev_t, x_d, noise=z_d, **kwargs)
         assert len(calls) == i + 1, f"{name} {kwargs}: the step did not run as one kernel"
         for what, g, w in zip(("prev_sample", "pred_original_sample"), got, want):
             assert is_cupy_array(g) and g.dtype == dtype and g.shape == w.shape
@@ -146,7 +146,8 @@ def _implicit_reads() -> list:
 
 
 def check_sampling_loop(sampler, eta, tol):
-    """The whole sampling loop (host noise, device model) gives the CPU's samples."""
+    """The whole sampling loop (host noise, device model, FAST's steps: one kernel each on the device) gives
+    the CPU's samples (the reference steps)."""
     config = get_preset("tiny")
     schedule = make_schedule(1000, "linear")
     host = init_params(config, seed=1, dtype=np.float64)
@@ -157,7 +158,7 @@ def check_sampling_loop(sampler, eta, tol):
         steps = dict(timesteps=np.array([999, 600, 300, 0])) if sampler == "ddpm" else dict(num_inference_steps=4)
         implicit = _implicit_reads()
         out[device] = sample(model_fn, (2, 3, 8, 8), schedule, sampler=sampler, eta=eta, seed=3, device=device,
-                             dtype=np.float64, **steps)
+                             dtype=np.float64, ops=FAST if device == "gpu" else None, **steps)
         assert implicit == [], f"float()/bool()/item() of device arrays while sampling: {implicit}"
     assert is_cupy_array(out["gpu"])
     assert rel_error(to_numpy(out["gpu"]), out["cpu"]) < tol

@@ -61,12 +61,15 @@ def test_optimizer_updates_on_the_gpu_path_are_bit_for_bit_numpy(fake, monkeypat
 def test_the_reverse_step_kernel_on_the_gpu_path_is_bit_for_bit_numpy(fake, monkeypatch, dtype):
     check_reverse_step_bit_for_bit(monkeypatch, dtype)
     assert "minidiff_reverse_step" in fake.kernels_called
-    from minidiff.diffusion.sampler import ddim_step, ddpm_step
     from minidiff.diffusion.schedule import make_schedule
+    from minidiff.fast.ops import FAST
+    from minidiff.nn.ops import REFERENCE
 
     schedule, x = make_schedule(1000, "linear"), fake.asarray(np.ones((2, 3, 4, 4), dtype))
-    assert fake_cupy.count(lambda: ddim_step(schedule, x, 500, 480, x))["ops"] == 1  # 6 array ops unfused
-    assert fake_cupy.count(lambda: ddpm_step(schedule, x, 500, 480, x, x))["ops"] == 1  # 8 unfused
+    assert fake_cupy.count(lambda: FAST.ddim_step(schedule, x, 500, 480, x))["ops"] == 1
+    assert fake_cupy.count(lambda: FAST.ddpm_step(schedule, x, 500, 480, x, x))["ops"] == 1
+    assert fake_cupy.count(lambda: REFERENCE.ddim_step(schedule, x, 500, 480, x))["ops"] == 6
+    assert fake_cupy.count(lambda: REFERENCE.ddpm_step(schedule, x, 500, 480, x, x))["ops"] == 8
 
 
 def test_dropout_masks_are_drawn_on_the_device(fake):
@@ -129,8 +132,9 @@ def test_classifier_training_on_the_gpu_path_reads_its_losses_once_per_log(fake,
 def test_the_fused_kernels_cut_the_device_operations_of_a_step(fake, tmp_path, monkeypatch, capsys, preset):
     """Device operations (each about one kernel launch or cuBLAS call on CuPy, counted by the fake) of one
     Trainer step and one DDIM sampling step, with MINIDIFF_FUSED=0 and with the fused kernels."""
+    from minidiff.fast.ops import FAST
+    from minidiff.nn.ops import REFERENCE
     from minidiff.train.config import TrainConfig
-    from minidiff.diffusion.sampler import ddim_step
     from minidiff.train.trainer import Trainer
 
     counts = {}
@@ -146,6 +150,7 @@ def test_the_fused_kernels_cut_the_device_operations_of_a_step(fake, tmp_path, m
         cond = b.encode(prompts=b.default_prompts(2), n=2) if b.conditioning == "text" else None
         cond = None if cond is None else fake.asarray(cond)
         t = fake.asarray(np.full(2, 500))  # on the device, as sampler.sample makes it (xp.full)
+        ddim_step = (FAST if fused else REFERENCE).ddim_step
         sample = fake_cupy.count(lambda: ddim_step(b.schedule, b.model_fn(x, t, cond), 500, 480, x))
         counts[fused] = (train, sample)
     with capsys.disabled():

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
 from ..backend import get_array_module, to_numpy, xp_for
-from ..fast.cuda.sampler import reverse_step_cuda
 from .schedule import PREDICTION_TYPES, check_choice, check_same_shape, check_t, coef_like, to_x0_eps
 from .timesteps import check_timestep_list, make_timesteps
 from .timesteps import prev_timesteps as next_entry_prev_timesteps
@@ -37,14 +35,6 @@ def _check_prev(prev_t, t, T, x):
         raise ValueError(f"prev_t must be < t elementwise (prev_t = -1 means before the start), "
                          f"got prev_t = {prev_t.tolist()}, t = {t.tolist()}")
     return prev_t
-
-
-def _one_kernel(t, prev_t, *arrays) -> bool:
-    """True on CuPy (unless MINIDIFF_FUSED=0) for a step with one timestep for the whole batch, as in
-    sample()'s loop, and arrays of one dtype: the step's array ops then run as one kernel (sampler_cuda.py)."""
-    xp = get_array_module(*arrays)
-    return (xp is not np and backend.FUSED and t.ndim == 0 and prev_t.ndim == 0
-            and len({a.dtype for a in arrays}) == 1)
 
 
 def ddpm_std(schedule, t, prev_t, variance_type="fixed_small", predicted_variance=None, like=None):
@@ -118,12 +108,6 @@ def ddpm_step(schedule, model_output, t, prev_t, sample, noise, variance_type="f
     alpha_t = a_t / a_prev                                           # current_alpha_t
     beta_t = 1.0 - alpha_t                                           # current_beta_t
     c_x0, c_xt = a_prev**0.5 * beta_t / b_t, alpha_t**0.5 * b_prev / b_t  # mu~ = c_x0 x0^ + c_xt x_t
-    if predicted_variance is None and _one_kernel(t, prev_t, model_output, sample, *([noise] if noisy else [])):
-        std = ddpm_std(schedule, t, prev_t, variance_type) if noisy else 0.0  # steps 2-6 in one kernel:
-        return reverse_step_cuda(get_array_module(sample), model_output, sample, noise if noisy else None,
-                                 abar_t=a_t, prediction_type=prediction_type,
-                                 clip_range=clip_sample_range if clip_sample else None,
-                                 k0=c_x0, k1=c_xt, use_eps=False, noise_std=std)
     # 2. predicted x_0 (DDPM eq. 15), 3. clipped
     x0, _ = to_x0_eps(schedule, model_output, sample, t, prediction_type)
     if clip_sample:
@@ -155,6 +139,7 @@ def ddim_step(schedule, model_output, t, prev_t, sample, eta=0.0, noise=None, se
     T = schedule.num_train_timesteps
     t = check_t("t", t, T, sample)
     prev_t = _check_prev(prev_t, t, T, sample)
+    # 1. alphas of this (possibly skipping) step and sigma_t (DDIM eq. 16)
     final = 1.0 if set_alpha_to_one else schedule.alphas_cumprod[0]   # final_alpha_cumprod
     a_t, a_prev = schedule.alphas_cumprod[t], _abar_prev(schedule, prev_t, final)
     b_t = 1.0 - a_t
@@ -168,17 +153,14 @@ def ddim_step(schedule, model_output, t, prev_t, sample, eta=0.0, noise=None, se
             raise ValueError("noise is required when eta > 0 (pass an array shaped like sample)")
         check_same_shape(noise=noise, sample=sample)
     c_x0, c_eps = a_prev**0.5, np.maximum(dir2, 0.0) ** 0.5              # x_prev = c_x0 x0^ + c_eps eps^ + sigma z
-    if _one_kernel(t, prev_t, model_output, sample, *([noise] if eta > 0 else [])):  # all of the below in one kernel
-        return reverse_step_cuda(get_array_module(sample), model_output, sample, noise if eta > 0 else None,
-                                 abar_t=a_t, prediction_type=prediction_type,
-                                 clip_range=clip_sample_range if clip_sample else None, k0=c_x0, k1=c_eps,
-                                 use_eps=True, recompute_eps=use_clipped_model_output, noise_std=std)
+    # 2. predicted x_0 and eps (DDIM eq. 12's "predicted x_0"), 3. clipped, eps^ recomputed from it if asked
     x0, eps = to_x0_eps(schedule, model_output, sample, t, prediction_type)
     xp = get_array_module(x0)
     if clip_sample:
         x0 = xp.clip(x0, -clip_sample_range, clip_sample_range)
     if use_clipped_model_output:
         eps = (sample - coef_like(a_t**0.5, sample) * x0) / coef_like(b_t**0.5, sample)
+    # 4. x_prev = sqrt(abar_prev) x0^ + "direction pointing to x_t" + sigma_t z   (DDIM eq. 12)
     prev = coef_like(c_x0, sample) * x0 + coef_like(c_eps, sample) * eps
     if eta > 0:
         prev = prev + coef_like(std, sample) * noise
@@ -189,7 +171,7 @@ def sample(model_fn, shape, schedule, sampler="ddpm", num_inference_steps=None, 
            steps_offset=0, eta=0.0, variance_type="fixed_small", prediction_type="epsilon", clip_sample=False,
            clip_sample_range=1.0, set_alpha_to_one=True, use_clipped_model_output=False, cond=None, seed=0,
            device=None, dtype=None, x_T=None, noises=None, timesteps=None, prev_timesteps=None,
-           return_trajectory=False, callback=None):
+           return_trajectory=False, callback=None, ops=None):
     """Run the reverse process from x_T ~ N(0, I) to x_0 with ddpm_step or ddim_step.
 
     for i, t in enumerate(ts):  out = model_fn(x, t * ones(N), cond);  x = step(out, t, prev_ts[i], x, z_i)
@@ -204,6 +186,8 @@ def sample(model_fn, shape, schedule, sampler="ddpm", num_inference_steps=None, 
     noises (n, *shape) replaces the per-step draws (entry i is used at step i).
     device: 'cpu' | 'gpu' (default: x_T's backend, else cpu); dtype default: x_T's, else float32.
     callback(i, t, x, pred_original_sample) runs after step i.
+    ops: any object with ddpm_step and ddim_step attributes, of this module's signatures (an ops table,
+    minidiff.nn.ops.Ops, whose steps may run as one CUDA kernel on CuPy); None runs this module's own.
     Returns x_0 (*shape), or (x_0, trajectory) with trajectory = [x_T, x after step 0, ..., x_0]."""
     check_choice("sampler", sampler, SAMPLERS)
     check_choice("variance_type", variance_type, VARIANCE_TYPES)
@@ -236,6 +220,8 @@ def sample(model_fn, shape, schedule, sampler="ddpm", num_inference_steps=None, 
         x = xp.asarray(to_numpy(x_T) if device == "cpu" else x_T, dtype=dtype)
         if tuple(x.shape) != shape:
             raise ValueError(f"x_T must have shape {shape}, got {tuple(x.shape)}")
+    step = (ddpm_step if ops is None else ops.ddpm_step) if sampler == "ddpm" else \
+        (ddim_step if ops is None else ops.ddim_step)
     trajectory = [x] if return_trajectory else None
     for i, (t, prev_t) in enumerate(zip(ts.tolist(), prev_ts.tolist())):
         needs_noise = t > 0 if sampler == "ddpm" else eta > 0
@@ -245,11 +231,11 @@ def sample(model_fn, shape, schedule, sampler="ddpm", num_inference_steps=None, 
             z = xp.asarray(to_numpy(z) if device == "cpu" else z, dtype=dtype)
         out = model_fn(x, xp.full((shape[0],), t, dtype=xp.int64), cond)
         if sampler == "ddpm":
-            x, x0 = ddpm_step(schedule, out, t, prev_t, x, z, variance_type, prediction_type,
-                              clip_sample, clip_sample_range)
+            x, x0 = step(schedule, out, t, prev_t, x, z, variance_type, prediction_type,
+                         clip_sample, clip_sample_range)
         else:
-            x, x0 = ddim_step(schedule, out, t, prev_t, x, eta, z, set_alpha_to_one, prediction_type,
-                              clip_sample, clip_sample_range, use_clipped_model_output)
+            x, x0 = step(schedule, out, t, prev_t, x, eta, z, set_alpha_to_one, prediction_type,
+                         clip_sample, clip_sample_range, use_clipped_model_output)
         if return_trajectory:
             trajectory.append(x)
         if callback is not None:

@@ -1,8 +1,8 @@
-"""The reverse-step update of sampler.py on CuPy: x0^, eps^ and x_prev in one kernel.
+"""The reverse-step update of diffusion/sampler.py on CuPy: x0^, eps^ and x_prev in one kernel.
 
-sampler.ddpm_step and ddim_step call reverse_step_cuda on CuPy when the step has one timestep for the
-whole batch (as sampler.sample's loop has) and a fixed variance, unless MINIDIFF_FUSED=0
-(backend.FUSED). The coefficients stay in sampler.py, computed in float64 on the host; the kernel
+fast/sampler.py's ddpm_step and ddim_step call reverse_step_cuda on CuPy when the step has one timestep
+for the whole batch (as diffusion.sampler.sample's loop has) and a fixed variance. The coefficients
+are computed there as diffusion/sampler.py computes them, in float64 on the host; the kernel
 body is the array lines of schedule.to_x0_eps, the clip and the update, in the same order, each
 coefficient rounded to the sample's dtype as schedule.coef_like rounds it. Compiled with
 --fmad=false (no multiply-add contracted into one rounding), it gives the array ops' numbers bit for
