@@ -32,9 +32,17 @@ from .resample import (downsample_backward, downsample_forward, upsample_nearest
                        upsample_nearest2x_forward)
 
 
-def whole_batch(fn, batch):
-    """fn(batch): the whole batch in one piece (the fast tables split it over the CPU cores and sum)."""
-    return fn(batch)
+def whole_batch(fn, batch, **shared):
+    """(loss, grads) = fn(batch, **shared): the whole batch in one piece.
+
+    The fast tables split batch's arrays by rows over the CPU cores, run fn on each piece and sum
+    L = sum_k (N_k / N) L_k and its gradients; shared (weights, config, ...) goes whole to every piece."""
+    return fn(batch, **shared)
+
+
+def whole_forward(fn, batch, **shared):
+    """out = fn(batch, **shared) (N, ...): the whole batch in one piece (the fast tables concatenate the pieces')."""
+    return fn(batch, **shared)
 
 
 def as_given(params):
@@ -75,7 +83,8 @@ class Ops:
     adam_update: Callable = adam_update
     ema_update: Callable = ema_update
     # how a batch's gradient is computed and how parameters are held
-    map_batch: Callable = whole_batch  # map_batch(fn, batch) -> fn's (loss, grads) for the whole batch
+    map_batch: Callable = whole_batch  # map_batch(fn, batch, **shared) -> fn's (loss, grads) for the whole batch
+    map_forward: Callable = whole_forward  # map_forward(fn, batch, **shared) -> fn's output for the whole batch
     arrange_params: Callable = as_given  # arrange_params(params) -> the dict the optimizer updates
     name: str = "reference"
 
