@@ -9,7 +9,6 @@ Layouts are PyTorch's: NCHW images, conv weight (C_out, C_in, kh, kw), linear we
 from .activations import silu_backward, silu_forward
 from .attention import mha_backward, mha_forward, sdpa_backward, sdpa_forward
 from .conv2d import conv2d_backward, conv2d_forward
-from .conv2d_naive import conv2d_naive_backward, conv2d_naive_forward
 from .cross_entropy import softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from .dropout import dropout_backward, dropout_forward, dropout_mask
 from .embedding import (
