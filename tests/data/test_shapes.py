@@ -1,7 +1,5 @@
 """The built-in shapes dataset and its pixel-reading checker."""
 
-import time
-
 import numpy as np
 import pytest
 from hypothesis import given
@@ -70,15 +68,6 @@ def test_coverage_areas_match_the_formulas():
     # the triangle's apex row is above its base: more coverage at the bottom
     tri = cov[2]
     assert tri[19].sum() > tri[13].sum() > 0
-
-
-def test_batch_is_fast():
-    rng = np.random.default_rng(0)
-    sample_shapes(rng, 64, 16)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        sample_shapes(rng, 64, 16)
-    assert (time.perf_counter() - t0) / 10 < 0.05  # ~4 ms measured; 50 ms allows a busy machine
 
 
 @pytest.mark.parametrize("size", [16, 32])
