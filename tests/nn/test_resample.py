@@ -1,4 +1,4 @@
-"""resample (nearest 2x upsampling, stride-2 conv downsampling, 2x2 average pooling) and mse:
+"""resample (minidiff/nn/resample.py: nearest 2x upsampling, stride-2 conv downsampling, 2x2 average pooling):
 finite differences, PyTorch autograd and diffusers parity, dtype, no mutation, bad input.
 """
 
@@ -8,7 +8,6 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gradcheck import check_grads, check_weight_bias_grads, needs, rel_error
-from minidiff.nn.mse import mse_backward, mse_forward
 from minidiff.nn.resample import (
     avgpool2x2_backward,
     avgpool2x2_forward,
@@ -17,7 +16,7 @@ from minidiff.nn.resample import (
     upsample_nearest2x_backward,
     upsample_nearest2x_forward,
 )
-from test_nn_linear_conv import assert_backward_pure
+from purity import assert_backward_pure
 
 MAX_COORDS = 40  # finite-difference coordinates checked per input (a seeded random subset)
 
@@ -182,39 +181,9 @@ def test_downsample_and_avgpool_match_diffusers(padding):
     assert rel_error(avgpool2x2_forward(x)[0], pool(torch.tensor(x)).numpy()) < 1e-12
 
 
-# ------------------------------------------------------------------------------------------------ mse
-
-def mse_case(fn):
-    fn = example(shape=(2, 3, 4))(fn)
-    fn = example(shape=(1, 1, 1, 1))(fn)
-    fn = example(shape=())(fn)  # 0-d pred and target
-    return given(shape=st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple))(fn)
-
-
-@mse_case
-def test_mse_finite_differences(shape):
-    pred, target = randn(shape, seed=0), randn(shape, seed=1)
-    check_grads(lambda pred, target: mse_forward(pred, target)[0], dict(pred=pred, target=target),
-                lambda g: dict(zip(("pred", "target"), mse_backward(g, mse_forward(pred, target)[1]))),
-                max_coords=MAX_COORDS)
-
-
-@needs("torch")
-@mse_case
-def test_mse_matches_torch(shape):
-    torch = pytest.importorskip("torch")
-    pred, target = randn(shape, seed=0), randn(shape, seed=1)
-    loss, cache = mse_forward(pred, target)
-    assert isinstance(loss, np.ndarray) and loss.shape == ()
-    dloss = 0.7
-    grads = list(mse_backward(dloss, cache))
-    assert all(isinstance(g, np.ndarray) and g.shape == shape for g in grads)  # 0-d arrays, not scalars
-    torch_grad_check(torch, torch.nn.functional.mse_loss, [pred, target], loss, np.asarray(dloss), grads)
-
-
 # -------------------------------------------------------------------------------- dtype and purity
 
-def test_float32_in_float32_out_and_backward_is_pure():
+def test_resample_float32_in_float32_out_and_backward_is_pure():
     x = randn((2, 3, 5, 4), dtype=np.float32)
     w, b = randn((2, 3, 3, 3), 1, np.float32), randn(2, 2, np.float32)
     ops = [
@@ -234,18 +203,10 @@ def test_float32_in_float32_out_and_backward_is_pure():
         assert_backward_pure(lambda d, c: (lambda o: o if isinstance(o, tuple) else (o,))(bwd(d, c)),
                              dy, cache, grads)
 
-    pred, target = randn((2, 3), 4, np.float32), randn((2, 3), 5, np.float32)
-    loss, cache = mse_forward(pred, target)
-    assert isinstance(loss, np.ndarray) and loss.shape == () and loss.dtype == np.float32
-    for dloss in (1.0, np.float64(1.0), np.asarray(1.0)):  # a float64 dloss must not upcast the grads
-        dpred, dtarget = mse_backward(dloss, cache)
-        assert dpred.dtype == dtarget.dtype == np.float32
-    assert_backward_pure(mse_backward, np.asarray(2.0, np.float32), cache, [dpred, dtarget])
-
 
 # ---------------------------------------------------------------------------------------- bad input
 
-def test_bad_input():
+def test_resample_bad_input():
     x = randn((1, 2, 4, 4))
     w = randn((3, 2, 3, 3), 1)
     with pytest.raises(ValueError, match=r"^x must have shape \(N, C, H, W\)"):
@@ -264,13 +225,3 @@ def test_bad_input():
         downsample_forward(x, w[:, :1], None)
     with pytest.raises(ValueError, match=r"^dy must have shape"):
         upsample_nearest2x_backward(x, upsample_nearest2x_forward(x)[1])
-    with pytest.raises(ValueError, match=r"^target must have shape"):
-        mse_forward(x, x[0])
-    with pytest.raises(ValueError, match=r"^target must be a floating-point"):
-        mse_forward(x, x.astype(np.int64))
-    with pytest.raises(ValueError, match=r"^target must have the dtype of pred"):
-        mse_forward(x, x.astype(np.float32))
-    with pytest.raises(ValueError, match=r"^pred must have at least one entry"):
-        mse_forward(x[:0], x[:0])
-    with pytest.raises(ValueError, match=r"^dloss must be a scalar or a 0-d array"):
-        mse_backward(np.ones(2), mse_forward(x, x)[1])
