@@ -87,8 +87,20 @@ def test_variance_types_hand_values(vt, t):
     pv = np.full((1, 1, 2), V)
     got = SM.ddpm_std(s, t, t - 1, vt, predicted_variance=pv, like=x)
     np.testing.assert_allclose(np.broadcast_to(got, x.shape), hand_std(t, vt), rtol=1e-12)
-    assert hand_std(0, "fixed_small") == 1e-10  # t = 0: beta~ = 0 is floored at 1e-20
-    assert hand_std(1, "fixed_small") == pytest.approx((LIN[0] * LIN[1] / (LIN[0] + LIN[1] - LIN[0] * LIN[1])) ** 0.5)
+
+
+def test_fixed_small_is_the_posterior_variance():
+    """sigma_t^2 = beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t (DDPM eq. 7), from the schedule's own
+    arrays, for every t; beta~ = 0 at t = 0 is floored at 1e-20; at t = 1 the closed form in two betas."""
+    s = S.make_schedule()
+    ab, betas = s.alphas_cumprod, s.betas
+    t = np.arange(1, 1000)
+    posterior = (1 - ab[t - 1]) / (1 - ab[t]) * betas[t]
+    np.testing.assert_allclose(SM.ddpm_std(s, t, t - 1, "fixed_small") ** 2, posterior, rtol=1e-10)
+    np.testing.assert_allclose(SM.ddpm_std(s, t, t - 1, "fixed_large") ** 2, betas[t], rtol=1e-10)
+    assert SM.ddpm_std(s, 0, -1, "fixed_small") == 1e-10
+    b0, b1 = LIN[0], LIN[1]  # 1 - abar_1 = b0 + b1 - b0 b1
+    assert SM.ddpm_std(s, 1, 0, "fixed_small") == pytest.approx((b0 * b1 / (b0 + b1 - b0 * b1)) ** 0.5, rel=1e-12)
 
 
 def test_skipped_step_uses_abar_ratio_not_betas():
