@@ -88,7 +88,7 @@ def test_covers_every_option(fx):
             assert all(f"temb.flip{flip}.shift{shift}.dim{dim}.emb" in fx["embeddings"] for dim in EMB_DIMS)
     ops = {op.split(".")[0] for op in NN_CASES}
     exported = {name[:-len("_forward")] for name in nn.__all__ if name.endswith("_forward")}
-    assert exported - ops == {"conv2d_naive", "timestep_embedding"}  # the loop twin; embeddings.npz
+    assert exported - ops == {"timestep_embedding"}  # in embeddings.npz
     unet = fx["unet"]
     assert {k[6:] for k in unet if k.startswith("param.")} == {k[5:] for k in unet if k.startswith("grad.")}
 

@@ -24,14 +24,16 @@ from gradcheck import rel_error  # noqa: E402
 from minidiff import backend, bench  # noqa: E402
 from minidiff.backend import gpu_available, is_cupy_array, to_device, to_numpy  # noqa: E402
 from minidiff.nn import (  # noqa: E402
-    avgpool2x2_backward, avgpool2x2_forward, conv2d_backward, conv2d_forward, downsample_backward,
-    downsample_forward, dropout_backward, dropout_forward, dropout_mask, embedding_backward, embedding_forward,
+    avgpool2x2_backward, avgpool2x2_forward, dropout_backward, dropout_forward, dropout_mask, embedding_backward,
+    embedding_forward,
     groupnorm_backward, groupnorm_forward, groupnorm_silu_backward, groupnorm_silu_forward, linear_backward, linear_forward, mha_backward, mha_forward,
     mse_backward, mse_forward, sdpa_backward, sdpa_forward, silu_backward, silu_forward,
     timestep_embedding_backward, timestep_embedding_forward, upsample_nearest2x_backward,
     upsample_nearest2x_forward,
 )
 from minidiff.fast.cuda import im2col as im2col_cuda  # noqa: E402
+from minidiff.fast.ops import FAST  # noqa: E402
+from minidiff.nn.ops import REFERENCE  # noqa: E402
 from minidiff.model.config import get_preset  # noqa: E402
 
 if not gpu_available():
@@ -81,13 +83,14 @@ def fwd_bwd(forward, backward, dy_seed=9):
     (1, 1, 1, 6, 3),  # conv_in-like: C_out > 2 C_in (dx by col2im)
     (1, 0, 4, 6, 1),  # the 1x1 shortcut
 ])
-@pytest.mark.parametrize("fused", [True, False, "big"])  # im2col / col2im as one kernel each, or as array ops
-def test_conv2d(monkeypatch, stride, padding, c_in, c_out, k, fused):
-    monkeypatch.setattr(backend, "FUSED", bool(fused))
-    if fused == "big":  # the paths for huge arrays, on small ones: col2im's 64-bit kernel, im2col's grid
+@pytest.mark.parametrize("ops", ["fast", "reference", "big"])  # im2col / col2im as one kernel each, or as array ops
+def test_conv2d(monkeypatch, stride, padding, c_in, c_out, k, ops):
+    """The conv of FAST (fast/conv.py: its CUDA kernels on CuPy) and of REFERENCE (nn/conv2d.py: array ops)."""
+    if ops == "big":  # the paths for huge arrays, on small ones: col2im's 64-bit kernel, im2col's grid
         monkeypatch.setattr(im2col_cuda, "_bits", lambda *arrays: "")  # loops (past 65535 rows or samples)
         monkeypatch.setattr(im2col_cuda, "GRID_YZ", 2)
-    run = fwd_bwd(lambda x, w, b: conv2d_forward(x, w, b, stride, padding), conv2d_backward)
+    table = REFERENCE if ops == "reference" else FAST
+    run = fwd_bwd(lambda x, w, b: table.conv2d_forward(x, w, b, stride, padding), table.conv2d_backward)
     assert_parity(run, randn(3, c_in, 7, 6), randn(c_out, c_in, k, k, seed=1), randn(c_out, seed=2))
 
 
@@ -103,59 +106,62 @@ def test_groupnorm_and_silu():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_silu_fused_kernels_and_plain_ops(monkeypatch, fused):
-    """SiLU on CuPy runs one fused kernel each way (MINIDIFF_FUSED=0: the array ops): both match NumPy,
-    in float64 to TOL and in float32 to a few ulp, the tails (|x| up to 200: exp overflows) included."""
-    monkeypatch.setattr(backend, "FUSED", fused)
+def test_silu_fused_kernels_and_plain_ops(fused):
+    """SiLU on CuPy: FAST runs one kernel each way (fast/cuda/silu.py), REFERENCE the array ops: both match
+    NumPy's reference, in float64 to TOL and in float32 to a few ulp, the tails (|x| up to 200: exp
+    overflows) included."""
+    ops = FAST if fused else REFERENCE
     x = 40 * randn(3, 4, 5)
     x[0, 0, :3] = (-200.0, 200.0, 0.0)
-    assert_parity(fwd_bwd(silu_forward, silu_backward), x)
+    assert_parity(fwd_bwd(ops.silu_forward, ops.silu_backward), x)
     x32, dy32 = x.astype(np.float32), randn(3, 4, 5, seed=9).astype(np.float32)
     y, cache = silu_forward(x32)
-    y_g, cache_g = silu_forward(to_device(x32, "gpu"))
+    y_g, cache_g = ops.silu_forward(to_device(x32, "gpu"))
     assert y_g.dtype == np.float32 and rel_error(to_numpy(y_g), y) < 1e-6
-    dx_g = silu_backward(to_device(dy32, "gpu"), cache_g)
+    dx_g = ops.silu_backward(to_device(dy32, "gpu"), cache_g)
     assert dx_g.dtype == np.float32 and rel_error(to_numpy(dx_g), silu_backward(dy32, cache)) < 1e-6
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_groupnorm_fused_kernels_and_plain_ops(monkeypatch, fused):
-    """GroupNorm on CuPy (groupnorm_cuda.py: 3 kernels forward, 8 backward; MINIDIFF_FUSED=0: the array
+def test_groupnorm_fused_kernels_and_plain_ops(fused):
+    """GroupNorm on CuPy (FAST: fast/cuda/groupnorm.py, 2 kernels forward, 8 backward; REFERENCE: the array
     ops) matches NumPy in float64 to TOL and in float32 to ~1e-5, with a large group mean (as on the
-    CPU, the sums are taken on x - mean), spatial and no spatial dims, one group and G = C."""
-    monkeypatch.setattr(backend, "FUSED", fused)
+    CPU, the sums are taken on x - mean), spatial and no spatial dims, one group and G = C. The host side
+    runs the same table (FAST: the CPU fold) and, in float32, the reference."""
+    ops = FAST if fused else REFERENCE
     for shape, groups in (((2, 6, 4, 5), 3), ((3, 4), 1), ((2, 4, 3, 3), 4)):
         c = shape[1]
         x = 30 + randn(*shape)
-        assert_parity(fwd_bwd(lambda x, g, b: groupnorm_forward(x, g, b, groups, 1e-5), groupnorm_backward),
+        assert_parity(fwd_bwd(lambda x, g, b: ops.groupnorm_forward(x, g, b, groups, 1e-5), ops.groupnorm_backward),
                       x, 1 + randn(c, seed=1), randn(c, seed=2))
         host = [a.astype(np.float32) for a in (x, 1 + randn(c, seed=1), randn(c, seed=2), randn(*shape, seed=9))]
         y, cache = groupnorm_forward(*host[:3], groups, 1e-5)
-        y_g, cache_g = groupnorm_forward(*(to_device(a, "gpu") for a in host[:3]), groups, 1e-5)
+        y_g, cache_g = ops.groupnorm_forward(*(to_device(a, "gpu") for a in host[:3]), groups, 1e-5)
         # float32, mean 30: each side's mean is off by ~30 * 1e-7 in its own summation order (the fake
         # CuPy, NumPy with the fused grouping, differs by 1.5e-7 at most); an indexing bug gives O(1)
         assert y_g.dtype == np.float32 and rel_error(to_numpy(y_g), y) < 1e-5
-        for got, want in zip(groupnorm_backward(to_device(host[3], "gpu"), cache_g),
+        for got, want in zip(ops.groupnorm_backward(to_device(host[3], "gpu"), cache_g),
                              groupnorm_backward(host[3], cache)):
             assert got.dtype == np.float32 and rel_error(to_numpy(got), want) < 5e-5
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_groupnorm_silu_fused_kernels_and_plain_ops(monkeypatch, fused):
-    """silu(GroupNorm(x)) on CuPy (fused: GroupNorm's kernels with SiLU applied in them, h recomputed in the
-    backward; MINIDIFF_FUSED=0: the two ops in turn) matches NumPy: float64 to TOL, float32 to ~1e-5."""
-    monkeypatch.setattr(backend, "FUSED", fused)
+def test_groupnorm_silu_fused_kernels_and_plain_ops(fused):
+    """silu(GroupNorm(x)) on CuPy (FAST: GroupNorm's kernels with SiLU applied in them, h recomputed in the
+    backward; REFERENCE: the two ops in turn) matches NumPy: float64 to TOL, float32 to ~1e-5."""
+    ops = FAST if fused else REFERENCE
     for shape, groups in (((2, 6, 4, 5), 3), ((3, 6), 1), ((2, 4, 3, 3), 4)):
         c = shape[1]
         x = 3 + 2 * randn(*shape)
-        assert_parity(fwd_bwd(lambda x, g, b: groupnorm_silu_forward(x, g, b, groups, 1e-5), groupnorm_silu_backward),
+        assert_parity(fwd_bwd(lambda x, g, b: ops.groupnorm_silu_forward(x, g, b, groups, 1e-5),
+                              ops.groupnorm_silu_backward),
                       x, 1 + randn(c, seed=1), randn(c, seed=2))
         host = [a.astype(np.float32) for a in (x, 1 + randn(c, seed=1), randn(c, seed=2), randn(*shape, seed=9))]
         y, cache = groupnorm_silu_forward(*host[:3], groups, 1e-5)
-        y_g, cache_g = groupnorm_silu_forward(*(to_device(a, "gpu") for a in host[:3]), groups, 1e-5)
+        y_g, cache_g = ops.groupnorm_silu_forward(*(to_device(a, "gpu") for a in host[:3]), groups, 1e-5)
         assert (cache_g[1] is None) == fused  # fused: h is not kept
         assert y_g.dtype == np.float32 and rel_error(to_numpy(y_g), y) < 1e-5
-        for got, want in zip(groupnorm_silu_backward(to_device(host[3], "gpu"), cache_g),
+        for got, want in zip(ops.groupnorm_silu_backward(to_device(host[3], "gpu"), cache_g),
                              groupnorm_silu_backward(host[3], cache)):
             assert got.dtype == np.float32 and rel_error(to_numpy(got), want) < 5e-5
 
@@ -212,8 +218,9 @@ def test_resampling_and_mse():
     assert_parity(fwd_bwd(upsample_nearest2x_forward, upsample_nearest2x_backward), randn(2, 3, 4, 5))
     assert_parity(fwd_bwd(avgpool2x2_forward, avgpool2x2_backward), randn(2, 3, 5, 6))
     for pad in (0, 1):
-        run = fwd_bwd(lambda x, w, b: downsample_forward(x, w, b, padding=pad), downsample_backward)
-        assert_parity(run, randn(2, 3, 6, 7), randn(4, 3, 3, 3, seed=1), randn(4, seed=2))
+        for table in (REFERENCE, FAST):  # nn/resample.py's and fast/conv.py's stride-2 conv
+            run = fwd_bwd(lambda x, w, b: table.downsample_forward(x, w, b, padding=pad), table.downsample_backward)
+            assert_parity(run, randn(2, 3, 6, 7), randn(4, 3, 3, 3, seed=1), randn(4, seed=2))
 
     def mse(pred, target):
         loss, cache = mse_forward(pred, target)

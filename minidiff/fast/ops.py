@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..nn.ops import REFERENCE, Ops
+from . import conv
 from . import sampler
 
 # Filled in as the fast ops land (each module owns its functions):
@@ -25,7 +26,10 @@ from . import sampler
 #   fast/optim.py     adam_update / ema_update (one update of the flat buffers; one kernel on CuPy)
 #   fast/flat.py      flatten (arrange_params)
 #   fast/cpu/shards.py  map_batch over worker threads or processes
-FAST = dataclasses.replace(REFERENCE, ddpm_step=sampler.ddpm_step, ddim_step=sampler.ddim_step, name="fast")
+FAST = dataclasses.replace(REFERENCE, ddpm_step=sampler.ddpm_step, ddim_step=sampler.ddim_step,
+                           conv2d_forward=conv.conv2d_forward, conv2d_backward=conv.conv2d_backward,
+                           downsample_forward=conv.downsample_forward, downsample_backward=conv.downsample_backward,
+                           name="fast")
 
 
 def fast_ops(workers: int = 1, shards: str = "threads") -> Ops:

@@ -1,7 +1,7 @@
-"""2-D convolution by explicit loops: the slow, obviously right twin of conv2d.py's fast version.
+"""2-D convolution by explicit loops: a test oracle, slow and obviously right (llm.c's matmul_forward_naive).
 
-Same signatures, same validation and the same cache layout as conv2d_forward / conv2d_backward;
-tests check that both give the same numbers (tests/test_nn_linear_conv.py, test_conv_lowering.py).
+Same signatures, same validation and the same cache layout as minidiff/nn/conv2d.py's conv2d_forward /
+conv2d_backward; tests check that both give the same numbers (tests/nn/test_conv2d.py).
 
 Shape legend: N batch, C_in / C_out channels, H W input size, kh kw kernel size, s stride,
 (pt, pb, pl, pr) zero padding, Ho Wo output size.
@@ -9,8 +9,8 @@ Shape legend: N batch, C_in / C_out channels, H W input size, kh kw kernel size,
 
 from __future__ import annotations
 
-from ..backend import get_array_module
-from .conv2d import _backward_setup, _setup
+from minidiff.backend import get_array_module
+from minidiff.nn.conv2d import check_conv2d, check_conv2d_dy
 
 
 def conv2d_naive_forward(x, w, b=None, stride=1, padding=0):
@@ -18,7 +18,7 @@ def conv2d_naive_forward(x, w, b=None, stride=1, padding=0):
 
         y[n, o, oh, ow] = b[o] + sum(w[o] * x_pad[n, :, s*oh : s*oh + kh, s*ow : s*ow + kw])
     """
-    s, pads, Ho, Wo = _setup(x, w, b, stride, padding)
+    s, pads, Ho, Wo = check_conv2d(x, w, b, stride, padding)
     xp = get_array_module(x)
     N, C_in, H, W = x.shape
     C_out, _, kh, kw = w.shape
@@ -47,7 +47,8 @@ def conv2d_naive_backward(dy, cache):
 
         dw[o]      += dy[n, o, oh, ow] * window,   d(window) += dy[n, o, oh, ow] * w[o],   db[o] += dy[n, o, oh, ow]
     """
-    x, w, has_bias, s, pads, Ho, Wo = _backward_setup(dy, cache)
+    x, w, has_bias, s, pads = cache
+    Ho, Wo = check_conv2d_dy(dy, cache)
     xp = get_array_module(dy, x)
     N, C_in, H, W = x.shape
     C_out, _, kh, kw = w.shape

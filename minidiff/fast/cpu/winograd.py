@@ -28,20 +28,20 @@ from __future__ import annotations
 import numpy as np
 
 from ...backend import get_array_module
-from ...nn.conv2d import _backward_setup, _setup
-from ...nn.conv2d import _chunks as conv2d_chunks
+from ...nn.conv2d import check_conv2d, check_conv2d_dy
+from .conv_lowering import chunks as conv_chunks
 
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])  # (4, 3); B^T and A^T are in _bt, _at
 GG = np.einsum("ai,bj->abij", G, G).reshape(16, 9)  # U[a, b] = sum_ij G[a, i] g[i, j] G[b, j], as one matmul
 
 # Batch chunks of at most this many bytes of V and M are transformed at a time on NumPy, so that
-# they stay in the CPU cache between the transforms and the GEMMs (as conv2d.CHUNK_BYTES).
+# they stay in the CPU cache between the transforms and the GEMMs (as conv_lowering.CHUNK_BYTES).
 CHUNK_BYTES = 2**21  # 2**20 was as fast on one thread; 2**21 is 2-3 % faster with two shards
 
 
 def _chunks(x, C_in: int, C_out: int, tiles: int):
     """Slices of the batch axis with 16 (C_in + C_out) n tiles entries (V and M) of at most CHUNK_BYTES (n >= 1)."""
-    return conv2d_chunks(x, 16 * (C_in + C_out), tiles, CHUNK_BYTES)
+    return conv_chunks(x, 16 * (C_in + C_out), tiles, CHUNK_BYTES)
 
 
 def _bt(d0, d1, d2, d3, out):
@@ -154,7 +154,7 @@ def winograd_conv3x3_forward(x, w, b=None):
     Returns: y (N, C_out, H, W) in x's dtype, and the cache for winograd_conv3x3_backward; the same
              as conv2d_forward(x, w, b, stride=1, padding=1), whose backward takes this cache too.
     """
-    _setup(x, w, b, 1, 1)
+    check_conv2d(x, w, b, 1, 1)
     if w.shape[2:] != (3, 3):
         raise ValueError(f"w must have shape (C_out, C_in, 3, 3), got {tuple(w.shape)}")
     xp = get_array_module(x)
@@ -195,7 +195,8 @@ def winograd_conv3x3_backward(dy, cache):
              conv2d_forward with a 3x3 kernel, stride 1, padding 1).
     Returns: dx (N, C_in, H, W), dw (C_out, C_in, 3, 3), db (C_out,) or None, like conv2d_backward.
     """
-    x, w, has_bias, s, pads, _, _ = _backward_setup(dy, cache)
+    x, w, has_bias, s, pads = cache
+    check_conv2d_dy(dy, cache)
     if s != 1 or pads != (1, 1, 1, 1) or w.shape[2:] != (3, 3):
         raise ValueError(f"the cache must be of a 3x3 conv with stride 1 and padding 1, got kernel "
                          f"{tuple(w.shape[2:])}, stride {s}, padding {pads}")

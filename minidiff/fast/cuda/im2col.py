@@ -1,13 +1,13 @@
-"""im2col and col2im on CuPy, one kernel each (im2col.py's formulas, computed entry by entry from
-each entry's own index), where the array-op versions take 3 and kh*kw + 1 launches. im2col.py calls
-these on CuPy unless MINIDIFF_FUSED=0 (backend.FUSED).
+"""im2col and col2im on CuPy, one kernel each (nn/im2col.py's formulas, computed entry by entry from
+each entry's own index), where the reference's array ops take kh*kw + 2 launches each.
+fast/conv.py calls these (and bias_nchw) on CuPy; the reference conv (nn/conv2d.py) never does.
 
     im2col   cols[c, i, j, n, oh, ow] = x[n, c, h, w] with h = s*oh + i - pt, w = s*ow + j - pl, 0 outside x
     bias_nchw  y[n, o, l] = ycol[o, n*L + l] + b[o]   (the conv's output: its bias and NCHW layout in one pass)
     col2im   dx[c, n, h, w] = sum over the taps (i, j) in order of dcols[c, i, j, n, oh, ow] with
              s*oh = h + pt - i and s*ow = w + pl - j, 0 <= oh < Ho, 0 <= ow < Wo
 
-im2col is a copy and col2im adds each entry's taps in the order im2col.py's loop adds them, so both
+im2col is a copy and col2im adds each entry's taps in the order nn/im2col.py's loop adds them, so both
 give the array ops' numbers exactly. A column matrix may pass 2^31 entries: im2col addresses memory in
 64-bit integers, and col2im gets 32-bit indices only where every array has fewer than 2^31 entries.
 
@@ -102,7 +102,7 @@ def _bits(*arrays) -> str:
 
 
 def im2col_cuda(xp, x, kh: int, kw: int, s: int, pads, Ho: int, Wo: int):
-    """im2col.py's _im2col on CuPy in one kernel: x (N, C, H, W) -> cols (K, N*L), K = C*kh*kw, L = Ho*Wo."""
+    """nn/im2col.py's im2col on CuPy in one kernel: x (N, C, H, W) -> cols (K, N*L), K = C*kh*kw, L = Ho*Wo."""
     N, C, H, W = x.shape
     pt, _, pl, _ = pads
     L, K = Ho * Wo, C * kh * kw
@@ -117,7 +117,7 @@ def im2col_cuda(xp, x, kh: int, kw: int, s: int, pads, Ho: int, Wo: int):
 
 
 def col2im_cuda(xp, dcols, x_shape, s: int, pads, Ho: int, Wo: int):
-    """im2col.py's _col2im on CuPy in one kernel: dcols (C, kh, kw, N, Ho, Wo) -> dx (C, N, H, W)."""
+    """nn/im2col.py's col2im on CuPy in one kernel (channel-major): dcols (C, kh, kw, N, Ho, Wo) -> dx (C, N, H, W)."""
     N, C, H, W = x_shape
     _, kh, kw = dcols.shape[:3]
     pt, _, pl, _ = pads
