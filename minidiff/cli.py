@@ -65,7 +65,7 @@ def cmd_sample(args) -> int:
     cond, labels = _conditions(bundle, cfg)
     grad_fn = None
     if cfg.classifier:
-        from .model.classifier import load_classifier
+        from .train.classifier import load_classifier
 
         clf = load_classifier(cfg.classifier, device=cfg.device, dtype=cfg.dtype)
         targets = clf.targets_for(bundle, cond, labels, cfg)

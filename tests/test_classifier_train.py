@@ -19,9 +19,8 @@ import pytest
 
 from minidiff.train.bundle import Bundle
 from minidiff.train.checkpoint import load_checkpoint, save_checkpoint
-from minidiff.model.classifier import (ClassifierTrainConfig, add_classifier_parser, classifier_forward,
-                                 classifier_init_params, classifier_param_shapes, load_classifier, log_prob_grad,
-                                 train_classifier)
+from minidiff.model.classifier import classifier_forward, classifier_init_params, classifier_param_shapes, log_prob_grad
+from minidiff.train.classifier import ClassifierTrainConfig, add_classifier_parser, load_classifier, train_classifier
 from minidiff.train.config import SampleConfig
 from minidiff.data import load_dataset
 from minidiff.diffusion.guidance import make_classifier_guided_model_fn

@@ -55,7 +55,7 @@ def resnet_block_forward(params, prefix, x, temb, args: BlockArgs, output_scale_
         return params[prefix + name]
 
     ops = args.ops
-    h, norm_act1 = ops.groupnorm_silu_forward(x, p("norm1.weight"), p("norm1.bias"), args.groups, args.eps)  # silu(GN1(x))
+    h, norm_act1 = ops.groupnorm_silu_forward(x, p("norm1.weight"), p("norm1.bias"), args.groups, args.eps)  # GN1, silu
     h, conv1 = ops.conv2d_forward(h, p("conv1.weight"), p("conv1.bias"), padding=1)  # (N, C_out, H, W)
     e, temb_act = ops.silu_forward(temb)  # (N, T)
     e, temb_proj = ops.linear_forward(e, p("time_emb_proj.weight"), p("time_emb_proj.bias"))  # (N, C_out)
@@ -120,8 +120,9 @@ def resnet_block_backward(dy, cache, grads):
     return dx, dtemb
 
 
-def _add(a, b):
-    """a + b where None stands for zero (the context gradient of blocks without attention)."""
+def add_grad(a, b):
+    """a + b where None stands for zero (the context gradient of blocks without attention, the
+    gradient of a skip that nothing read)."""
     return b if a is None else a if b is None else a + b
 
 
@@ -175,7 +176,8 @@ def down_block_forward(params, prefix, x, temb, num_layers, heads, add_downsampl
 
 
 def down_block_backward(dh, dskips, cache, grads):
-    """Backward of down_block_forward. dskips: the gradients of the skips (same order).
+    """Backward of down_block_forward. dskips: the gradients of the skips (same order; None where
+    nothing read the skip, as in the classifier).
 
     Returns: dx (N, C_in, H, W), dtemb (N, T), dcontext (N, S, Cd) or None.
     """
@@ -183,14 +185,14 @@ def down_block_backward(dh, dskips, cache, grads):
     dtemb, dctx = None, None
     if down is not None:
         # forward: h = downsample(h); skips.append(h)   (h is the output and a skip: fan-in)
-        dh = dh + dskips[-1]
+        dh = add_grad(dh, dskips[-1])
         dh, dw, db = ops.downsample_backward(dh, down)
         _put(grads, prefix + "downsamplers.0.conv", dw, db)
     for i in reversed(range(len(layers))):
         # forward: h = layer_i(h); skips.append(h)
-        dh = dh + dskips[i]
+        dh = add_grad(dh, dskips[i])
         dh, dt, dc = _layer_backward(dh, layers[i], grads)
-        dtemb, dctx = _add(dtemb, dt), _add(dctx, dc)
+        dtemb, dctx = add_grad(dtemb, dt), add_grad(dctx, dc)
     return dh, dtemb, dctx
 
 
@@ -270,7 +272,7 @@ def up_block_backward(dh, cache, grads):
     dtemb, dctx, dskips = None, None, [None] * len(layers)
     for i in reversed(range(len(layers))):
         dh, dt, dc = _layer_backward(dh, layers[i], grads)
-        dtemb, dctx = _add(dtemb, dt), _add(dctx, dc)
+        dtemb, dctx = add_grad(dtemb, dt), add_grad(dctx, dc)
         # forward: h = concatenate([h, skips[-1 - i]], axis=1)
         dh, dskips[-1 - i] = dh[:, :widths[i]], dh[:, widths[i]:]
     return dh, dskips, dtemb, dctx

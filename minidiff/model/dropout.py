@@ -44,3 +44,12 @@ def draw_dropout_masks(config, rng, x_shape, xp=np, encoder_only: bool = False) 
     rng: the host np.random.Generator; one seed per resnet, drawn in forward order."""
     return {prefix: dropout_mask(int(rng.integers(2**63 - 1)), shape, config.dropout, xp=xp)
             for prefix, shape in resnet_shapes(config, x_shape, encoder_only).items()}
+
+
+def as_rng(rng) -> np.random.Generator:
+    """The host generator that draws the masks: rng itself, or np.random.default_rng(rng) for None or an int seed."""
+    if rng is None or isinstance(rng, (int, np.integer)):
+        return np.random.default_rng(rng)
+    if isinstance(rng, np.random.Generator):
+        return rng
+    raise ValueError(f"rng must be None, an int seed or a np.random.Generator, got {type(rng).__name__}")

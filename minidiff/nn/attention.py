@@ -15,6 +15,7 @@ import numpy as np
 
 from ..backend import get_array_module, to_numpy
 from ._check import check_float, check_ndim, check_same_backend, check_shape
+from .linear import linear_backward, linear_forward
 
 
 def _check_mask(mask, n: int, s: int) -> None:
@@ -119,15 +120,6 @@ def merge_heads(t):
     return t.transpose(0, 2, 1, 3).reshape(n, t_len, h * d)
 
 
-def _proj_backward(dy, inp, w, has_bias: bool):
-    """Backward of y = inp @ w.T + b: dy (N, T, out), inp (N, T, in), w (out, in) -> (dinp, dw, db)."""
-    xp = get_array_module(dy, w)
-    dinp = xp.matmul(dy, w)  # (N, T, in)
-    dw = xp.matmul(dy.reshape(-1, dy.shape[-1]).T, inp.reshape(-1, inp.shape[-1]))  # (out, in)
-    db = dy.sum(axis=(0, 1)) if has_bias else None  # (out,)
-    return dinp, dw, db
-
-
 def _check_mha(x, wq, bq, wk, bk, wv, bv, wo, bo, heads, context, mask) -> None:
     arrays = dict(x=x, wq=wq, bq=bq, wk=wk, bk=bk, wv=wv, bv=bv, wo=wo, bo=bo, context=context)
     for name, a in arrays.items():
@@ -175,33 +167,22 @@ def mha_forward(x, wq, bq, wk, bk, wv, bv, wo, bo, heads, context=None, mask=Non
     returns y (N, L, C_out), cache
     """
     _check_mha(x, wq, bq, wk, bk, wv, bv, wo, bo, heads, context, mask)
-    xp = get_array_module(x, wq)
     ctx = x if context is None else context  # (N, S, Cc)
 
-    q = xp.matmul(x, wq.T)  # (N, L, inner)
-    k = xp.matmul(ctx, wk.T)  # (N, S, inner)
-    v = xp.matmul(ctx, wv.T)  # (N, S, inner)
-    if bq is not None:
-        q = q + bq
-    if bk is not None:
-        k = k + bk
-    if bv is not None:
-        v = v + bv
+    q, q_cache = linear_forward(x, wq, bq)  # (N, L, inner)
+    k, k_cache = linear_forward(ctx, wk, bk)  # (N, S, inner)
+    v, v_cache = linear_forward(ctx, wv, bv)  # (N, S, inner)
     a, sdpa_cache = sdpa_forward(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
                                  mask)  # (N, h, L, D)
     a = merge_heads(a)  # (N, L, inner)
-    y = xp.matmul(a, wo.T)  # (N, L, C_out)
-    if bo is not None:
-        y = y + bo
+    y, out_cache = linear_forward(a, wo, bo)  # (N, L, C_out)
 
     cache = (
-        x,  # (N, L, C): dwq = dq^T x
-        context,  # (N, S, Cc) or None: dwk, dwv; None marks self-attention (fold dcontext into dx)
-        (wq, wk, wv, wo),  # weights: each input gradient is d(out) @ w
-        tuple(b is not None for b in (bq, bk, bv, bo)),  # which biases exist (db is None otherwise)
-        heads,  # int: to split dA into heads again
-        a,  # (N, L, inner) merged attention output: dwo = dy^T a
+        context is None,  # self-attention: x fed q, k and v, so dcontext folds into dx
+        heads,  # int: to split da into heads again
+        q_cache, k_cache, v_cache,  # the projections' inputs (x, ctx) and weights (linear.py)
         sdpa_cache,  # q, k, v per head and the softmax probabilities (see sdpa_forward)
+        out_cache,  # the merged attention output a (N, L, inner) and wo: dwo = dy^T a
     )
     return y, cache
 
@@ -213,22 +194,20 @@ def mha_backward(dy, cache):
     returns dx (N, L, C), dcontext (N, S, Cc) or None (self-attention: summed into dx),
             dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo   (a db is None where the bias was None)
     """
-    x, context, (wq, wk, wv, wo), (has_bq, has_bk, has_bv, has_bo), heads, a, sdpa_cache = cache
+    self_attention, heads, q_cache, k_cache, v_cache, sdpa_cache, out_cache = cache
     check_float("dy", dy)
-    check_shape("dy", dy, a.shape[:2] + (wo.shape[0],), "(N, L, C_out)")
-    ctx = x if context is None else context
 
-    # forward: y = xp.matmul(a, wo.T) + bo
-    da, dwo, dbo = _proj_backward(dy, a, wo, has_bo)  # (N, L, inner)
+    # forward: y = linear_forward(a, wo, bo)
+    da, dwo, dbo = linear_backward(dy, out_cache)  # (N, L, inner)
     # forward: a = merge_heads(sdpa_forward(q_h, k_h, v_h, mask))
     dq, dk, dv = sdpa_backward(split_heads(da, heads), sdpa_cache)  # per head
     dq, dk, dv = merge_heads(dq), merge_heads(dk), merge_heads(dv)  # (N, L|S, inner)
-    # forward: v = ctx @ wv.T + bv;  k = ctx @ wk.T + bk;  q = x @ wq.T + bq
-    dctx_v, dwv, dbv = _proj_backward(dv, ctx, wv, has_bv)  # (N, S, Cc)
-    dctx_k, dwk, dbk = _proj_backward(dk, ctx, wk, has_bk)  # (N, S, Cc)
-    dx, dwq, dbq = _proj_backward(dq, x, wq, has_bq)  # (N, L, C)
+    # forward: v = linear(ctx, wv, bv);  k = linear(ctx, wk, bk);  q = linear(x, wq, bq)
+    dctx_v, dwv, dbv = linear_backward(dv, v_cache)  # (N, S, Cc)
+    dctx_k, dwk, dbk = linear_backward(dk, k_cache)  # (N, S, Cc)
+    dx, dwq, dbq = linear_backward(dq, q_cache)  # (N, L, C)
     dcontext = dctx_k + dctx_v
     # forward: ctx = x if context is None else context  (self-attention: x feeds all three paths)
-    if context is None:
+    if self_attention:
         dx, dcontext = dx + dcontext, None
     return dx, dcontext, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo

@@ -1,5 +1,6 @@
 """Training the noise-aware classifier of classifier guidance (Dhariwal & Nichol 2021, sec. 4.1), and
-its `minidiff train-classifier` command (the model is in classifier.py).
+its `minidiff train-classifier` command (the model is in model/classifier.py), and load_classifier, which
+turns a checkpoint into the Classifier that guides sampling.
 
     repeat:
         x_0, y ~ data;  t ~ U{0, ..., T-1},  eps ~ N(0, I)
@@ -25,15 +26,19 @@ from pathlib import Path
 import numpy as np
 
 from ..fast import flat
-from ..backend import to_device, xp_for
-from .bundle import build_unet_config
-from .checkpoint import save_checkpoint
-from ..model.classifier import classifier_backward, classifier_forward, classifier_init_params
+from ..backend import to_device, to_numpy, xp_for
+from .bundle import build_unet_config, resolve_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
+from ..model.classifier import (classifier_backward, classifier_forward, classifier_init_params,
+                                classifier_param_shapes, log_prob_grad)
+from ..model.config import UNetConfig
 from .config import add_dataclass_args, dataclass_from_args
 from ..data import load_dataset
+from ..data.dataset import caption_of
 from ..diffusion.loss import sample_timesteps
 from ..nn import softmax_cross_entropy_backward, softmax_cross_entropy_forward
-from ..nn._check import check_indices
+from ..nn._check import check_indices, check_ndim
+from ..nn.cross_entropy import log_softmax
 from .optim import AdamW, clip_grad_norm, warmup_lr
 from .report import ProgressBar
 from ..diffusion.schedule import add_noise, check_choice, make_schedule
@@ -169,3 +174,99 @@ def add_classifier_parser(subparsers) -> argparse.ArgumentParser:
     add_dataclass_args(p, ClassifierTrainConfig)
     p.set_defaults(func=cmd_train_classifier)
     return p
+
+
+@dataclass
+class Classifier:
+    """A trained classifier on one device, ready to guide sampling (load_classifier builds it)."""
+
+    params: dict
+    config: UNetConfig
+    num_classes: int
+    class_names: list | None
+    schedule: object  # the schedule it was trained with: guidance must use the same abar_t
+    device: str = "cpu"
+
+    def log_probs(self, x_t, t):
+        """log p(k | x_t, t), (N, K)."""
+        return log_softmax(classifier_forward(self.params, self.config, x_t, t)[0], axis=1)
+
+    def make_grad_fn(self, labels):
+        """grad_fn(x_t, t, y) -> grad_x log p(labels | x_t) for classifier_guided_eps; y is ignored (the model's
+        condition, e.g. token ids), the host labels (N,) in [0, K) are moved to the device once."""
+        host = np.asarray(labels)
+        check_ndim("labels", host, 1, "(N,)")
+        check_indices("labels", host, self.num_classes)
+        y = to_device(host.astype(np.int64), self.device)
+        dtype = self.params["head.linear.weight"].dtype
+
+        def grad_fn(x_t, t, y_ignored=None):
+            if x_t.shape[0] != host.shape[0]:
+                raise ValueError(f"x_t holds {x_t.shape[0]} samples but the classifier got {host.shape[0]} labels")
+            return log_prob_grad(self.params, self.config, x_t.astype(dtype, copy=False), t, y).astype(x_t.dtype)
+        return grad_fn
+
+    def check_compatible(self, bundle) -> None:
+        """Raise ValueError unless bundle makes images of this classifier's size and uses its schedule."""
+        c, b, s = self.config, bundle.config, bundle.schedule
+        if (c.sample_size, c.in_channels) != (b.sample_size, b.in_channels):
+            raise ValueError(f"the classifier reads {c.sample_size}x{c.sample_size} images with {c.in_channels} "
+                             f"channels, the diffusion model makes {b.sample_size}x{b.sample_size} with "
+                             f"{b.in_channels}")
+        if len(s) != len(self.schedule) or not np.allclose(s.alphas_cumprod, self.schedule.alphas_cumprod):
+            raise ValueError(f"the classifier was trained with num_train_timesteps={len(self.schedule)}, beta_schedule="
+                             f"{self.schedule.beta_schedule!r}, the diffusion model uses {len(s)}, {s.beta_schedule!r};"
+                             " train the classifier with the model's --num-train-timesteps and --beta-schedule")
+
+    def class_of_prompt(self, prompt: str) -> int:
+        """The class whose name's words all occur in the prompt (the one with the most words wins)."""
+        words, names = set(str(prompt).lower().split()), self.class_names or [str(k) for k in range(self.num_classes)]
+        hits = [(len(set(caption_of(nm).split())), k) for k, nm in enumerate(names)
+                if caption_of(nm) and set(caption_of(nm).split()) <= words]
+        best = [k for n, k in hits if n == max(hits)[0]] if hits else []
+        if len(best) != 1:
+            why = "names no class" if not best else f"matches classes {[names[k] for k in best]} equally"
+            raise ValueError(f"prompt {prompt!r} {why} of the classifier; a prompt must contain every word of one "
+                             f"class name: {', '.join(names)}")
+        return best[0]
+
+    def targets_for(self, bundle, cond, labels, sample_cfg):
+        """int64 (n,) target classes: a class model's class ids (cond), a text model's prompts (labels) mapped
+        by class_of_prompt, or sample_cfg.class_id for an unconditional model."""
+        self.check_compatible(bundle)
+        if bundle.conditioning == "class":
+            names = bundle.class_names
+            if names and self.class_names and list(names) != list(self.class_names):
+                raise ValueError(f"the model's classes {names} differ from the classifier's {self.class_names}")
+            targets = np.asarray(to_numpy(cond)).astype(np.int64).reshape(-1)
+        elif bundle.conditioning == "text":
+            if labels is None:
+                raise ValueError("labels must hold the prompts of a text-conditioned model, got None")
+            targets = np.array([self.class_of_prompt(p) for p in labels], np.int64)
+        elif sample_cfg.class_id < 0:
+            raise ValueError(f"the diffusion model is unconditional: pass --class ID (0..{self.num_classes - 1}) to "
+                             "name the class the classifier should guide toward")
+        else:
+            targets = np.full(sample_cfg.n, sample_cfg.class_id, np.int64)
+        bad = targets[(targets < 0) | (targets >= self.num_classes)]
+        if bad.size:
+            raise ValueError(f"--class must be in [0, {self.num_classes}) for this classifier, got {bad[0]}")
+        return targets
+
+
+def load_classifier(path, device: str = "cpu", dtype: str = "float32") -> Classifier:
+    """Load a train-classifier run directory or checkpoint .npz onto device, in dtype."""
+    check_choice("dtype", dtype, {"float32", "float64"})
+    p = resolve_checkpoint(path)
+    arrays, meta = load_checkpoint(p)
+    if meta.get("kind") != "classifier":
+        raise ValueError(f"{str(p)!r} is not a classifier checkpoint; pass one written by minidiff train-classifier")
+    config, K = UNetConfig.from_dict(meta["model_config"]), int(meta["num_classes"])
+    shapes, src = classifier_param_shapes(config, K), arrays.get("params", {})
+    bad = sorted(k for k in set(shapes) | set(src) if k not in src or k not in shapes or src[k].shape != shapes[k])
+    if bad:
+        raise ValueError(f"checkpoint {str(p)!r} does not match its classifier config (first bad key {bad[0]!r})")
+    params = {k: to_device(np.asarray(src[k], dtype=dtype), device) for k in shapes}
+    t = meta["train_config"]
+    return Classifier(params, config, K, meta.get("class_names"),
+                      make_schedule(t["num_train_timesteps"], t["beta_schedule"]), device)
