@@ -1,0 +1,163 @@
+"""docs/reading-order.md cannot rot: it lists every minidiff file that one training step and one sampling
+step run on the reference path, with each file's true line count, and that path stays under 1,000 lines.
+
+The trace (sys.settrace, distinct executed lines per file under minidiff/) runs on the tiny preset with
+text conditioning (the CLI's default for the built-in shapes data) and the REFERENCE ops table:
+    training  draw x0, the prompt tokens, condition dropout, t and eps; add_noise; unet_forward;
+              diffusion_loss; unet_backward; clip_grad_norm; AdamW.step; EMA.update    (DDPM Algorithm 1)
+    sampling  diffusion.sampler.sample, DDIM, 2 steps, with the classifier-free guided model_fn of
+              diffusion.guidance around unet_forward (for_backward=False)             (DDIM + CFG)
+It calls those functions itself rather than Trainer.train_step, so the data pipeline, logging and
+checkpoints stay out of the count: they are not the method.
+
+After a listed file changes length, `python tests/test_reading_order.py --fix` rewrites the page's counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "reading-order.md"
+PACKAGE = ROOT / "minidiff"
+MAX_LINES = 1000  # distinct executed lines of the traced steps, all files together (issue 16)
+# a table row: | 3 | [`minidiff/diffusion/loss.py`](../minidiff/diffusion/loss.py) | 93 | what to look for |
+ROW = re.compile(r"^\|\s*(?P<n>\d+)\s*\|\s*\[`(?P<path>minidiff/[\w/]+\.py)`\]\([^)]*\)\s*\|\s*(?P<lines>\d+)\s*\|")
+
+
+def page_rows(text: str | None = None) -> list:
+    """[(row number, path, line count)] of the page's table, in order."""
+    text = PAGE.read_text(encoding="utf-8") if text is None else text
+    return [(int(m["n"]), m["path"], int(m["lines"])) for m in map(ROW.match, text.splitlines()) if m]
+
+
+def line_count(path: str) -> int:
+    """Lines of a file, as wc -l counts them for a file that ends with a newline."""
+    return len((ROOT / path).read_text(encoding="utf-8").splitlines())
+
+
+def trace_reference_steps() -> dict:
+    """{path relative to ROOT: set of executed line numbers} for one training step and one 2-step CFG DDIM sample."""
+    from minidiff.diffusion.guidance import make_guided_model_fn
+    from minidiff.diffusion.loss import diffusion_loss, drop_condition, sample_timesteps
+    from minidiff.diffusion.sampler import sample
+    from minidiff.diffusion.schedule import add_noise, make_schedule
+    from minidiff.model.config import get_preset
+    from minidiff.model.unet import init_params, unet_backward, unet_forward
+    from minidiff.nn.ops import REFERENCE
+    from minidiff.train.optim import EMA, AdamW, clip_grad_norm
+
+    # set-up, not traced: what Trainer.__init__ builds (tiny preset + text conditioning, as the CLI's default)
+    vocab, prompt_len, n = 20, 6, 4
+    config = dataclasses.replace(get_preset("tiny"), cross_attention_dim=64, context_vocab_size=vocab)
+    params = init_params(config, seed=0)
+    schedule = make_schedule(1000)
+    optimizer, ema = AdamW(params, lr=2e-3), EMA(params, 0.995)  # the default ops table: REFERENCE
+    rng = np.random.default_rng(0)
+    null_prompt = np.zeros(prompt_len, np.int64)  # the empty prompt: all padding
+
+    def train_step():
+        x0 = rng.uniform(-1, 1, (n, 3, config.sample_size, config.sample_size)).astype(np.float32)
+        prompts = rng.integers(1, vocab, (n, prompt_len))
+        _, prompts = drop_condition(rng, prompts, null_prompt, 0.1)
+        t = sample_timesteps(rng, n, schedule.num_train_timesteps)
+        eps = rng.standard_normal(x0.shape).astype(np.float32)
+        x_t = add_noise(schedule, x0, eps, t)
+        out, cache = unet_forward(params, config, x_t, t, context=prompts, train=True, rng=rng, ops=REFERENCE)
+        loss, dout = diffusion_loss(schedule, out, x0, eps, t)
+        grads, _ = unet_backward(dout, cache)
+        clip_grad_norm(grads, 1.0)
+        optimizer.step(params, grads)
+        ema.update(params)
+        return loss
+
+    def sampling():
+        def model_fn(x_t, t, prompts):
+            return unet_forward(ema.shadow, config, x_t, t, context=prompts, for_backward=False, ops=REFERENCE)[0]
+
+        guided = make_guided_model_fn(model_fn, 3.0, null_prompt)
+        prompts = rng.integers(1, vocab, (2, prompt_len))
+        return sample(guided, (2, 3, config.sample_size, config.sample_size), schedule, sampler="ddim",
+                      num_inference_steps=2, cond=prompts, ops=REFERENCE)
+
+    lines, package = defaultdict(set), str(PACKAGE) + "/"
+
+    def trace_calls(frame, event, arg):
+        filename = frame.f_code.co_filename
+        if not filename.startswith(package):
+            return None  # numpy, the test itself: not traced line by line
+
+        def trace_lines(frame, event, arg):
+            if event == "line":
+                lines[filename].add(frame.f_lineno)
+            return trace_lines
+
+        return trace_lines
+
+    previous = sys.gettrace()
+    sys.settrace(trace_calls)
+    try:
+        loss = train_step()
+        x0 = sampling()
+    finally:
+        sys.settrace(previous)
+    assert np.isfinite(float(loss)) and np.all(np.isfinite(x0))
+    return {Path(f).relative_to(ROOT).as_posix(): s for f, s in lines.items()}
+
+
+def test_page_lists_files_with_their_line_counts():
+    rows = page_rows()
+    assert rows, f"{PAGE.relative_to(ROOT)} has no table rows like | 1 | [`minidiff/x.py`](../minidiff/x.py) | 42 |"
+    assert [n for n, _, _ in rows] == list(range(1, len(rows) + 1)), "rows must be numbered 1, 2, 3, ..."
+    paths = [p for _, p, _ in rows]
+    assert len(paths) == len(set(paths)), f"a file is listed twice: {sorted(p for p in paths if paths.count(p) > 1)}"
+    missing = [p for p in paths if not (ROOT / p).is_file()]
+    assert not missing, f"listed files that do not exist: {missing}"
+    stale = [f"{p}: page says {n}, file has {line_count(p)}" for _, p, n in rows if line_count(p) != n]
+    assert not stale, "line counts on the page are stale (python tests/test_reading_order.py --fix):\n" + \
+        "\n".join(stale)
+
+
+def test_traced_reference_steps_stay_on_the_page_and_under_1000_lines():
+    traced = trace_reference_steps()
+    listed = {p for _, p, _ in page_rows()}
+    report = "\n".join(f"{len(s):5d}  {p}" for p, s in sorted(traced.items()))
+    total = sum(len(s) for s in traced.values())
+    off_page = sorted(set(traced) - listed)
+    assert not off_page, f"the reference steps run files that {PAGE.relative_to(ROOT)} does not list: {off_page}\n" \
+                         f"distinct lines per file:\n{report}"
+    assert total <= MAX_LINES, f"the reference steps execute {total} distinct lines (> {MAX_LINES}):\n{report}"
+
+
+def test_row_parser_reads_the_table():
+    text = ("| # | file | lines | look for |\n|---|---|---|---|\n"
+            "| 1 | [`minidiff/diffusion/loss.py`](../minidiff/diffusion/loss.py) | 93 | the loss |\n"
+            "not a row | [`minidiff/x.py`](x) | 3 |\n")
+    assert page_rows(text) == [(1, "minidiff/diffusion/loss.py", 93)]
+
+
+def fix_page() -> None:
+    """Rewrite each row's line count to its file's."""
+    out = []
+    for line in PAGE.read_text(encoding="utf-8").splitlines(keepends=True):
+        m = ROW.match(line)
+        if m and (ROOT / m["path"]).is_file():
+            line = line[:m.start("lines")] + str(line_count(m["path"])) + line[m.end("lines"):]
+        out.append(line)
+    PAGE.write_text("".join(out), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    if "--fix" in sys.argv[1:]:
+        fix_page()
+    traced = trace_reference_steps()
+    for path, executed in sorted(traced.items()):
+        print(f"{len(executed):5d}  {path}")
+    print(f"{sum(len(s) for s in traced.values()):5d}  distinct lines in {len(traced)} files")
