@@ -1,23 +1,23 @@
 """docs/reading-order.md cannot rot: it lists every minidiff file that one training step and one sampling
 step run on the reference path, with each file's true line count, and that path stays under 1,000 lines.
 
-The trace (sys.settrace, distinct executed lines per file under minidiff/) runs on the tiny preset with
-text conditioning (the CLI's default for the built-in shapes data) and the REFERENCE ops table:
-    training  draw x0, the prompt tokens, condition dropout, t and eps; add_noise; unet_forward;
-              diffusion_loss; unet_backward; clip_grad_norm; AdamW.step; EMA.update    (DDPM Algorithm 1)
+The trace (sys.settrace, distinct executed lines per file under minidiff/) runs the tiny preset on the
+built-in shapes data with text conditioning (the command line's defaults) and the REFERENCE ops table:
+    training  Trainer.train_step: draw x0 and the prompts (condition dropout), t and eps; add_noise;
+              unet_forward; diffusion_loss; unet_backward; clip_grad_norm; AdamW; EMA   (DDPM Algorithm 1)
     sampling  diffusion.sampler.sample, DDIM, 2 steps, with the classifier-free guided model_fn of
               diffusion.guidance around unet_forward (for_backward=False)             (DDIM + CFG)
-It calls those functions itself rather than Trainer.train_step, so the data pipeline, logging and
-checkpoints stay out of the count: they are not the method.
+Building the Trainer (data, tokenizer, parameters, run folder) is set-up and is not traced.
 
 After a listed file changes length, `python tests/test_reading_order.py --fix` rewrites the page's counts.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import os
 import re
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -42,51 +42,33 @@ def line_count(path: str) -> int:
     return len((ROOT / path).read_text(encoding="utf-8").splitlines())
 
 
-def trace_reference_steps() -> dict:
-    """{path relative to ROOT: set of executed line numbers} for one training step and one 2-step CFG DDIM sample."""
+def trace_reference_steps(run_dir) -> dict:
+    """{path relative to ROOT: set of executed line numbers} for one Trainer.train_step and one 2-step CFG
+    DDIM sample, both with the REFERENCE ops; run_dir: an empty folder for the trainer's run."""
     from minidiff.diffusion.guidance import make_guided_model_fn
-    from minidiff.diffusion.loss import diffusion_loss, drop_condition, sample_timesteps
     from minidiff.diffusion.sampler import sample
-    from minidiff.diffusion.schedule import add_noise, make_schedule
-    from minidiff.model.config import get_preset
-    from minidiff.model.unet import init_params, unet_backward, unet_forward
+    from minidiff.model.unet import unet_forward
     from minidiff.nn.ops import REFERENCE
-    from minidiff.train.optim import EMA, AdamW, clip_grad_norm
+    from minidiff.train.config import TrainConfig
+    from minidiff.train.trainer import Trainer
 
-    # set-up, not traced: what Trainer.__init__ builds (tiny preset + text conditioning, as the CLI's default)
-    vocab, prompt_len, n = 20, 6, 4
-    config = dataclasses.replace(get_preset("tiny"), cross_attention_dim=64, context_vocab_size=vocab)
-    params = init_params(config, seed=0)
-    schedule = make_schedule(1000)
-    optimizer, ema = AdamW(params, lr=2e-3), EMA(params, 0.995)  # the default ops table: REFERENCE
-    rng = np.random.default_rng(0)
-    null_prompt = np.zeros(prompt_len, np.int64)  # the empty prompt: all padding
-
-    def train_step():
-        x0 = rng.uniform(-1, 1, (n, 3, config.sample_size, config.sample_size)).astype(np.float32)
-        prompts = rng.integers(1, vocab, (n, prompt_len))
-        _, prompts = drop_condition(rng, prompts, null_prompt, 0.1)
-        t = sample_timesteps(rng, n, schedule.num_train_timesteps)
-        eps = rng.standard_normal(x0.shape).astype(np.float32)
-        x_t = add_noise(schedule, x0, eps, t)
-        out, cache = unet_forward(params, config, x_t, t, context=prompts, train=True, rng=rng, ops=REFERENCE)
-        loss, dout = diffusion_loss(schedule, out, x0, eps, t)
-        grads, _ = unet_backward(dout, cache)
-        clip_grad_norm(grads, 1.0)
-        optimizer.step(params, grads)
-        ema.update(params)
-        return loss
+    # set-up, not traced: the run as `minidiff train --preset tiny --reference` builds it (shapes data, text)
+    trainer = Trainer(TrainConfig(preset="tiny", out=str(Path(run_dir) / "run"), batch_size=4, seed=0),
+                      log=lambda *args: None, ops=REFERENCE)
+    config, size = trainer.model_config, trainer.model_config.sample_size
+    prompts = trainer.tokenizer.encode(["red circle", "large blue square"])  # (2, L)
+    null_prompt = trainer.tokenizer.encode([""])[0]  # (L,) the empty prompt: all padding
 
     def sampling():
         def model_fn(x_t, t, prompts):
-            return unet_forward(ema.shadow, config, x_t, t, context=prompts, for_backward=False, ops=REFERENCE)[0]
+            return unet_forward(trainer.ema.shadow, config, x_t, t, context=prompts, for_backward=False,
+                                ops=REFERENCE)[0]
 
         guided = make_guided_model_fn(model_fn, 3.0, null_prompt)
-        prompts = rng.integers(1, vocab, (2, prompt_len))
-        return sample(guided, (2, 3, config.sample_size, config.sample_size), schedule, sampler="ddim",
+        return sample(guided, (2, config.in_channels, size, size), trainer.schedule, sampler="ddim",
                       num_inference_steps=2, cond=prompts, ops=REFERENCE)
 
-    lines, package = defaultdict(set), str(PACKAGE) + "/"
+    lines, package = defaultdict(set), str(PACKAGE) + os.sep
 
     def trace_calls(frame, event, arg):
         filename = frame.f_code.co_filename
@@ -103,7 +85,7 @@ def trace_reference_steps() -> dict:
     previous = sys.gettrace()
     sys.settrace(trace_calls)
     try:
-        loss = train_step()
+        loss = trainer.train_step()
         x0 = sampling()
     finally:
         sys.settrace(previous)
@@ -124,8 +106,8 @@ def test_page_lists_files_with_their_line_counts():
         "\n".join(stale)
 
 
-def test_traced_reference_steps_stay_on_the_page_and_under_1000_lines():
-    traced = trace_reference_steps()
+def test_traced_reference_steps_stay_on_the_page_and_under_1000_lines(tmp_path):
+    traced = trace_reference_steps(tmp_path)
     listed = {p for _, p, _ in page_rows()}
     report = "\n".join(f"{len(s):5d}  {p}" for p, s in sorted(traced.items()))
     total = sum(len(s) for s in traced.values())
@@ -157,7 +139,8 @@ if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     if "--fix" in sys.argv[1:]:
         fix_page()
-    traced = trace_reference_steps()
+    with tempfile.TemporaryDirectory() as folder:
+        traced = trace_reference_steps(folder)
     for path, executed in sorted(traced.items()):
         print(f"{len(executed):5d}  {path}")
     print(f"{sum(len(s) for s in traced.values()):5d}  distinct lines in {len(traced)} files")
