@@ -23,6 +23,7 @@ from minidiff.diffusion import sampler as reference_sampler
 from minidiff.diffusion.sampler import sample
 from minidiff.fast import sampler as fast_sampler
 from minidiff.fast.ops import FAST
+from minidiff.nn.ops import REFERENCE
 from minidiff.diffusion.schedule import add_noise, make_schedule
 from minidiff.train.trainer import Trainer
 from minidiff.model.unet import init_params, unet_backward, unet_forward
@@ -33,13 +34,13 @@ def randn(*shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape)
 
 
-def training_step(device, config, one_buffer=False):
+def training_step(device, config, one_buffer=False, ops=REFERENCE):
     """One step of DDPM training (dropout drawn from a host seed) on one backend; one_buffer: params,
-    grads and AdamW state in one flat buffer each, as the Trainer has them."""
+    grads and AdamW state in one flat buffer each, as the Trainer has them with FAST; ops: AdamW's table."""
     schedule = make_schedule(1000, "linear")
     params = to_device(init_params(config, seed=0, dtype=np.float64), device)
     params = flat.flatten(params) if one_buffer else params
-    opt = AdamW(params, lr=1e-3)
+    opt = AdamW(params, lr=1e-3, ops=ops)
     x0, noise = randn(3, 3, 8, 8, seed=1), randn(3, 3, 8, 8, seed=2)
     t = np.array([5, 500, 999])  # on the host, as the Trainer keeps it
     x0, noise = to_device(x0, device), to_device(noise, device)
@@ -53,23 +54,24 @@ def training_step(device, config, one_buffer=False):
     return loss, norm, grads, dx, params
 
 
-OPTIMIZERS = {  # name -> make(params): the update variants of optim.py
-    "adam": lambda p: Adam(p, lr=1e-2),
-    "adam_l2": lambda p: Adam(p, lr=1e-2, weight_decay=0.1),  # the L2 term in the gradient
-    "adamw": lambda p: AdamW(p, lr=1e-2, weight_decay=0.1),  # decoupled decay
-    "adam_eps0": lambda p: Adam(p, lr=1e-2, eps=0.0),  # per tensor even on flat buffers
+OPTIMIZERS = {  # name -> make(params, ops): the update variants of train/optim.py
+    "adam": lambda p, ops: Adam(p, lr=1e-2, ops=ops),
+    "adam_l2": lambda p, ops: Adam(p, lr=1e-2, weight_decay=0.1, ops=ops),  # the L2 term in the gradient
+    "adamw": lambda p, ops: AdamW(p, lr=1e-2, weight_decay=0.1, ops=ops),  # decoupled decay
+    "adam_eps0": lambda p, ops: Adam(p, lr=1e-2, eps=0.0, ops=ops),  # per tensor even on flat buffers
 }
 
 
-def check_optimizer_bit_for_bit(make, dtype):
-    """Four steps of the optimizer and the EMA on device flat buffers (one fused kernel per update on
-    CuPy, optim_cuda.py) give the NumPy per-tensor numbers bit for bit: params, both moments, the EMA."""
+def check_optimizer_bit_for_bit(make, dtype, ops=FAST):
+    """Four steps of the optimizer and the EMA with `ops` on device flat buffers (FAST: one kernel per update,
+    fast/optim.py; REFERENCE: the array ops per tensor) give the reference's NumPy per-tensor numbers bit for
+    bit: params, both moments, the EMA."""
     rng = np.random.default_rng(0)
     host = {f"p{i}.weight": rng.standard_normal(s).astype(dtype)
             for i, s in enumerate([(4, 3, 3, 3), (4,), (7, 5), (1,), (65,)])}
     dev = flat.flatten(to_device(host, "gpu"))
-    opt_h, opt_d = make(host), make(dev)
-    ema_h, ema_d = EMA(host, 0.99), EMA(dev, 0.99)
+    opt_h, opt_d = make(host, REFERENCE), make(dev, ops)
+    ema_h, ema_d = EMA(host, 0.99), EMA(dev, 0.99, ops=ops)
     for step in range(4):
         grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in host.items()}
         opt_h.step(host, grads, lr=1e-2 * (step + 1))
@@ -116,12 +118,12 @@ def check_reverse_step_bit_for_bit(monkeypatch, dtype):
             assert np.array_equal(to_numpy(g), w), f"{name} {kwargs}: {what} differs by up to {diff:.3g}"
 
 
-def check_training_step(config, one_buffer, tol):
+def check_training_step(config, one_buffer, tol, ops=REFERENCE):
     """The loss, gradient norm, every gradient, dL/dx and the parameters after AdamW agree, and (on the fake
     CuPy) the step reads no device value on the host."""
-    loss_c, norm_c, grads_c, dx_c, params_c = training_step("cpu", config, one_buffer)
+    loss_c, norm_c, grads_c, dx_c, params_c = training_step("cpu", config, one_buffer, ops)
     implicit = _implicit_reads()
-    loss_g, norm_g, grads_g, dx_g, params_g = training_step("gpu", config, one_buffer)
+    loss_g, norm_g, grads_g, dx_g, params_g = training_step("gpu", config, one_buffer, ops)
     assert implicit == [], f"float()/bool()/item() of device arrays in a training step: {implicit}"
     assert is_cupy_array(loss_g) and is_cupy_array(dx_g)
     if one_buffer:

@@ -21,6 +21,8 @@ from device_checks import (
 from minidiff import backend
 from minidiff.backend import is_cupy_array, to_numpy
 from minidiff.bench import run_bench
+from minidiff.fast.ops import FAST
+from minidiff.nn.ops import REFERENCE
 from minidiff.nn.dropout import dropout_mask
 from minidiff.model.config import get_preset
 
@@ -37,7 +39,8 @@ def fake(monkeypatch):
 @pytest.mark.parametrize("preset", ["tiny", "small"])  # small: >= 32 channels, Winograd on the CPU side
 def test_a_training_step_on_the_gpu_path_matches_numpy(fake, monkeypatch, preset, one_buffer, fused):
     monkeypatch.setattr(backend, "FUSED", fused)
-    check_training_step(dataclasses.replace(get_preset(preset), sample_size=8, dropout=0.1), one_buffer, TOL)
+    check_training_step(dataclasses.replace(get_preset(preset), sample_size=8, dropout=0.1), one_buffer, TOL,
+                        FAST if fused else REFERENCE)
     kernels = {"minidiff_silu_forward", "minidiff_silu_backward", "minidiff_gn_stats_double", "minidiff_gn_dot",
                "minidiff_gn_apply", "minidiff_gn_dot_centered", "minidiff_gn_k", "minidiff_gn_backward_apply",
                "minidiff_gn_apply_silu", "minidiff_gn_silu_grad_sum", "minidiff_gn_silu_grad_dot_centered",
@@ -47,12 +50,11 @@ def test_a_training_step_on_the_gpu_path_matches_numpy(fake, monkeypatch, preset
     assert set(fake.kernels_called) == (kernels if fused else set())
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False])  # FAST (fast/optim.py: one kernel per update) or REFERENCE
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_optimizer_updates_on_the_gpu_path_are_bit_for_bit_numpy(fake, monkeypatch, name, dtype, fused):
-    monkeypatch.setattr(backend, "FUSED", fused)
-    check_optimizer_bit_for_bit(OPTIMIZERS[name], dtype)
+def test_optimizer_updates_on_the_gpu_path_are_bit_for_bit_numpy(fake, name, dtype, fused):
+    check_optimizer_bit_for_bit(OPTIMIZERS[name], dtype, FAST if fused else REFERENCE)
     want = {"minidiff_adam_update", "minidiff_ema_update"} if fused else set()
     assert set(fake.kernels_called) == want
 
@@ -62,8 +64,6 @@ def test_the_reverse_step_kernel_on_the_gpu_path_is_bit_for_bit_numpy(fake, monk
     check_reverse_step_bit_for_bit(monkeypatch, dtype)
     assert "minidiff_reverse_step" in fake.kernels_called
     from minidiff.diffusion.schedule import make_schedule
-    from minidiff.fast.ops import FAST
-    from minidiff.nn.ops import REFERENCE
 
     schedule, x = make_schedule(1000, "linear"), fake.asarray(np.ones((2, 3, 4, 4), dtype))
     assert fake_cupy.count(lambda: FAST.ddim_step(schedule, x, 500, 480, x))["ops"] == 1
@@ -132,8 +132,6 @@ def test_classifier_training_on_the_gpu_path_reads_its_losses_once_per_log(fake,
 def test_the_fused_kernels_cut_the_device_operations_of_a_step(fake, tmp_path, monkeypatch, capsys, preset):
     """Device operations (each about one kernel launch or cuBLAS call on CuPy, counted by the fake) of one
     Trainer step and one DDIM sampling step, with MINIDIFF_FUSED=0 and with the fused kernels."""
-    from minidiff.fast.ops import FAST
-    from minidiff.nn.ops import REFERENCE
     from minidiff.train.config import TrainConfig
     from minidiff.train.trainer import Trainer
 

@@ -1,7 +1,7 @@
-"""flat.FlatDict: one buffer behind a dict of arrays, and the optimizer, EMA, clipping and shard sum on it.
+"""flat.FlatDict: one buffer behind a dict of arrays, and clipping and the shard sum on it.
 
-The flat path must give the per-tensor path's numbers: bit for bit for Adam, AdamW and the EMA
-(elementwise rules), to rounding for the global gradient norm (the same sum in another order).
+The flat path must give the per-tensor path's numbers (Adam, AdamW and the EMA on the buffers, bit for
+bit: tests/fast/test_optim.py).
 """
 
 import numpy as np
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from minidiff.fast import flat
 from minidiff.fast.cpu import shards as parallel
-from minidiff.train.optim import EMA, Adam, AdamW, clip_grad_norm
+from minidiff.train.optim import clip_grad_norm
 from minidiff.diffusion.schedule import add_noise, make_schedule
 from minidiff.model.unet import init_params
 from minidiff.model.config import get_preset
@@ -70,59 +70,6 @@ def test_gather_copies_into_the_layout_with_zero_gaps(shape_list):
     for k in grads:
         np.testing.assert_array_equal(g[k], grads[k])
     assert np.abs(g.buffer).sum() == pytest.approx(sum(np.abs(a).sum() for a in grads.values()))
-
-
-@pytest.mark.parametrize("make", [lambda p: Adam(p, lr=1e-2, weight_decay=0.1),
-                                  lambda p: AdamW(p, lr=1e-2, weight_decay=0.1),
-                                  lambda p: Adam(p, lr=1e-2)])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_adam_on_the_flat_buffer_is_bit_for_bit_the_per_tensor_update(make, dtype):
-    shape_list = [(4, 3, 3, 3), (4,), (7, 5), (1,), (65,)]
-    plain = random_arrays(shape_list, 0, dtype)
-    flat_p = flat.flatten(plain)
-    opt_plain, opt_flat = make(plain), make(flat_p)
-    assert flat.buffers(flat_p, opt_flat.exp_avg, opt_flat.exp_avg_sq) is not None
-    for step in range(4):
-        grads = random_arrays(shape_list, 10 + step, dtype)
-        opt_plain.step(plain, grads, lr=1e-2 * (step + 1))
-        opt_flat.step(flat_p, dict(grads), lr=1e-2 * (step + 1))  # gathered inside step
-    for k in plain:
-        np.testing.assert_array_equal(flat_p[k], plain[k])
-        np.testing.assert_array_equal(opt_flat.exp_avg_sq[k], opt_plain.exp_avg_sq[k])
-    gaps = np.ones(flat_p.buffer.shape, bool)
-    for k in plain:  # everything outside the views stays exactly zero
-        offset = flat_p[k].__array_interface__["data"][0] - flat_p.buffer.__array_interface__["data"][0]
-        gaps[offset // flat_p.buffer.itemsize:][:flat_p[k].size] = False
-    assert not flat_p.buffer[gaps].any() and not opt_flat.exp_avg.buffer[gaps].any()
-    # the state round-trips through the per-key state_dict, into a per-tensor optimizer too
-    other = make(random_arrays(shape_list, 5, dtype))
-    other.load_state_dict(opt_flat.state_dict())
-    for k in plain:
-        np.testing.assert_array_equal(other.exp_avg[k], opt_plain.exp_avg[k])
-
-
-def test_adam_with_eps_zero_falls_back_to_the_per_tensor_loop():
-    p = flat.flatten(random_arrays([(3,), (2,)]))
-    opt = Adam(p, lr=0.1, eps=0.0)
-    with np.errstate(invalid="raise", divide="raise"):  # the gaps' 0 / 0 would raise here
-        opt.step(p, random_arrays([(3,), (2,)], 3))
-    assert np.isfinite(p.buffer).all()
-
-
-def test_ema_on_the_flat_buffer_is_bit_for_bit_the_per_tensor_update():
-    shape_list = [(3, 3), (5,), (2, 1, 4)]
-    plain = random_arrays(shape_list, 0, np.float32)
-    flat_p = flat.flatten(plain)
-    e_plain, e_flat = EMA(plain, 0.99), EMA(flat_p, 0.99)
-    assert isinstance(e_flat.shadow, flat.FlatDict)
-    for step in range(5):
-        new = random_arrays(shape_list, 20 + step, np.float32)
-        for k in plain:
-            plain[k][...] = new[k]
-            flat_p[k][...] = new[k]
-        assert e_plain.update(plain) == e_flat.update(flat_p)
-    for k in plain:
-        np.testing.assert_array_equal(e_flat.shadow[k], e_plain.shadow[k])
 
 
 @given(shapes, st.floats(1e-3, 10.0))

@@ -17,6 +17,8 @@ import dataclasses
 
 from ..nn.ops import REFERENCE, Ops
 from . import conv
+from . import flat
+from . import optim
 from . import sampler
 
 # Filled in as the fast ops land (each module owns its functions):
@@ -27,6 +29,7 @@ from . import sampler
 #   fast/flat.py      flatten (arrange_params)
 #   fast/cpu/shards.py  map_batch over worker threads or processes
 FAST = dataclasses.replace(REFERENCE, ddpm_step=sampler.ddpm_step, ddim_step=sampler.ddim_step,
+                           adam_update=optim.adam_update, ema_update=optim.ema_update, arrange_params=flat.flatten,
                            conv2d_forward=conv.conv2d_forward, conv2d_backward=conv.conv2d_backward,
                            downsample_forward=conv.downsample_forward, downsample_backward=conv.downsample_backward,
                            name="fast")

@@ -22,22 +22,19 @@ EMA of the weights (what sampling uses), update number n = 1, 2, ...:
     decay_n = decay                                                            (warmup=False)
     ema = ema - (1 - decay_n) * (ema - p)
 
-When the params are a flat.FlatDict (one buffer behind all tensors, as the Trainer makes them),
-the state is one too, and each rule runs once on the whole buffers instead of once per tensor:
-the same numbers (bit for bit for Adam and the EMA), a few array ops instead of thousands. On CuPy
-each update is one kernel (optim_cuda.py: the same lines, rounded as the array ops round them).
+The update rules themselves are nn/optim.py's adam_update and ema_update, called through the ops
+table passed in (ops=REFERENCE by default): these classes hold the state (the moments, the step
+count, the average) and the hyperparameters, and check what comes in. The state is arranged as the
+table arranges parameters (ops.arrange_params: FAST puts each dict in one flat buffer, whose
+update is then a few whole-buffer ops, or one kernel on CuPy: fast/optim.py).
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
-
-from .. import backend
-from ..fast import flat
 from ..backend import get_array_module, to_numpy
-from ..fast.cuda.optim import adam_update_cuda, ema_update_cuda
+from ..nn.ops import REFERENCE
 
 
 def _check_keys(name: str, got: dict, want: dict) -> None:
@@ -48,6 +45,10 @@ def _check_keys(name: str, got: dict, want: dict) -> None:
     for k, v in got.items():
         if tuple(v.shape) != tuple(want[k].shape):
             raise ValueError(f"{name}[{k!r}] has shape {tuple(v.shape)}, expected {tuple(want[k].shape)}")
+
+
+def _zeros_like(params: dict) -> dict:
+    return {k: get_array_module(p).zeros_like(p) for k, p in params.items()}
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> float:
@@ -61,7 +62,7 @@ class Adam:
     """torch.optim.Adam semantics (decoupled=False) or torch.optim.AdamW (decoupled=True)."""
 
     def __init__(self, params: dict, lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, decoupled: bool = False):
+                 weight_decay: float = 0.0, decoupled: bool = False, *, ops=REFERENCE):
         self.lr = _positive("lr", lr, allow_zero=True)
         self.betas = tuple(float(b) for b in betas)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -69,44 +70,19 @@ class Adam:
         self.eps = _positive("eps", eps, allow_zero=True)
         self.weight_decay = _positive("weight_decay", weight_decay, allow_zero=True)
         self.decoupled = bool(decoupled)
+        self.ops = ops  # ops.adam_update(...) is the rule; ops.arrange_params holds the state like the params
         self.step_count = 0  # t, the number of updates applied
-        self.exp_avg = flat.zeros_like(params)  # m (a FlatDict when params is one)
-        self.exp_avg_sq = flat.zeros_like(params)  # v
+        self.exp_avg = ops.arrange_params(_zeros_like(params))  # m
+        self.exp_avg_sq = ops.arrange_params(_zeros_like(params))  # v
 
     def step(self, params: dict, grads: dict, lr: float | None = None) -> None:
         """One update of params in place from grads (same keys); lr overrides self.lr for this step."""
         _check_keys("grads", grads, self.exp_avg)
         _check_keys("params", params, self.exp_avg)
         lr = self.lr if lr is None else _positive("lr", lr, allow_zero=True)
-        beta1, beta2 = self.betas
-        wd = self.weight_decay
         self.step_count += 1
-        t = self.step_count
-        bias_correction1 = 1.0 - beta1 ** t
-        bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
-        step_size = lr / bias_correction1
-        grads = grads if isinstance(grads, flat.FlatDict) else flat.gather(grads, like=params)
-        # all four flat: one update of the whole buffers (their zero gaps give 0 / (0 + eps) = 0, so not with eps = 0)
-        whole = flat.buffers(params, grads, self.exp_avg, self.exp_avg_sq) if self.eps > 0 else None
-        groups = flat.pieces(whole) if whole else [(params[k], grads[k], self.exp_avg[k], self.exp_avg_sq[k])
-                                                    for k in params]
-        for p, g, m, v in groups:
-            xp = get_array_module(p)
-            if xp is not np and backend.FUSED:  # the lines below in one CuPy kernel (optim_cuda.py)
-                adam_update_cuda(xp, p, g, m, v, lr=lr, betas=self.betas, eps=self.eps, weight_decay=wd,
-                                 decoupled=self.decoupled, bias_correction2_sqrt=bias_correction2_sqrt,
-                                 step_size=step_size)
-                continue
-            if wd != 0.0 and self.decoupled:
-                p *= 1.0 - lr * wd  # p = p (1 - lr wd)
-            elif wd != 0.0:
-                g = g + wd * p  # g = grad + wd p
-            m *= beta1
-            m += (1.0 - beta1) * g  # m = beta1 m + (1 - beta1) g
-            v *= beta2
-            v += (1.0 - beta2) * (g * g)  # v = beta2 v + (1 - beta2) g^2
-            denom = xp.sqrt(v) / bias_correction2_sqrt + self.eps  # sqrt(v_hat) + eps
-            p -= step_size * (m / denom)  # p = p - lr m_hat / (sqrt(v_hat) + eps)
+        self.ops.adam_update(params, grads, self.exp_avg, self.exp_avg_sq, lr=lr, betas=self.betas, eps=self.eps,
+                             weight_decay=self.weight_decay, decoupled=self.decoupled, step=self.step_count)
 
     def state_dict(self) -> dict:
         """{"step": t, "hparams": {...}, "exp_avg": {k: array}, "exp_avg_sq": {k: array}} (host arrays)."""
@@ -142,8 +118,8 @@ class AdamW(Adam):
     """torch.optim.AdamW: decoupled weight decay p = p (1 - lr wd) (default wd = 0.01, as in PyTorch)."""
 
     def __init__(self, params: dict, lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
-        super().__init__(params, lr, betas, eps, weight_decay, decoupled=True)
+                 weight_decay: float = 1e-2, *, ops=REFERENCE):
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled=True, ops=ops)
 
 
 def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -169,12 +145,10 @@ def clip_grad_norm(grads: dict, max_norm: float):
     if not grads:
         return 0.0
     xp = get_array_module(*grads.values())
-    whole = flat.buffers(grads)  # a FlatDict: its one buffer (the alignment gaps are zeros)
-    arrays = [g for g, in flat.pieces(whole)] if whole else list(grads.values())
-    sq = sum(xp.linalg.norm(g.ravel()) ** 2 for g in arrays)  # sum_k ||g_k||_2^2
+    sq = sum(xp.linalg.norm(g.ravel()) ** 2 for g in grads.values())  # sum_k ||g_k||_2^2
     total_norm = xp.sqrt(sq)  # 0-d, stays on the device
     clip_coef = xp.minimum(max_norm / (total_norm + 1e-6), 1.0)  # nan stays nan
-    for g in arrays:
+    for g in grads.values():
         g *= clip_coef.astype(g.dtype)
     return total_norm
 
@@ -182,13 +156,14 @@ def clip_grad_norm(grads: dict, max_norm: float):
 class EMA:
     """Exponential moving average of the weights: ema = ema - (1 - decay_n) (ema - p)."""
 
-    def __init__(self, params: dict, decay: float = 0.9999, warmup: bool = True):
+    def __init__(self, params: dict, decay: float = 0.9999, warmup: bool = True, *, ops=REFERENCE):
         self.decay = float(decay)
         if not 0.0 <= self.decay <= 1.0:
             raise ValueError(f"decay must lie in [0, 1], got {decay}")
         self.warmup = bool(warmup)
+        self.ops = ops  # ops.ema_update(...) is the rule; ops.arrange_params holds the average like the params
         self.num_updates = 0  # n, updates applied so far
-        self.shadow = flat.copy(params)  # the averaged weights (a FlatDict when params is one)
+        self.shadow = ops.arrange_params({k: p.copy() for k, p in params.items()})  # the averaged weights
 
     def decay_at(self, n: int) -> float:
         """decay_n of update number n (1-based); see the module docstring."""
@@ -202,12 +177,7 @@ class EMA:
         _check_keys("params", params, self.shadow)
         self.num_updates += 1
         d = self.decay_at(self.num_updates)
-        whole = flat.buffers(self.shadow, params)  # both flat: one update of the whole buffers
-        for e, p in flat.pieces(whole) if whole else [(e, params[k]) for k, e in self.shadow.items()]:
-            if get_array_module(e) is not np and backend.FUSED:
-                ema_update_cuda(get_array_module(e), e, p, d)  # the line below in one CuPy kernel
-                continue
-            e -= (1.0 - d) * (e - p)  # ema = ema - (1 - decay) (ema - p)
+        self.ops.ema_update(self.shadow, params, d)  # ema = ema - (1 - decay_n) (ema - p)
         return d
 
     def state_dict(self) -> dict:

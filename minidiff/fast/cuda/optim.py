@@ -1,11 +1,12 @@
 """Adam/AdamW and the EMA of the weights on CuPy, each update one kernel over the flat buffers.
 
-optim.py's Adam.step and EMA.update call these when the params are a flat.FlatDict on CuPy (the
-Trainer makes them so) unless MINIDIFF_FUSED=0 (backend.FUSED). The bodies are optim.py's lines,
-in the same order, with every scalar that the array code computes in float64 on the host (1 - beta1,
-1 - beta2, 1 - lr wd, lr / (1 - beta1^t), ...) computed there too and passed in. They are compiled
-with --fmad=false, so no multiply-add is contracted into one rounding: each operation rounds as the
-array ops do, and the fused update gives the array ops' numbers bit for bit (tests/test_gpu_parity.py).
+fast/optim.py's adam_update and ema_update call these on CuPy: once over the flat buffers when every
+dict is a flat.FlatDict (FAST's arrange_params makes them so), else once per tensor. The bodies are
+nn/optim.py's lines, in the same order, with every scalar that the array code computes in float64 on
+the host (1 - beta1, 1 - beta2, 1 - lr wd, lr / (1 - beta1^t), ...) computed there too and passed in.
+They are compiled with --fmad=false, so no multiply-add is contracted into one rounding: each operation
+rounds as the array ops do, and the fused update gives the array ops' numbers bit for bit
+(tests/test_gpu_parity.py, tests/fast/test_optim.py on the fake CuPy).
 
     Adam   13 array ops over four buffers (14 with AdamW's decay, 15 with Adam's L2 term), 1 launch here
     EMA    3 array ops, 1 launch here
@@ -37,7 +38,7 @@ def _kernels(xp) -> dict:
 
 def adam_update_cuda(xp, p, g, m, v, *, lr: float, betas, eps: float, weight_decay: float, decoupled: bool,
                      bias_correction2_sqrt: float, step_size: float) -> None:
-    """Adam.step's update of one group of flat buffers (P,), in place, in one kernel."""
+    """nn.optim.adam_update of one group of flat buffers (P,) or of one tensor, in place, in one kernel."""
     beta1, beta2 = betas
     keep = 1.0 - lr * weight_decay if decoupled else 1.0  # AdamW's decoupled decay
     wd = 0.0 if decoupled else weight_decay  # Adam's L2 penalty in the gradient (g + 0 p = g: the same numbers)
@@ -46,5 +47,6 @@ def adam_update_cuda(xp, p, g, m, v, *, lr: float, betas, eps: float, weight_dec
 
 
 def ema_update_cuda(xp, e, p, decay: float) -> None:
-    """EMA.update of one pair of flat buffers (P,): e = e - (1 - decay) (e - p), in place, in one kernel."""
+    """nn.optim.ema_update of one pair of flat buffers (P,) or tensors: e = e - (1 - decay) (e - p), in place,
+    in one kernel."""
     _kernels(xp)["ema"](p, 1.0 - decay, e)

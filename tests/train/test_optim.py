@@ -159,3 +159,42 @@ def test_ema_matches_diffusers():
         ema.update(params)
     for s, ts in zip(ema.shadow.values(), ref.shadow_params):
         assert rel_error(s, ts.numpy()) < 1e-10
+
+
+def test_adam_and_ema_run_the_rules_of_the_table_they_are_given():
+    """The classes hold the state and call ops.adam_update / ops.ema_update with it (any object with those
+    fields and arrange_params); the default table is REFERENCE, nn/optim.py's rules."""
+    import dataclasses
+
+    from minidiff.nn import optim as rules
+    from minidiff.nn.ops import REFERENCE
+
+    calls = []
+
+    def adam_update(params, grads, exp_avg, exp_avg_sq, **kw):
+        calls.append(("adam", exp_avg, exp_avg_sq, kw))
+        rules.adam_update(params, grads, exp_avg, exp_avg_sq, **kw)
+
+    def ema_update(shadow, params, decay):
+        calls.append(("ema", shadow, decay))
+        rules.ema_update(shadow, params, decay)
+
+    ops = dataclasses.replace(REFERENCE, adam_update=adam_update, ema_update=ema_update,
+                              arrange_params=lambda d: dict(reversed(list(d.items()))))
+    params, grads = make_params(), grad_seq(2)
+    opt, ema = AdamW(params, lr=1e-2, ops=ops), EMA(params, 0.9, warmup=False, ops=ops)
+    assert list(opt.exp_avg) == list(reversed(SHAPES)) == list(ema.shadow)  # arranged by the table
+    for g in grads:
+        opt.step(params, g, lr=5e-3)
+        ema.update(params)
+    assert [c[0] for c in calls] == ["adam", "ema", "adam", "ema"]
+    assert calls[2][1] is opt.exp_avg and calls[2][2] is opt.exp_avg_sq and calls[3][1] is ema.shadow
+    assert calls[2][3] == dict(lr=5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, decoupled=True, step=2)
+    assert calls[3][2] == 0.9
+    ref_params = make_params()
+    ref_opt = AdamW(ref_params, lr=1e-2)
+    assert ref_opt.ops is REFERENCE and EMA(ref_params).ops is REFERENCE
+    for g in grads:
+        ref_opt.step(ref_params, g, lr=5e-3)
+    for k in params:
+        np.testing.assert_array_equal(params[k], ref_params[k])
