@@ -25,8 +25,8 @@ EMA of the weights (what sampling uses), update number n = 1, 2, ...:
 The update rules themselves are nn/optim.py's adam_update and ema_update, called through the ops
 table passed in (ops=REFERENCE by default): these classes hold the state (the moments, the step
 count, the average) and the hyperparameters, and check what comes in. The state is arranged as the
-table arranges parameters (ops.arrange_params: FAST puts each dict in one flat buffer, whose
-update is then a few whole-buffer ops, or one kernel on CuPy: fast/optim.py).
+table arranges parameters (ops.arrange_params: FAST puts each dict in one flat buffer, and its
+rules then update the whole buffers in a few array ops, or in one kernel on CuPy).
 """
 
 from __future__ import annotations
