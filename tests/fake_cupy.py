@@ -150,7 +150,7 @@ def _silu(h):
     return h * _sigmoid(h)
 
 
-def _silu_grad(h, dy):  # the device function minidiff_silu_grad (activations.SILU_CUDA)
+def _silu_grad(h, dy):  # the device function minidiff_silu_grad (fast/cuda/silu.py's SILU_CUDA)
     return ((1 - _sigmoid(h)) * h + 1) * _sigmoid(h) * dy
 
 
@@ -371,13 +371,13 @@ def install(monkeypatch) -> FakeCupy:
     from minidiff import backend
     from minidiff.fast.cuda import optim as optim_cuda
     from minidiff.fast.cuda import sampler as sampler_cuda
-    from minidiff.nn import activations
     from minidiff.fast.cuda import groupnorm as groupnorm_cuda
+    from minidiff.fast.cuda import silu as silu_cuda
     from minidiff.fast.cuda import im2col as im2col_cuda
 
     fake = FakeCupy()
     monkeypatch.setattr(backend, "_CUPY", fake)
-    monkeypatch.setattr(activations, "_KERNELS", {})  # kernels made by the fake, dropped afterwards
+    monkeypatch.setattr(silu_cuda, "_KERNELS", {})  # kernels made by the fake, dropped afterwards
     monkeypatch.setattr(groupnorm_cuda, "_KERNELS", {})
     monkeypatch.setattr(optim_cuda, "_KERNELS", {})
     monkeypatch.setattr(im2col_cuda, "_KERNELS", {})

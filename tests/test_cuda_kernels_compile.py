@@ -31,8 +31,7 @@ except (ImportError, AttributeError) as err:  # pragma: no cover (another CuPy)
     pytest.skip(f"this CuPy's kernel internals differ from CuPy 14's ({err})", allow_module_level=True)
 
 from minidiff.fast.cuda import optim as optim_cuda, sampler as sampler_cuda  # noqa: E402
-from minidiff.nn import activations  # noqa: E402
-from minidiff.fast.cuda import groupnorm as groupnorm_cuda, im2col as im2col_cuda  # noqa: E402
+from minidiff.fast.cuda import groupnorm as groupnorm_cuda, im2col as im2col_cuda, silu as silu_cuda  # noqa: E402
 
 ARCH = "90"  # an H100 (sm_90)
 SCALAR_PARAMS = {  # the parameters each kernel's caller passes as Python numbers (the rest are arrays)
@@ -98,7 +97,7 @@ def kernels():
     """Every kernel minidiff defines, made by the real CuPy (the modules' caches are restored afterwards)."""
     with pytest.MonkeyPatch.context() as mp:
         found = {}
-        for module, make in ((activations, activations._cuda_kernels), (groupnorm_cuda, groupnorm_cuda._kernels),
+        for module, make in ((silu_cuda, silu_cuda._kernels), (groupnorm_cuda, groupnorm_cuda._kernels),
                              (optim_cuda, optim_cuda._kernels), (im2col_cuda, im2col_cuda._kernels),
                              (sampler_cuda, sampler_cuda._kernels)):
             mp.setattr(module, "_KERNELS", {})

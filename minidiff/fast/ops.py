@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..nn.ops import REFERENCE, Ops
+from . import norm
 from . import conv
 from . import flat
 from . import optim
@@ -28,7 +29,12 @@ from . import sampler
 #   fast/optim.py     adam_update / ema_update (one update of the flat buffers; one kernel on CuPy)
 #   fast/flat.py      flatten (arrange_params)
 #   fast/cpu/shards.py  map_batch over worker threads or processes
-FAST = dataclasses.replace(REFERENCE, ddpm_step=sampler.ddpm_step, ddim_step=sampler.ddim_step,
+FAST = dataclasses.replace(
+    REFERENCE,
+    groupnorm_forward=norm.groupnorm_forward, groupnorm_backward=norm.groupnorm_backward,
+    groupnorm_silu_forward=norm.groupnorm_silu_forward, groupnorm_silu_backward=norm.groupnorm_silu_backward,
+    silu_forward=norm.silu_forward, silu_backward=norm.silu_backward,
+    ddpm_step=sampler.ddpm_step, ddim_step=sampler.ddim_step,
                            adam_update=optim.adam_update, ema_update=optim.ema_update, arrange_params=flat.flatten,
                            conv2d_forward=conv.conv2d_forward, conv2d_backward=conv.conv2d_backward,
                            downsample_forward=conv.downsample_forward, downsample_backward=conv.downsample_backward,

@@ -1,6 +1,6 @@
-"""GroupNorm on CuPy in fewer kernels: the formulas of groupnorm.py, its statistics and its
-activation-sized passes each fused into one kernel. groupnorm_forward / groupnorm_backward call
-these on CuPy unless MINIDIFF_FUSED=0 (backend.FUSED); the caches are the same on both paths.
+"""GroupNorm on CuPy in fewer kernels: the formulas of fast/cpu/groupnorm.py (nn/groupnorm.py's, folded),
+its statistics and its activation-sized passes each fused into one kernel. fast/norm.py's
+groupnorm_forward / groupnorm_backward call these on CuPy; the cache is nn/groupnorm.py's.
 
     forward   mean_g = sum x / M, then rstd_g = 1 / sqrt(sum (x - mean_g)^2 / M + eps) (one kernel,
               a block per group), y = (x - mean_g) a_c + beta_c with a_c = rstd_g gamma_c (one kernel)
@@ -8,14 +8,14 @@ these on CuPy unless MINIDIFF_FUSED=0 (backend.FUSED); the caches are the same o
     backward  s1_c = sum dy, s2_c = sum dy (x - mean_g) (one reduction), the small (N, C) / (N, G) sums
               (one reduction each), dx = dy a_c + ((x - mean_g) k1_g + k0_g) (one kernel)    8 launches, not 24
 
-With silu=True (groupnorm_silu.py: y = silu(GroupNorm(x))) the same launches also apply SiLU:
+With silu=True (fast/norm.py's groupnorm_silu_*: y = silu(GroupNorm(x))) the same launches also apply SiLU:
 the forward's last kernel writes silu(h), h = (x - mean_g) a_c + beta_c, and never h itself; the
 backward recomputes h and dh = silu'(h) dy inside s1's and s2's reductions and its last kernel.
 
 Each launch costs host time (tens of microseconds through CuPy), and a `small` step has 27 GroupNorms.
 The statistics were a CuPy mean and a ReductionKernel; on an H100 those took 60 us of GPU and ~100 us
 of host time per GroupNorm at batch 128, where the one raw kernel reads each group twice from a block
-of its own. tests/test_gpu_parity.py checks every kernel against NumPy (and against MINIDIFF_FUSED=0).
+of its own. tests/test_gpu_parity.py checks every kernel against NumPy (and against the reference ops).
 
 Shape legend: N batch, C channels, G groups, Cg = C / G, L = prod(spatial), M = Cg * L.
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...nn.activations import SILU_CUDA
+from .silu import SILU_CUDA
 
 _KERNELS: dict = {}  # name -> cupy kernel, made on first use
 
@@ -125,7 +125,7 @@ def groupnorm_forward_cuda(xp, x, gamma, beta, g: int, eps: float, silu: bool = 
 
 
 def groupnorm_backward_cuda(xp, dy, x, gamma, mean, rstd, g: int, beta=None):
-    """groupnorm_backward's (dx, dgamma, dbeta), in 8 kernels; the same expansion as there.
+    """groupnorm_backward's (dx, dgamma, dbeta), in 8 kernels; the expansion of fast/cpu/groupnorm.py.
 
     With beta given, dy is the gradient of silu(GroupNorm(x)) (groupnorm_forward_cuda's silu=True), and
     dh = silu'(h) dy takes dy's place in every formula, recomputed from h = (x - mean) a + beta."""
