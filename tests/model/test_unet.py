@@ -1,6 +1,7 @@
 """The U-Net: whole-network float64 gradient checks, re-entrancy, cross-attention semantics,
 dropout, initialization, parameter counts and config validation (NumPy only; the diffusers
-cross-checks are in test_unet_diffusers.py).
+cross-checks are in test_unet_diffusers.py, the blocks' own gradchecks in test_blocks.py and
+test_attention_block.py).
 
 Tolerance of the whole-network gradient check: 1e-6 relative, with h = 1e-5. The loss
 L = sum(g * eps) (|L| ~ 10) passes through ~100 ops, so its rounding noise is ~1e-14 and the
@@ -178,14 +179,55 @@ def test_init_params_pytorch_defaults_and_ddpm_zero_init():
     assert not (init_params(CROSS, seed=6)["conv_in.weight"] == p32["conv_in.weight"]).all()
 
 
+def _expected_param_count(c):
+    """UNet2DModel's parameters summed layer by layer from the config alone (not from params.py):
+    a k x k conv has C_out C_in k^2 + C_out, a linear out in + out, a GroupNorm 2 C, an embedding V width;
+    the up path's resnets read concat(h, skip), the skips popped in reverse from the down path's stack."""
+    def conv(cin, cout, k=3):
+        return cout * cin * k * k + cout
+
+    def linear(fin, fout):
+        return fout * fin + fout
+
+    def resnet(cin, cout):
+        shortcut = conv(cin, cout, k=1) if cin != cout else 0
+        return 2 * cin + conv(cin, cout) + linear(T, cout) + 2 * cout + conv(cout, cout) + shortcut
+
+    def attention(ch, attn):
+        return (2 * ch + 4 * linear(ch, ch) + (2 * linear(cd, ch) if cd else 0)) if attn else 0
+
+    boc, T, cd, layers = c.block_out_channels, c.temb_dim, c.cross_attention_dim, c.layers_per_block
+    n = len(boc)
+    total = conv(c.in_channels, boc[0]) + linear(boc[0], T) + linear(T, T)  # conv_in, time MLP
+    total += (c.num_class_embeds or 0) * T + ((c.context_vocab_size or 0) * cd if cd else 0)  # embeddings
+    h, skips = boc[0], [boc[0]]  # channels of h, and of each skip pushed so far
+    for i, kind in enumerate(c.down_block_types):
+        for _ in range(layers):
+            total += resnet(h, boc[i]) + attention(boc[i], kind == "AttnDownBlock2D")
+            h = boc[i]
+            skips.append(h)
+        if i < n - 1:
+            total += conv(h, h)  # downsampler
+            skips.append(h)
+    total += 2 * resnet(h, h) + attention(h, c.add_attention)  # mid block
+    for i, kind in enumerate(c.up_block_types):
+        cout = boc[n - 1 - i]
+        for _ in range(layers + 1):
+            total += resnet(h + skips.pop(), cout) + attention(cout, kind == "AttnUpBlock2D")
+            h = cout
+        if i < n - 1:
+            total += conv(h, h)  # upsampler
+    return total + 2 * h + conv(h, c.out_channels)  # conv_norm_out, conv_out
+
+
 def test_param_counts_of_presets():
-    expected = {"tiny": 45_259, "small": 1_113_955, "ddpm-cifar10": 35_746_307}  # ddpm: Ho et al.'s 35.7M
-    assert {name: count_params(c) for name, c in PRESETS.items()} == expected
-    assert count_params(TINY) < 50_000
-    assert count_params(init_params(TINY)) == count_params(TINY)
+    for c in (*PRESETS.values(), CLASS, CROSS):
+        assert count_params(c) == _expected_param_count(c)
+        assert count_params(init_params(c)) == count_params(c)
+    assert round(count_params(PRESETS["ddpm-cifar10"]) / 1e6, 1) == 35.7  # Ho et al. 2020, appendix B: 35.7M
     out = io.StringIO()
     print_param_counts(file=out)
-    assert "35,746,307" in out.getvalue() and "tiny" in out.getvalue()
+    assert f"{count_params(PRESETS['ddpm-cifar10']):,}" in out.getvalue() and "tiny" in out.getvalue()
 
 
 def test_config_dict_roundtrip():
