@@ -1,10 +1,14 @@
 """`minidiff bench`: time one training step and one sampling step of a U-Net preset, beside
 diffusers' UNet2DModel in PyTorch eager on the same network, weights, inputs and threads.
 
-    train step  = unet_forward + diffusion_loss + unet_backward + AdamW.step
+    train step  = ops.map_batch(loss_and_grads) (add_noise + unet_forward + diffusion_loss + unet_backward)
+                  + AdamW.step, as Trainer.train_step runs them
                   (torch: model(x_t, t) + F.mse_loss + loss.backward() + torch.optim.AdamW.step)
-    sample step = unet_forward (no grad) + ddim_step, 50-step DDIM at t = 500 -> 480
-                  (torch: torch.no_grad() model(x_t, t) + diffusers DDIMScheduler.step)
+    sample step = ops.map_forward(model_output) (unet_forward, no grad) + ops.ddim_step, 50-step DDIM at
+                  t = 500 -> 480 (torch: torch.no_grad() model(x_t, t) + diffusers DDIMScheduler.step)
+
+minidiff runs the fast ops table (fast/ops.py: fast_ops(--threads, --shards)), as `minidiff train`
+does by default; --reference times the readable reference ops (nn/) instead.
 
 Each time is the median over --repeats after --warmup untimed steps, and every timed region ends
 with a device synchronization (backend.synchronize, torch.cuda.synchronize). The two sides run in
@@ -41,13 +45,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .fast import flat
 from .fast.cpu.allocator import keep_freed_memory
 from .bench_timing import alternating_ms, cpu_peak_mb, set_blas_threads
 from .backend import BackendError, check_tf32, set_tf32, synchronize, to_device, to_numpy, xp_for
+from .train.bundle import model_output
 from .train.optim import AdamW
-from .fast.cpu.shards import SHARD_MODES, check_shards, forward, loss_and_grads, resolve_workers
-from .diffusion.sampler import ddim_step
+from .train.trainer import loss_and_grads
+from .train.config import SHARD_MODES, check_shards
+from .fast.cpu.shards import resolve_workers
+from .fast.ops import fast_ops
+from .model.dropout import draw_dropout_masks
+from .nn.ops import REFERENCE
 from .diffusion.schedule import add_noise, make_schedule
 from .model.unet import count_params, init_params, unet_forward
 from .model.config import PRESETS, get_preset
@@ -84,6 +92,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", default="processes", choices=SHARD_MODES,
                    help="where minidiff's CPU shards run: worker processes (each its own GIL, as `minidiff train` "
                         "and `sample` run them by default) or threads; the same numbers")
+    p.add_argument("--reference", action="store_true",
+                   help="time minidiff's readable reference ops (nn/) instead of the fast ones (the default, as "
+                        "`minidiff train` runs them)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="wall: elapsed time; cpu: CPU time of the process (all its threads), for shared or busy "
                         "machines where elapsed time measures the neighbours; use it with --threads 1")
@@ -100,39 +111,49 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 class MinidiffSide:
-    """minidiff's params, AdamW state and inputs on the chosen device, and its two steps."""
+    """minidiff's params, AdamW state and inputs on the chosen device, and its two steps, run by the ops
+    table of `minidiff train`: fast (the batch in `workers` shards in `shards`) or, with reference, REFERENCE."""
 
-    def __init__(self, config, host_params, inputs, device, schedule, workers=1, shards="threads"):
-        self.config, self.device, self.schedule, self.workers, self.shards = config, device, schedule, workers, shards
+    def __init__(self, config, host_params, inputs, device, schedule, workers=1, shards="threads", reference=False):
+        self.config, self.device, self.schedule = config, device, schedule
+        self.workers, self.shards, self.reference = workers, shards, reference
+        self.ops = self._ops(shards)
         self.xp = xp_for(device)
-        self.params = flat.flatten(to_device(host_params, device))  # as the Trainer's: one buffer
-        self.opt = AdamW(self.params, lr=LR)
+        self.params = self.ops.arrange_params(to_device(host_params, device))  # as the Trainer's
+        self.opt = AdamW(self.params, lr=LR, ops=self.ops)
         self.x0, self.noise, self.x_s = (to_device(inputs[k], device) for k in ("x0", "noise", "x_s"))
         self.t = inputs["t"]  # (N,) on the host, as Trainer keeps it: the checks read t, a sync on a device
-        self.x_t = add_noise(schedule, self.x0, self.noise, self.t)  # (N, C, S, S)
         self.t_s = self.xp.full((self.x0.shape[0],), T_SAMPLE, dtype=np.int64)
         self.rng = np.random.default_rng(0)  # network dropout (ddpm-cifar10 has dropout 0.1)
+
+    def _ops(self, shards):
+        return REFERENCE if self.reference else fast_ops(self.workers, shards)
 
     def sync(self):
         synchronize()
 
     def train_step(self):  # what Trainer.train_step does, on fixed inputs
-        loss, grads = loss_and_grads(self.params, self.config, self.schedule, self.x_t, self.x0, self.noise,
-                                     self.t, rng=self.rng, workers=self.workers, shards=self.shards)
+        masks = None
+        if self.config.dropout > 0:
+            masks = draw_dropout_masks(self.config, self.rng, self.x0.shape, self.xp)
+        batch = dict(x0=self.x0, eps=self.noise, t=self.t, class_labels=None, context=None, dropout_masks=masks)
+        loss, grads = self.ops.map_batch(loss_and_grads, batch, params=self.params, config=self.config,
+                                         schedule=self.schedule, ops=self.ops)
         self.opt.step(self.params, grads)
         return loss
 
     def sample_step(self):
-        eps = forward(self.params, self.config, self.x_s, self.t_s, workers=self.workers, shards=self.shards)
-        return ddim_step(self.schedule, eps, T_SAMPLE, T_PREV, self.x_s)[0]
+        batch = dict(x=self.x_s, t=self.t_s, class_labels=None, context=None)
+        eps = self.ops.map_forward(model_output, batch, params=self.params, config=self.config, ops=self.ops)
+        return self.ops.ddim_step(self.schedule, eps, T_SAMPLE, T_PREV, self.x_s)[0]
 
     def peak_mb(self, fn) -> float | None:
         if self.device == "cpu":  # tracemalloc sees this process only: worker processes' shards run here for it
-            shards, self.shards = self.shards, "threads"
+            ops, self.ops = self.ops, self._ops("threads")
             try:
                 return cpu_peak_mb(fn)
             finally:
-                self.shards = shards
+                self.ops = ops
         pool = self.xp.get_default_memory_pool()
         self.sync()
         pool.free_all_blocks()  # the pool then grows exactly to the step's high-water mark
@@ -175,7 +196,7 @@ def make_inputs(config, batch: int, size: int, dtype, seed: int, schedule) -> di
 
 def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="float32", repeats=5, warmup=2,
               threads=None, use_torch=True, memory=True, seed=0, clock="wall", tf32=False, rounds=1,
-              shards="processes", log=print) -> list[dict]:
+              shards="processes", reference=False, log=print) -> list[dict]:
     """Time both steps on both sides; return one dict per measurement (the printed rows)."""
     for name, value, low in (("batch", batch, 1), ("repeats", repeats, 1), ("warmup", warmup, 0),
                              ("threads", 1 if threads is None else threads, 1), ("rounds", rounds, 1)):
@@ -208,19 +229,20 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
     if clock == "cpu" and workers > 1 and shards == "processes":
         raise ValueError("--clock cpu measures this process's CPU time, not its worker processes': use it with "
                          "--threads 1 (or --shards threads)")
-    md = MinidiffSide(config, host_params, inputs, device, schedule, workers, shards)
+    md = MinidiffSide(config, host_params, inputs, device, schedule, workers, shards, reference)
     th = None
     if make_torch_side is not None:
         th = make_torch_side(config, host_params, inputs, device, dtype, notes.append, threads, tf32)
     if th is not None:  # the same network: compare one forward before timing anything
-        eps_md = to_numpy(unet_forward(md.params, config, md.x_s, md.t_s)[0])
+        eps_md = to_numpy(unet_forward(md.params, config, md.x_s, md.t_s, ops=md.ops)[0])
         eps_th = th.forward_eval()
         rel = float(np.abs(eps_md - eps_th).max() / max(np.abs(eps_th).max(), 1e-30))
         notes.append(f"same network check: max|eps_minidiff - eps_torch| / max|eps_torch| = {rel:.1e}")
     log(f"minidiff bench: preset {preset} ({count_params(config):,} params), {size}x{size}, batch {batch}, "
         f"{device} {dtype}{' (TF32 matmuls)' * tf32}, median of {repeats} after {warmup} warm-up"
         f"{f' in each of {rounds} alternating rounds' * (rounds > 1)}, {clock} clock, "
-        + (f"minidiff's batch in {workers} shards, in {shards}" if workers > 1 else "minidiff in 1 thread"))
+        + ("minidiff's reference ops, in 1 thread" if reference else
+           f"minidiff's batch in {workers} shards, in {shards}" if workers > 1 else "minidiff in 1 thread"))
     for n in notes:
         log("  " + n)
     sides = [md] + ([th] if th is not None else [])
@@ -262,7 +284,7 @@ def format_rows(rows) -> str:
 def cmd_bench(args) -> int:
     rows = run_bench(args.preset, args.batch, args.image_size, args.device, args.dtype, args.repeats,
                      args.warmup, args.threads, not args.no_torch, not args.no_memory, args.seed, args.clock,
-                     args.tf32, args.rounds, args.shards)
+                     args.tf32, args.rounds, args.shards, args.reference)
     print(format_rows(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -14,15 +14,37 @@ import numpy as np
 
 from .fast.cpu.allocator import keep_freed_memory
 from .backend import BackendError, check_tf32, set_tf32
-from .train.config import SampleConfig, TrainConfig, add_dataclass_args, dataclass_from_args
-from .fast.cpu.shards import SHARD_MODES
+from .nn.ops import REFERENCE
+from .train.config import (SHARD_MODES, SampleConfig, TrainConfig, add_dataclass_args, check_shards,
+                           dataclass_from_args, validate_train_config)
+
+
+def choose_ops(reference: bool, threads: int, shards: str, device: str):
+    """The ops table of a command: REFERENCE with --reference, else the fast table with the batch in
+    --threads shards (0: one per core, at most 4; one on a GPU) run in --shards."""
+    from .fast.cpu.shards import resolve_workers
+    from .fast.ops import fast_ops
+
+    workers, shards = resolve_workers(threads, device), check_shards(shards)
+    return REFERENCE if reference else fast_ops(workers, shards)
 
 
 def cmd_train(args) -> int:
     """`minidiff train`: build a TrainConfig from the flags and run (or resume) training."""
     from .train.trainer import train
 
-    train(dataclass_from_args(TrainConfig, args))
+    cfg = dataclass_from_args(TrainConfig, args)
+    validate_train_config(cfg)  # before choosing the ops: each bad flag one line naming it
+    train(cfg, ops=choose_ops(cfg.reference, cfg.threads, cfg.shards, cfg.device))
+    return 0
+
+
+def cmd_train_classifier(args) -> int:
+    """`minidiff train-classifier`: train_classifier with the fast table (its parameters in one flat buffer)."""
+    from .fast.ops import fast_ops
+    from .train.classifier import ClassifierTrainConfig, train_classifier
+
+    train_classifier(dataclass_from_args(ClassifierTrainConfig, args), ops=fast_ops())
     return 0
 
 
@@ -50,7 +72,6 @@ def _conditions(bundle, cfg: SampleConfig):
 def cmd_sample(args) -> int:
     """`minidiff sample`: load a run, draw n images with guidance, write a PNG grid and an .npz."""
     from .train.bundle import load_bundle
-    from .fast.cpu.shards import check_shards, resolve_workers
     from .train.report import ProgressBar, save_grid
     from .train.generate import generate
 
@@ -60,8 +81,7 @@ def cmd_sample(args) -> int:
     if check_tf32(cfg.tf32, cfg.device, cfg.dtype):
         set_tf32(True)
     bundle = load_bundle(cfg.checkpoint, use_ema=not cfg.no_ema, device=cfg.device, dtype=cfg.dtype)
-    bundle.workers = resolve_workers(cfg.threads, cfg.device)
-    bundle.shards = check_shards(cfg.shards)
+    bundle.ops = choose_ops(cfg.reference, cfg.threads, cfg.shards, cfg.device)
     cond, labels = _conditions(bundle, cfg)
     grad_fn = None
     if cfg.classifier:
@@ -94,7 +114,7 @@ def cmd_eval(args) -> int:
         set_tf32(True)
     evaluate(args.checkpoint, n_per_class=args.n_per_class, scales=args.scales, steps=args.steps,
              sampler=args.sampler, seed=args.seed, device=args.device, dtype=args.dtype, out=args.out,
-             threads=args.threads, shards=args.shards)
+             threads=args.threads, shards=args.shards, reference=args.reference)
     return 0
 
 
@@ -120,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
     from .train.classifier import add_classifier_parser
 
-    add_classifier_parser(sub)
+    add_classifier_parser(sub).set_defaults(func=cmd_train_classifier)
     s = sub.add_parser("sample", help="sample a PNG grid from a trained model",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dataclass_args(s, SampleConfig, renames={"class_id": "--class"})
@@ -138,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "0 = one per core (at most 4)")
     e.add_argument("--shards", default="processes", choices=SHARD_MODES,
                    help="where the CPU shards run: processes (each its own GIL; faster) or threads; the same numbers")
+    e.add_argument("--reference", action="store_true",
+                   help="run the readable reference ops (nn/) instead of the fast ones; slower, same numbers up to rounding")
     e.add_argument("--tf32", action="store_true",
                    help="GPU float32 matmuls in TF32 on the tensor cores (faster, ~1e-3 relative error)")
     e.add_argument("--out", default="", help="write eval.json and a grid per scale here (default: the run dir)")

@@ -13,8 +13,10 @@ import json
 import time
 from pathlib import Path
 
-from .train.bundle import load_bundle, resolve_checkpoint
 from .fast.cpu.shards import resolve_workers
+from .fast.ops import fast_ops
+from .nn.ops import REFERENCE
+from .train.bundle import load_bundle, resolve_checkpoint
 from .data import shapes
 from .train.report import save_grid
 from .train.generate import generate
@@ -22,12 +24,14 @@ from .train.generate import generate
 
 def evaluate(checkpoint, n_per_class: int = 10, scales=(0.0, 1.0, 3.0), steps: int = 50, sampler: str = "ddim",
              seed: int = 1, device: str = "cpu", dtype: str = "float32", out: str = "", threads: int = 0,
-             shards: str = "threads", log=print) -> dict:
-    """Sample n_per_class images per class at each guidance scale; return {scale: accuracy}."""
+             shards: str = "threads", reference: bool = False, log=print) -> dict:
+    """Sample n_per_class images per class at each guidance scale; return {scale: accuracy}.
+
+    The fast ops with the batch in `threads` shards run in `shards`, or the reference ops (reference=True)."""
     if n_per_class < 1:
         raise ValueError(f"--n-per-class must be >= 1, got {n_per_class}")
     bundle = load_bundle(checkpoint, device=device, dtype=dtype)
-    bundle.workers, bundle.shards = resolve_workers(threads, device), shards
+    bundle.ops = REFERENCE if reference else fast_ops(resolve_workers(threads, device), shards)
     if bundle.conditioning == "none" or list(bundle.class_names or []) != list(shapes.CLASS_NAMES):
         raise ValueError("eval needs a class- or text-conditioned model trained on the built-in shapes data "
                          "(--data shapes16 or shapes32)")

@@ -140,7 +140,7 @@ def test_the_fused_kernels_cut_the_device_operations_of_a_step(fake, tmp_path, m
         monkeypatch.setattr(backend, "FUSED", fused)
         cfg = TrainConfig(out=str(tmp_path / f"{preset}{fused}"), preset=preset, device="gpu", steps=4, batch_size=2,
                           log_every=10, save_every=100, sample_every=0, threads=1)
-        trainer = Trainer(cfg, log=lambda *a, **k: None)
+        trainer = Trainer(cfg, log=lambda *a, **k: None, ops=FAST if fused else REFERENCE)
         trainer.train_step()  # the first step makes the kernels
         train = fake_cupy.count(trainer.train_step)
         b = trainer.bundle()

@@ -21,6 +21,7 @@ from . import conv
 from . import flat
 from . import optim
 from . import sampler
+from .cpu.shards import Shards
 
 # Filled in as the fast ops land (each module owns its functions):
 #   fast/conv.py      conv2d_forward / conv2d_backward / downsample_forward / downsample_backward
@@ -38,9 +39,14 @@ FAST = dataclasses.replace(
                            adam_update=optim.adam_update, ema_update=optim.ema_update, arrange_params=flat.flatten,
                            conv2d_forward=conv.conv2d_forward, conv2d_backward=conv.conv2d_backward,
                            downsample_forward=conv.downsample_forward, downsample_backward=conv.downsample_backward,
+                           map_batch=Shards(1).map_batch, map_forward=Shards(1).map_forward,
                            name="fast")
 
 
 def fast_ops(workers: int = 1, shards: str = "threads") -> Ops:
-    """FAST, with the batch split over `workers` CPU shards in threads or processes (workers = 1: one piece)."""
-    return FAST
+    """FAST, with the batch split over `workers` CPU shards in threads or processes (workers = 1: one piece).
+
+    workers >= 1 (resolve --threads 0 with fast.cpu.shards.resolve_workers); shards: 'threads' or
+    'processes' (a ValueError naming --shards otherwise). The workers run FAST on their shards."""
+    split = Shards(workers, shards)
+    return dataclasses.replace(FAST, map_batch=split.map_batch, map_forward=split.map_forward)

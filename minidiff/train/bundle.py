@@ -20,8 +20,9 @@ from .checkpoint import load_checkpoint
 from ..data.dataset import caption_of
 from ..data.tokenizer import Tokenizer
 from ..diffusion.schedule import make_schedule
-from ..fast.cpu.shards import forward
 from ..model.config import UNetConfig, get_preset
+from ..model.unet import unet_forward
+from ..nn.ops import REFERENCE, Ops
 
 CONDITIONINGS = ("text", "class", "none")
 TEXT_WIDTH = 64  # width of the prompt-token embeddings (cross_attention_dim) for text models
@@ -70,15 +71,13 @@ class Bundle:
     num_classes: int = 0
     class_names: list | None = None
     image_size: int = 16
-    workers: int = 1  # CPU threads sharing each model call's batch (parallel.forward)
-    shards: str = "threads"  # where those shards run: threads or processes (parallel.forward)
+    ops: Ops = REFERENCE  # who runs the ops (nn/ops.py); the entry points pass the fast table unless --reference
 
     def model_fn(self, x_t, t, cond):
         """model_fn(x_t (N, C, H, W), t (N,), cond) -> model output (N, C, H, W), for the samplers."""
-        labels = cond if self.conditioning == "class" else None
-        context = cond if self.conditioning == "text" else None
-        return forward(self.params, self.config, x_t, t, class_labels=labels, context=context, workers=self.workers,
-                       shards=self.shards)
+        batch = dict(x=x_t, t=t, class_labels=cond if self.conditioning == "class" else None,
+                     context=cond if self.conditioning == "text" else None)
+        return self.ops.map_forward(model_output, batch, params=self.params, config=self.config, ops=self.ops)
 
     @property
     def null_condition(self):
@@ -109,6 +108,15 @@ class Bundle:
         if self.conditioning == "class":
             return [i % self.num_classes for i in range(n)]
         return [""] * n
+
+
+def model_output(batch: dict, params, config, ops=REFERENCE):
+    """eps_theta(x, t[, y][, prompt]) (N, C, H, W) for inference (no dropout, no backward cache).
+
+    batch: x (N, C, H, W); t a scalar or (N,); class_labels (N,) or None; context (N, L) or None.
+    ops.map_forward runs it on the whole batch or on its rows (worker processes import it by name)."""
+    return unet_forward(params, config, batch["x"], batch["t"], batch["class_labels"], batch["context"],
+                        for_backward=False, ops=ops)[0]
 
 
 def bundle_from_meta(arrays: dict, meta: dict, use_ema: bool = True, device: str = "cpu",

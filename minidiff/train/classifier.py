@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fast import flat
 from ..backend import to_device, to_numpy, xp_for
 from .bundle import build_unet_config, resolve_checkpoint
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -39,6 +38,7 @@ from ..diffusion.loss import sample_timesteps
 from ..nn import softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from ..nn._check import check_indices, check_ndim
 from ..nn.cross_entropy import log_softmax
+from ..nn.ops import REFERENCE
 from .optim import AdamW, clip_grad_norm, warmup_lr
 from .report import ProgressBar
 from ..diffusion.schedule import add_noise, check_choice, make_schedule
@@ -84,8 +84,9 @@ def validate_classifier_config(cfg: ClassifierTrainConfig) -> None:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
 
 
-def train_classifier(cfg: ClassifierTrainConfig, log=print) -> dict:
-    """Train on noised data (module docstring); write OUT/config.json, log.jsonl, checkpoints/latest.npz."""
+def train_classifier(cfg: ClassifierTrainConfig, log=print, ops=REFERENCE) -> dict:
+    """Train on noised data (module docstring); write OUT/config.json, log.jsonl, checkpoints/latest.npz.
+    ops holds the parameters and runs AdamW (the command line passes the fast table: one flat buffer)."""
     validate_classifier_config(cfg)
     out = Path(cfg.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -98,8 +99,8 @@ def train_classifier(cfg: ClassifierTrainConfig, log=print) -> dict:
         raise ValueError(f"data {dataset.name!r} has {K} classes; train-classifier needs labelled data with >= 2")
     config = build_unet_config(cfg.preset, dataset, "none")
     schedule = make_schedule(cfg.num_train_timesteps, cfg.beta_schedule)
-    params = flat.flatten(to_device(classifier_init_params(config, K, cfg.seed, dtype), cfg.device))  # one buffer
-    opt = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = ops.arrange_params(to_device(classifier_init_params(config, K, cfg.seed, dtype), cfg.device))
+    opt = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, ops=ops)
     rng = np.random.default_rng(cfg.seed)  # every draw of the run: data, flips, t, eps, dropout
     meta = {"kind": "classifier", "model_config": config.to_dict(), "num_classes": K,
             "class_names": dataset.class_names, "train_config": dataclasses.asdict(cfg)}
@@ -140,7 +141,6 @@ def train_classifier(cfg: ClassifierTrainConfig, log=print) -> dict:
             loss, ce = softmax_cross_entropy_forward(logits, y, check_labels=False)
             pending.append((loss, (logits.argmax(axis=1) == y).mean()))  # read by flush()
             grads, _ = classifier_backward(softmax_cross_entropy_backward(1.0, ce), cache)
-            grads = flat.gather(grads, like=params)  # one buffer: clipping and AdamW act on it whole
             if cfg.grad_clip > 0:
                 clip_grad_norm(grads, cfg.grad_clip)
             opt.step(params, grads, lr=warmup_lr(step - 1, cfg.lr, cfg.warmup_steps))

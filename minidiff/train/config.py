@@ -9,13 +9,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import numbers
 import re
 import typing
 from dataclasses import dataclass
 
 from ..backend import check_tf32
-from ..fast.cpu.shards import check_shards, resolve_workers
 from ..diffusion.schedule import check_choice
+
+# Where the CPU shards of a batch run (--shards): "threads", in this process, or "processes", in worker
+# processes (each its own GIL); the same numbers either way (minidiff/fast/cpu/shards.py runs them).
+SHARD_MODES = ("threads", "processes")
 
 
 @dataclass
@@ -58,6 +62,7 @@ class TrainConfig:
     threads: int = 0                 # CPU threads, each runs a shard of the batch; 0 = one per core (at most 4)
     shards: str = "processes"        # where the CPU shards run: processes (each its own GIL; faster) | threads; same numbers
     tf32: bool = False               # GPU float32 matmuls in TF32 on the tensor cores (faster, ~1e-3 relative error)
+    reference: bool = False          # run the readable reference ops (nn/) instead of the fast ones; slower, same numbers up to rounding
     resume: bool = False             # continue the run in --out from its latest checkpoint
 
 
@@ -83,6 +88,7 @@ class SampleConfig:
     threads: int = 0                 # CPU threads, each runs a shard of the batch; 0 = one per core (at most 4)
     shards: str = "processes"        # where the CPU shards run: processes (each its own GIL; faster) | threads; same numbers
     tf32: bool = False               # GPU float32 matmuls in TF32 on the tensor cores (faster, ~1e-3 relative error)
+    reference: bool = False          # run the readable reference ops (nn/) instead of the fast ones; slower, same numbers up to rounding
 
 
 def _flag(name: str) -> str:
@@ -125,6 +131,20 @@ def dataclass_from_args(cls, args: argparse.Namespace):
     return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def check_shards(shards) -> str:
+    """Return shards, or raise ValueError naming --shards unless it is 'threads' or 'processes'."""
+    if shards not in SHARD_MODES:
+        raise ValueError(f"--shards must be one of {list(SHARD_MODES)}, got {shards!r}")
+    return shards
+
+
+def check_threads(threads) -> int:
+    """Return threads, or raise ValueError naming --threads unless it is an int >= 0 (0 = one per core)."""
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 0:
+        raise ValueError(f"workers (--threads) must be an int >= 0 (0 = one per CPU core, at most 4), got {threads!r}")
+    return int(threads)
+
+
 def validate_train_config(cfg: TrainConfig) -> None:
     """Clear errors for bad training options, each naming the flag."""
     check_choice("--conditioning", cfg.conditioning, ("text", "class", "none", "auto"))
@@ -134,7 +154,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
     for name in ("steps", "batch_size", "max_prompt_len", "sample_steps", "log_every", "save_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    resolve_workers(cfg.threads, cfg.device)  # --threads: an int >= 0
+    check_threads(cfg.threads)
     check_shards(cfg.shards)
     check_tf32(cfg.tf32, cfg.device, cfg.dtype)
     if not 0.0 <= cfg.p_uncond < 1.0:

@@ -22,7 +22,8 @@ def generate(bundle, cond=None, n: int = 16, guidance_scale: float = 3.0, sample
     guidance_scale s applies when the model is conditioned and s != 1 (s = 1: one conditional
     call per step; s = 0 gives the same samples as the unconditional model). grad_fn(x_t, t, y) ->
     grad_x log p(y | x_t), when given, adds classifier guidance with classifier_scale (the target
-    labels are closed over by grad_fn; see classifier.make_grad_fn).
+    labels are closed over by grad_fn; see classifier.make_grad_fn). bundle.ops runs the model and the
+    reverse steps (REFERENCE unless the caller set the fast table).
     """
     xp = xp_for(device)
     c = bundle.config
@@ -46,5 +47,5 @@ def generate(bundle, cond=None, n: int = 16, guidance_scale: float = 3.0, sample
     x = sample(model_fn, shape, bundle.schedule, sampler=sampler, num_inference_steps=steps, eta=eta,
                prediction_type=bundle.prediction_type, clip_sample=True, use_clipped_model_output=True,
                cond=cond, seed=seed,
-               device=device, dtype=dtype, callback=callback)
+               device=device, dtype=dtype, callback=callback, ops=bundle.ops)
     return xp.clip(x, -1.0, 1.0)

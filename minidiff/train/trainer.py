@@ -1,15 +1,20 @@
 """The training loop of DDPM (Ho et al. 2020, Algorithm 1) with condition dropout for CFG.
 
-    repeat:
-        x_0 ~ q(x_0), c ~ data;  c = null with probability p_uncond     (Ho & Salimans 2022, Alg. 1)
-        t ~ U{0, ..., T-1},  eps ~ N(0, I)
-        x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps                    (add_noise)
-        L = || target - model(x_t, t, c) ||^2                            (diffusion_loss)
-        theta <- Adam(theta, clip(grad L)),  ema <- EMA(theta)
+    1: repeat
+    2:     x_0 ~ q(x_0), c ~ data;  c = null with probability p_uncond     (Ho & Salimans 2022, Alg. 1)
+    3:     t ~ Uniform({1, ..., T})                                          (here 0-based: {0, ..., T-1})
+    4:     eps ~ N(0, I)
+    5:     gradient step on grad_theta || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t, c) ||^2
+           (AdamW on the clipped gradient; then the EMA of theta, which sampling uses)
+    6: until converged
 
 Every random draw of a step comes from ONE host generator (data, flips, dropout of conditions,
 t, eps, network dropout), whose state is saved in each checkpoint, so an interrupted and
 resumed run repeats the uninterrupted run's losses exactly.
+
+The ops table (nn/ops.py) passed in picks who runs each op: REFERENCE (nn/, the default) or the
+fast table the command line builds. Its map_batch runs loss_and_grads on the batch: whole, or split
+by rows over the CPU cores with the pieces' losses and gradients summed (fast/cpu/shards.py).
 
 Run directory: config.json, log.jsonl, loss.png, samples/step_XXXXXX.png, checkpoints/latest.npz.
 Shape legend: B batch, C channels, S image side, L prompt tokens.
@@ -25,20 +30,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fast import flat
 from ..backend import set_tf32, to_device, xp_for
 from .bundle import Bundle, build_unet_config, choose_conditioning
 from .checkpoint import check_config, load_checkpoint, rng_from_state, rng_state, save_checkpoint
 from .config import TrainConfig, validate_train_config
 from ..data import load_dataset
 from ..data.tokenizer import Tokenizer
-from ..diffusion.loss import drop_condition, sample_timesteps
+from ..diffusion.loss import diffusion_loss, drop_condition, sample_timesteps
 from .optim import EMA, Adam, AdamW, clip_grad_norm, warmup_lr
-from ..fast.cpu.shards import loss_and_grads, resolve_workers
 from .report import ProgressBar, save_grid, save_loss_curve
 from .generate import generate
 from ..diffusion.schedule import add_noise, make_schedule
-from ..model.unet import count_params, init_params
+from ..model.dropout import draw_dropout_masks
+from ..model.unet import count_params, init_params, unet_backward, unet_forward
+from ..nn.ops import REFERENCE
 
 # the settings a resumed run must share with the run it continues
 RESUME_FIELDS = ("data", "preset", "conditioning", "max_prompt_len", "num_train_timesteps", "beta_schedule",
@@ -75,11 +80,11 @@ def make_condition(rng, conditioning, labels, captions, tokenizer, num_classes, 
 
 
 class Trainer:
-    """Holds the state of one run: data, model, optimizer, EMA, rng, step and losses."""
+    """Holds the state of one run: data, model, optimizer, EMA, rng, step and losses; ops runs the ops."""
 
-    def __init__(self, cfg: TrainConfig, log=print):
+    def __init__(self, cfg: TrainConfig, log=print, ops=REFERENCE):
         validate_train_config(cfg)
-        self.cfg, self.log = cfg, log
+        self.cfg, self.log, self.ops = cfg, log, ops
         self.xp = xp_for(cfg.device)
         if cfg.tf32:
             set_tf32(True)  # for the rest of the process: every float32 matmul on the GPU
@@ -94,13 +99,12 @@ class Trainer:
         self.model_config = build_unet_config(cfg.preset, self.dataset, self.conditioning, vocab, cfg.dropout)
         self.schedule = make_schedule(cfg.num_train_timesteps, cfg.beta_schedule)
         host = init_params(self.model_config, seed=cfg.seed, dtype=self.dtype)
-        self.params = flat.flatten(to_device(host, cfg.device))  # one buffer: the optimizer updates it whole
+        self.params = ops.arrange_params(to_device(host, cfg.device))  # FAST: one buffer, updated whole
         opt_cls = AdamW if cfg.optimizer == "adamw" else Adam
-        self.opt = opt_cls(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_warmup)
+        self.opt = opt_cls(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, ops=ops)
+        self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_warmup, ops=ops)
         self.rng = np.random.default_rng(cfg.seed)
         self.step, self.losses, self.pending = 0, [], []
-        self.workers = resolve_workers(cfg.threads, cfg.device)  # CPU threads, one shard of the batch each
         self.flush_every = 1 if self.xp is np else cfg.log_every  # host reads: free on a CPU, a sync on a GPU
         if cfg.resume:
             self._load(self.out / "checkpoints" / "latest.npz")
@@ -139,35 +143,42 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self):
-        """One optimizer step of Algorithm 1; returns the loss, a 0-d array on the device.
+        """One optimizer step of Algorithm 1 (numbers: its lines); returns the loss, a 0-d array on the device.
 
         Nothing is read back to the host here: the loss waits in self.pending until flush_losses()
         (every step on a CPU, every log_every steps on a GPU, and always before a checkpoint)."""
         cfg, rng, xp = self.cfg, self.rng, self.xp
+        x0, cond = self.draw_data(rng)                                               # 2: x0 ~ q(x0), c
+        t = sample_timesteps(rng, cfg.batch_size, cfg.num_train_timesteps)          # 3: t ~ U, (B,) host
+        eps = rng.standard_normal(x0.shape)                                         # 4: eps ~ N(0, I)
+        masks = None                                      # the network's dropout: drawn here, after eps
+        if self.model_config.dropout > 0:
+            masks = draw_dropout_masks(self.model_config, rng, x0.shape, xp)
+        batch = dict(x0=xp.asarray(x0, self.dtype), eps=xp.asarray(eps, self.dtype), t=t,
+                     class_labels=cond if self.conditioning == "class" else None,
+                     context=cond if self.conditioning == "text" else None, dropout_masks=masks)
+        loss, grads = self.ops.map_batch(loss_and_grads, batch, params=self.params, config=self.model_config,
+                                         schedule=self.schedule, prediction_type=cfg.prediction_type,
+                                         snr_gamma=cfg.snr_gamma or None, ops=self.ops)  # 5: L, grad_theta L
+        if cfg.grad_clip > 0:
+            clip_grad_norm(grads, cfg.grad_clip)                                   # 5: clip the gradient
+        self.opt.step(self.params, grads, lr=warmup_lr(self.step, cfg.lr, cfg.warmup_steps))  # 5: the step
+        self.ema.update(self.params)                                      # 5: ema <- EMA(theta), for sampling
+        self.step += 1
+        self.pending.append(loss)
+        return loss
+
+    def draw_data(self, rng):
+        """x0 (B, C, S, S) from the data (flipped at random with --hflip) and its condition after
+        condition dropout (host arrays), drawn from rng in that order."""
+        cfg = self.cfg
         x0, labels, captions = self.dataset.batch(rng, cfg.batch_size)              # (B, C, S, S)
         if cfg.hflip:
             flip = rng.random(cfg.batch_size) < 0.5
             x0 = np.where(flip[:, None, None, None], x0[..., ::-1], x0)
         cond = make_condition(rng, self.conditioning, labels, captions, self.tokenizer,
                               self.dataset.num_classes, cfg.p_uncond)
-        t = sample_timesteps(rng, cfg.batch_size, cfg.num_train_timesteps)           # (B,)
-        noise = rng.standard_normal(x0.shape)                                        # eps ~ N(0, I)
-        # the images go to the device; t and the labels / token ids stay on the host, where the checks of
-        # add_noise, the loss and the U-Net read them (on a GPU, reading a device array back is a sync)
-        x0, noise = xp.asarray(x0, dtype=self.dtype), xp.asarray(noise, dtype=self.dtype)
-        x_t = add_noise(self.schedule, x0, noise, t)
-        loss, grads = loss_and_grads(self.params, self.model_config, self.schedule, x_t, x0, noise, t,
-                                     class_labels=cond if self.conditioning == "class" else None,
-                                     context=cond if self.conditioning == "text" else None,
-                                     prediction_type=cfg.prediction_type, snr_gamma=cfg.snr_gamma or None,
-                                     rng=rng, workers=self.workers, shards=self.cfg.shards)
-        if cfg.grad_clip > 0:
-            clip_grad_norm(grads, cfg.grad_clip)
-        self.opt.step(self.params, grads, lr=warmup_lr(self.step, cfg.lr, cfg.warmup_steps))
-        self.ema.update(self.params)
-        self.step += 1
-        self.pending.append(loss)
-        return loss
+        return x0, cond
 
     def flush_losses(self) -> float | None:
         """Read the losses of the steps since the last flush to the host (one device -> host copy) and
@@ -189,12 +200,11 @@ class Trainer:
         """The model as a Bundle for sampling (EMA weights by default; shares the arrays, no copy)."""
         return Bundle(self.ema.shadow if use_ema else self.params, self.model_config, self.schedule,
                       self.conditioning, self.cfg.prediction_type, self.tokenizer, self.dataset.num_classes,
-                      self.dataset.class_names, self.dataset.image_size)
+                      self.dataset.class_names, self.dataset.image_size, ops=self.ops)
 
     def sample_grid(self, n: int = 18) -> Path:
         """Save samples/step_XXXXXX.png: n EMA samples (DDIM, CFG scale cfg.guidance_scale), captioned."""
         b = self.bundle()
-        b.workers, b.shards = self.workers, self.cfg.shards
         labels = b.default_prompts(n)
         cond = b.encode(prompts=labels, class_ids=labels if b.conditioning == "class" else None, n=n)
         x = generate(b, cond, n, self.cfg.guidance_scale, "ddim", self.cfg.sample_steps, seed=self.cfg.seed,
@@ -237,9 +247,28 @@ class Trainer:
         return {"steps": self.step, "seconds": elapsed, "final_loss": self.losses[-1] if self.losses else None}
 
 
-def train(cfg: TrainConfig, stop_after: int | None = None, log=print) -> dict:
-    """Run (or resume) training; print a one-line summary of where the files are."""
-    trainer = Trainer(cfg, log)
+def loss_and_grads(batch: dict, params, config, schedule, prediction_type="epsilon", snr_gamma=None,
+                   ops=REFERENCE):
+    """L = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t, c) ||^2 and dL/dtheta (Alg. 1 line 5).
+
+    batch: x0, eps (N, C, H, W); t (N,) host ints; class_labels (N,) or None; context (N, L) or None;
+    dropout_masks {resnet prefix: (N, C_out, H_i, W_i) keep-mask} or None. The target is eps, x_0 or v
+    (prediction_type), weighted by min-SNR-gamma when snr_gamma is set (diffusion/loss.py).
+    Returns (loss 0-d, grads {key: dL/dparam}, params' keys). ops.map_batch runs it on the whole batch
+    or on its rows, so it is a module-level function: worker processes import it by name.
+    """
+    x0, eps, t = batch["x0"], batch["eps"], batch["t"]
+    x_t = add_noise(schedule, x0, eps, t)                                  # sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    out, cache = unet_forward(params, config, x_t, t, batch["class_labels"], batch["context"], train=True,
+                              dropout_masks=batch["dropout_masks"], ops=ops)  # eps_theta(x_t, t, c)
+    loss, dout = diffusion_loss(schedule, out, x0, eps, t, prediction_type, snr_gamma)  # || eps - eps_theta ||^2
+    grads, _ = unet_backward(dout, cache)                                  # grad_theta
+    return loss, grads
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None, log=print, ops=REFERENCE) -> dict:
+    """Run (or resume) training with the ops table ops; print a one-line summary of where the files are."""
+    trainer = Trainer(cfg, log, ops)
     summary = trainer.run(stop_after)
     out = trainer.out
     log(f"done: {summary['steps']} steps in {summary['seconds']:.0f}s, final loss {summary['final_loss']:.4f}; "

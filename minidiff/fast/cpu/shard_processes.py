@@ -1,6 +1,6 @@
-"""The batch's shards in worker processes instead of threads (parallel.py, --shards processes).
+"""The batch's shards in worker processes instead of threads (shards.py, --shards processes).
 
-    L = sum_k (N_k / N) L_k,        dL/dtheta = sum_k (N_k / N) dL_k/dtheta      (as parallel.py)
+    L = sum_k (N_k / N) L_k,        dL/dtheta = sum_k (N_k / N) dL_k/dtheta      (as shards.py)
 
 Why processes: threads share one GIL, and a U-Net step is thousands of small NumPy calls whose
 Python and dispatch overhead holds it; two shards' overheads then queue for it. Measured on
@@ -8,22 +8,25 @@ Python and dispatch overhead holds it; two shards' overheads then queue for it. 
 96 ms in threads and 80 ms in processes; 32x32 alone 258 ms, two at once 357 ms and 290 ms.
 
 Each worker is a fresh interpreter (the "spawn" start method: safe beside the parent's threads,
-OpenBLAS's and PyTorch's included) that runs the same unet_forward / diffusion_loss / unet_backward
-on its rows as a thread would, so the results are the threads' bit for bit. What travels:
+OpenBLAS's and PyTorch's included) that runs the same function on its rows as a thread would (for
+training, train/trainer.py's loss_and_grads), so the results are the threads' bit for bit. The worker
+imports that function by its module and name, and gets the ops table by its name ("fast": FAST, run
+in one piece). What travels:
   weights    one shared file in /dev/shm (where there is one) holding the flat buffer, copied in
              by the parent before each call (one memcpy: the optimizer updates the parent's copy)
   gradients  one shared file per worker, the flat buffer of dL_k/dtheta, summed by the parent
-  the rest   messages of a JSON header and the arrays' raw bytes (shard_messages.py); no pickle anywhere
+  the rest   messages of a JSON header and the arrays' raw bytes (shard_messages.py): the function's
+             name, the shard's rows of the batch (dropout masks included), the other shared arguments
+             (config, schedule, ops) encoded as JSON and arrays; no pickle anywhere
 A script that uses this must guard its entry point (if __name__ == "__main__":), as every spawned
 worker imports the parent's main module.
 
-Shape legend: N batch, N_k rows of shard k, C H W image, S prompt tokens, P the flat buffer's length.
+Shape legend: N batch, N_k rows of shard k, P the flat buffer's length.
 """
 
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import itertools
 import multiprocessing
 import os
@@ -33,29 +36,13 @@ import traceback
 import numpy as np
 
 from .. import flat
-from .shard_messages import flat_view, pack, shared_file, unlink, unpack
+from .shard_messages import by_name, decode, encode, flat_view, pack, qualified_name, shared_file, unlink, unpack
 
 _POOLS: dict = {}  # workers -> ShardProcesses, started on first use, closed at exit
 _IDS = itertools.count()  # the shared files' ids, by which the workers keep their mappings
 
 
 # ----------------------------------------------------------------------------- the worker
-
-
-def _config(d: dict):
-    """A UNetConfig from its JSON dict (lists back to tuples)."""
-    from ...model.config import UNetConfig  # noqa: PLC0415  (workers import what they need)
-
-    return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-def _rng(state):
-    """A numpy Generator in the given bit-generator state (a JSON dict), or None."""
-    if state is None:
-        return None
-    rng = np.random.Generator(getattr(np.random, state["bit_generator"])())
-    rng.bit_generator.state = state
-    return rng
 
 
 def _mapped(files: dict, role: str, desc: dict, layout, mode: str) -> flat.FlatDict:
@@ -67,32 +54,19 @@ def _mapped(files: dict, role: str, desc: dict, layout, mode: str) -> flat.FlatD
 
 
 def _run(meta: dict, arrays: dict, files: dict) -> tuple[dict, dict]:
-    """One task in a worker: the shard's forward, or its loss and gradients (parallel.py's shard())."""
-    from ...diffusion.loss import diffusion_loss  # noqa: PLC0415
-    from ...diffusion.schedule import make_schedule  # noqa: PLC0415
-    from ...model.unet import unet_backward, unet_forward  # noqa: PLC0415
-
+    """One task in a worker: out = fn(shard, **shared) ('forward'), or (L_k, grads_k) = fn(shard, **shared)
+    with grads_k written into this worker's shared gradient file ('loss_and_grads')."""
     p = meta["params"]
-    params, config = _mapped(files, "params", p, p["layout"], "r"), _config(meta["config"])
-    labels, context = arrays.get("class_labels"), arrays.get("context")
+    shared = decode(meta["shared"], arrays)
+    shared["params"] = _mapped(files, "params", p, p["layout"], "r")
+    out = by_name(meta["fn"])(decode(meta["batch"], arrays), **shared)
     if meta["task"] == "forward":
-        out = unet_forward(params, config, arrays["x"], arrays["t"], class_labels=labels, context=context,
-                           for_backward=False)[0]
         return {}, {"out": out}
-    rng = _rng(meta["rng_state"])
-    out, cache = unet_forward(params, config, arrays["x_t"], arrays["t"], class_labels=labels, context=context,
-                              train=True, rng=rng, rows=tuple(meta["rows"]))
-    schedule = make_schedule(len(arrays["betas"]), trained_betas=arrays["betas"])
-    loss, dout = diffusion_loss(schedule, out, arrays["x0"], arrays["noise"], arrays["t"], meta["prediction_type"],
-                                meta["snr_gamma"])
-    loss = loss * meta["weight"]  # forward: L = sum_k (N_k / N) L_k
-    dout *= meta["weight"]  # in place: diffusion_loss returns a new array
-    grads, _ = unet_backward(dout, cache)
-    shared = _mapped(files, "grads", meta["grads"], p["layout"], "r+")
-    for k, _ in shared.layout:  # dL_k/dtheta into the shared buffer (the gaps stay zero)
-        shared[k][...] = grads[k]
-    state = None if rng is None else rng.bit_generator.state
-    return {"rng_state": state}, {"loss": np.asarray(loss)}
+    loss, grads = out
+    view = _mapped(files, "grads", meta["grads"], p["layout"], "r+")
+    for k, _ in view.layout:  # dL_k/dtheta into the shared buffer (the gaps stay zero)
+        view[k][...] = grads[k]
+    return {}, {"loss": np.asarray(loss)}
 
 
 def _worker_main(conn, blas_threads: int) -> None:
@@ -248,55 +222,43 @@ def _close_all() -> None:
         pool.close()
 
 
-def _inputs(bounds, **arrays) -> list[dict]:
-    """Each shard's rows of the arrays that are not None (t may be 0-d: then every shard gets it whole)."""
-    out = []
-    for start, stop in bounds:
-        part = {}
-        for name, a in arrays.items():
-            if a is not None:
-                a = np.asarray(a)
-                part[name] = a if a.ndim == 0 else a[start:stop]
-        out.append(part)
-    return out
-
-
-def forward(params, config, x, t, class_labels, context, bounds, blas_threads: int):
-    """parallel.forward's shards in worker processes: eps (N, C_out, H, W), the threads' numbers."""
-    pool = get_pool(len(bounds), blas_threads)
-    meta = {"task": "forward", "config": dataclasses.asdict(config), "params": pool.share_params(params)}
-    parts = _inputs(bounds, x=x, t=t, class_labels=class_labels, context=context)
-    answers = pool.run([(meta, part) for part in parts])
-    return np.concatenate([arrays["out"] for _, arrays in answers], axis=0)
-
-
-def loss_and_grads(params, config, schedule, x_t, x0, noise, t, class_labels, context, prediction_type, snr_gamma,
-                   rng, bounds, blas_threads: int):
-    """parallel.loss_and_grads's shards in worker processes: (loss, grads), the threads' numbers bit for bit
-    (the same per-shard ops, the gradients summed in shard order); rng advanced as there."""
-    pool = get_pool(len(bounds), blas_threads)
-    n = x_t.shape[0]
-    state = None if rng is None else rng.bit_generator.state
-    if state is not None and state["bit_generator"] not in ("PCG64", "PCG64DXSM"):  # states of plain ints: JSON
-        raise ValueError(f"rng must be a PCG64 Generator (np.random.default_rng) to run the shards in processes, "
-                         f"got {state['bit_generator']}; use shards='threads'")
+def _messages(task: str, pool: ShardProcesses, fn, pieces: list, shared: dict) -> list[tuple[dict, dict]]:
+    """Message k: fn's name, the batch's piece k (its rows of the batch), and shared (params by its shared file, the rest
+    encoded; one encoding for every worker)."""
+    shared = dict(shared)
+    params = shared.pop("params", None)
+    if params is None:
+        raise ValueError("shared must hold params (a dict of arrays) to run the shards in processes")
     desc = pool.share_params(params)
-    messages, shared = [], []
-    for k, ((start, stop), part) in enumerate(zip(bounds, _inputs(bounds, x_t=x_t, x0=x0, noise=noise, t=t,
-                                                                   class_labels=class_labels, context=context))):
-        grads_desc, view = pool.grads(k, desc)
-        shared.append(view)
-        meta = {"task": "loss_and_grads", "config": dataclasses.asdict(config), "params": desc,
-                "grads": grads_desc, "rng_state": state, "rows": [start, stop, n],
-                "weight": (stop - start) / n, "prediction_type": prediction_type, "snr_gamma": snr_gamma}
-        messages.append((meta, {**part, "betas": schedule.betas}))
-    answers = pool.run(messages)
-    if rng is not None:
-        rng.bit_generator.state = answers[0][0]["rng_state"]  # as if one forward had drawn the seeds
-    loss = answers[0][1]["loss"][()]  # a NumPy scalar, as the threads' sum gives
-    grads = flat.FlatDict(np.array(shared[0].buffer), shared[0].layout)  # a copy: the files are rewritten next step
-    for (_, arrays), part in zip(answers[1:], shared[1:]):
-        loss = loss + arrays["loss"][()]
-        for g, p in flat.pieces((grads.buffer, part.buffer)):
-            g += p
-    return loss, grads if isinstance(params, flat.FlatDict) and params.intact() else dict(grads)
+    shared_arrays: dict = {}
+    meta = {"task": task, "fn": qualified_name(fn), "params": desc, "shared": encode(shared, shared_arrays, "shared")}
+    messages = []
+    for k, piece in enumerate(pieces):
+        batch_arrays: dict = {}
+        part = {**meta, "batch": encode(piece, batch_arrays, "batch")}
+        if task == "loss_and_grads":
+            part["grads"] = pool.grads(k, desc)[0]
+        messages.append((part, {**shared_arrays, **batch_arrays}))
+    return messages
+
+
+def map_forward(fn, pieces: list, shared: dict, blas_threads: int) -> list:
+    """[fn(piece, **shared) for each piece of the batch], piece k in worker k: the threads' numbers bit for bit."""
+    pool = get_pool(len(pieces), blas_threads)
+    answers = pool.run(_messages("forward", pool, fn, pieces, shared))
+    return [arrays["out"] for _, arrays in answers]
+
+
+def map_batch(fn, pieces: list, shared: dict, blas_threads: int) -> list:
+    """[(L_k, grads_k) = fn(piece_k, **shared) for each piece of the batch], piece k in worker k; each grads_k a
+    FlatDict when params is one, else a dict (grads_0 a copy, the others views of the shared files,
+    rewritten at the next call). Summed by shards.weighted_sum as the threads' are: bit for bit."""
+    pool = get_pool(len(pieces), blas_threads)
+    answers = pool.run(_messages("loss_and_grads", pool, fn, pieces, shared))
+    as_flat = isinstance(shared["params"], flat.FlatDict) and shared["params"].intact()
+    parts = []
+    for k, (_, arrays) in enumerate(answers):
+        view = pool.files[f"grads{k}"][2]
+        grads = flat.FlatDict(np.array(view.buffer), view.layout) if k == 0 else view  # grads_0 is summed into
+        parts.append((arrays["loss"][()], grads if as_flat else dict(grads)))  # loss: a NumPy scalar, as in threads
+    return parts

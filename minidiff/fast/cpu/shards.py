@@ -1,14 +1,18 @@
-"""Data parallelism over CPU cores: the batch split into shards, each shard's forward (and
-backward) in its own thread, the gradients summed.
+"""Data parallelism over CPU cores: the fast tables' map_batch and map_forward. The batch is split
+into shards by rows, fn runs on each shard in its own thread (or worker process), and the results
+are joined:
 
-    L = sum_k (N_k / N) L_k,        dL/dtheta = sum_k (N_k / N) dL_k/dtheta
+    map_batch:    L = sum_k (N_k / N) L_k,   dL/dtheta = sum_k (N_k / N) dL_k/dtheta,   (L_k, dL_k) = fn(shard_k)
+    map_forward:  out = concat_k fn(shard_k)
 
 L_k is the mean loss over shard k's N_k rows, so L is the mean over the whole batch. The split
 changes nothing but float rounding: every op of the U-Net acts on each sample alone (convs,
-GroupNorm, attention, the time embedding), and the dropout masks of a shard are its rows of the
-masks drawn for the whole batch (unet_forward(rows=...)).
+GroupNorm, attention, the time embedding), and the batch carries its dropout masks, so a shard
+gets its rows of the masks drawn for the whole batch (model/dropout.py). What is split: every array
+of the batch dict with a batch axis, the dicts in it (the dropout masks) entry by entry; 0-d arrays,
+numbers and None go whole to every shard, as do the `shared` keyword arguments (weights, config).
 
-Threads or processes (shards=): NumPy releases the GIL inside its loops and BLAS calls, so two
+Threads or processes (Shards.mode): NumPy releases the GIL inside its loops and BLAS calls, so two
 shards in threads keep two cores busy on the big ops; but a step is also thousands of small ops
 whose Python and dispatch overhead holds the GIL, and there the threads queue for it. In worker
 processes (shard_processes.py) each shard has its own GIL and gives the same numbers, bit for bit;
@@ -16,48 +20,31 @@ the command line runs them there by default (--shards processes), a library call
 asked. While the shards run, BLAS gets cores // shards threads each (threadpoolctl), one each on
 2 cores: on this network's GEMMs OpenBLAS's own threads cost more than they gain there
 (docs/performance.md). Measured on 2 cores only; the auto setting (one shard per core, at most 4)
-is a guess beyond that. A GPU is one device: there workers is always 1.
+is a guess beyond that. A GPU is one device: a batch of CuPy arrays runs in one piece.
 
-Shape legend: N batch, N_k rows of shard k, C H W image, S prompt tokens.
+Shape legend: N batch, N_k rows of shard k, P the flat buffer's length.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import numbers
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
 from .. import flat
 from . import shard_processes
 from ...backend import get_array_module
-from ...diffusion.loss import diffusion_loss
-from ...model.unet import unet_backward, unet_forward
+from ...train.config import SHARD_MODES, check_shards, check_threads  # noqa: F401  (SHARD_MODES: re-exported)
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 # While shards run, a thread that holds the GIL through a run of small NumPy ops is asked to hand it
 # over after 1 ms instead of CPython's 5 ms, so a shard waiting to start its next big op (which
 # releases the GIL) is not stalled: 7 % (training step) to 14 % (sampling step) faster on 2 cores.
 SWITCH_INTERVAL = 0.001
-# Where the shards run (the shards argument, --shards on the command line): "threads", here, or
-# "processes", in worker processes (shard_processes.py: no GIL shared between the shards, the same numbers).
-SHARD_MODES = ("threads", "processes")
-
-
-def check_shards(shards) -> str:
-    """Return shards, or raise ValueError naming --shards unless it is 'threads' or 'processes'."""
-    if shards not in SHARD_MODES:
-        raise ValueError(f"--shards must be one of {list(SHARD_MODES)}, got {shards!r}")
-    return shards
-
-
-def _in_processes(bounds, xp, shards: str) -> bool:
-    """Whether these shards go to worker processes (several shards, NumPy, shards='processes')."""
-    return check_shards(shards) == "processes" and len(bounds) > 1 and xp is np
 
 
 def available_cores() -> int:
@@ -70,11 +57,10 @@ def available_cores() -> int:
 
 def resolve_workers(workers, device: str = "cpu") -> int:
     """workers: 0 = auto (the available cores, at most 4, on a CPU; 1 on a GPU), or an int >= 1."""
-    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 0:
-        raise ValueError(f"workers (--threads) must be an int >= 0 (0 = one per CPU core, at most 4), got {workers!r}")
+    workers = check_threads(workers)
     if device == "gpu":
         return 1
-    return min(available_cores(), 4) if workers == 0 else int(workers)
+    return min(available_cores(), 4) if workers == 0 else workers
 
 
 def shard_bounds(n: int, workers: int) -> list[tuple[int, int]]:
@@ -98,9 +84,8 @@ def _blas_threads(n: int):
     return _BLAS[0].limit(limits=n, user_api="blas")
 
 
-def map_shards(fn, n: int, workers: int) -> list:
-    """[fn(start, stop) for each shard of n rows], shard k run in thread k; results in shard order."""
-    bounds = shard_bounds(n, workers)
+def map_shards(fn, bounds: list) -> list:
+    """[fn(start, stop) for each (start, stop) in bounds], shard k run in thread k; results in shard order."""
     if len(bounds) == 1:
         return [fn(*bounds[0])]
     pool = _POOLS.get(len(bounds))
@@ -116,74 +101,105 @@ def map_shards(fn, n: int, workers: int) -> list:
         sys.setswitchinterval(interval)
 
 
-def _rows(a, start, stop):
-    return None if a is None else a[start:stop]
+# ----------------------------------------------------------------------------- batches
 
 
-def loss_and_grads(params, config, schedule, x_t, x0, noise, t, class_labels=None, context=None,
-                   prediction_type="epsilon", snr_gamma=None, rng=None, workers: int = 1, shards: str = "threads"):
-    """L = sum_k (N_k / N) L_k and dL/dtheta = sum_k (N_k / N) dL_k/dtheta over the shards of the batch.
-
-    Inputs: x_t, x0, noise (N, C, H, W); t (N,); class_labels (N,) or None; context (N, S) or None;
-            rng: the host generator of the dropout masks (advanced as one unsplit forward would);
-            shards: "threads" or "processes", where the shards run (the same numbers either way).
-    Returns (loss, grads): a 0-d array on x_t's backend and {name: dL/dparam}, a flat.FlatDict
-    (one buffer) when params is one.
-    With workers = 1 this is unet_forward + diffusion_loss + unet_backward, op for op.
-    """
-    n = x_t.shape[0]
-    bounds = shard_bounds(n, workers)
-    if _in_processes(bounds, get_array_module(x_t), shards):
-        return shard_processes.loss_and_grads(params, config, schedule, x_t, x0, noise, t, class_labels, context,
-                                              prediction_type, snr_gamma, rng, bounds,
-                                              max(1, available_cores() // len(bounds)))
-    rngs = [rng] if len(bounds) == 1 else [copy.deepcopy(rng) for _ in bounds]  # same seeds in every shard
-
-    def shard(start, stop):
-        k = bounds.index((start, stop))
-        out, cache = unet_forward(params, config, x_t[start:stop], t[start:stop],
-                                  class_labels=_rows(class_labels, start, stop), context=_rows(context, start, stop),
-                                  train=True, rng=rngs[k], rows=None if len(bounds) == 1 else (start, stop, n))
-        loss, dout = diffusion_loss(schedule, out, x0[start:stop], noise[start:stop], t[start:stop],
-                                    prediction_type, snr_gamma)
-        if len(bounds) > 1:  # forward: L = sum_k (N_k / N) L_k
-            weight = (stop - start) / n
-            loss = loss * weight
-            dout *= weight  # in place: diffusion_loss returns a new array
-        grads, _ = unet_backward(dout, cache)
-        return loss, flat.gather(grads, like=params)  # one buffer when params has one (flat.FlatDict)
-
-    results = map_shards(shard, n, workers)
-    if len(bounds) > 1 and rng is not None:
-        rng.bit_generator.state = rngs[0].bit_generator.state  # as if one forward had drawn the seeds
-    loss, grads = results[0]
-    for part_loss, part_grads in results[1:]:
-        loss = loss + part_loss
-        summed = flat.buffers(grads, part_grads)
-        for g, part in flat.pieces(summed) if summed else [(g, part_grads[key]) for key, g in grads.items()]:
-            g += part
-    return loss, grads
+def _arrays(batch):
+    """The arrays in batch (a dict of arrays, dicts of arrays, numbers and None), depth first."""
+    if isinstance(batch, dict):
+        for value in batch.values():
+            yield from _arrays(value)
+    elif hasattr(batch, "ndim"):
+        yield batch
 
 
-def forward(params, config, x, t, class_labels=None, context=None, workers: int = 1, shards: str = "threads"):
-    """eps = UNet(x, t[, y][, prompt]) (inference, no dropout), the batch split over worker threads or processes.
+def batch_rows(batch: dict) -> int:
+    """N: the rows of batch's arrays with a batch axis; ValueError unless they all have the same."""
+    sizes = {int(a.shape[0]) for a in _arrays(batch) if a.ndim > 0}
+    if len(sizes) != 1:
+        raise ValueError(f"the batch's arrays must all have the same number of rows (N, ...), got {sorted(sizes)}")
+    return sizes.pop()
 
-    Inputs as unet_forward's; t a scalar or (N,); shards as loss_and_grads's. Returns eps (N, C_out, H, W)
-    on x's backend.
-    """
-    n = x.shape[0]
-    xp = get_array_module(x)
-    t = xp.asarray(t)
-    bounds = shard_bounds(n, workers)
-    if len(bounds) == 1:
-        return unet_forward(params, config, x, t, class_labels=class_labels, context=context, for_backward=False)[0]
-    if _in_processes(bounds, xp, shards):
-        return shard_processes.forward(params, config, x, t, class_labels, context, bounds,
-                                       max(1, available_cores() // len(bounds)))
 
-    def shard(start, stop):
-        ts = t if t.ndim == 0 else t[start:stop]
-        return unet_forward(params, config, x[start:stop], ts, class_labels=_rows(class_labels, start, stop),
-                            context=_rows(context, start, stop), for_backward=False)[0]
+def rows(batch, start: int, stop: int):
+    """Rows start:stop of every array with a batch axis (dicts entry by entry; the rest whole)."""
+    if isinstance(batch, dict):
+        return {k: rows(v, start, stop) for k, v in batch.items()}
+    return batch[start:stop] if getattr(batch, "ndim", 0) > 0 else batch
 
-    return xp.concatenate(map_shards(shard, n, workers), axis=0)
+
+def weighted_sum(parts: list, bounds: list):
+    """(L, grads) = sum_k (N_k / N) (L_k, grads_k) over the shards' (L_k, grads_k), in shard order.
+
+    grads_0 is summed into in place (each shard's grads are new arrays); on flat buffers one pass per
+    piece of the buffer. Threads and processes both sum here: the same numbers, bit for bit."""
+    n = bounds[-1][1]
+    loss, total = None, parts[0][1]
+    for k, ((start, stop), (part_loss, grads)) in enumerate(zip(bounds, parts)):
+        w = (stop - start) / n
+        bufs = flat.buffers(total, grads)
+        pairs = flat.pieces(bufs) if bufs else [(total[key], grads[key]) for key in total]
+        for g, part in pairs:
+            if k == 0:
+                g *= w
+            else:
+                g += part * w
+        loss = part_loss * w if k == 0 else loss + part_loss * w
+    return loss, total
+
+
+# ----------------------------------------------------------------------------- the ops
+
+
+@dataclass(frozen=True)
+class Shards:
+    """The batch in `workers` shards, run in threads or worker processes (mode); the fast tables'
+    map_batch and map_forward (fast_ops(workers, mode)). workers = 1: one piece, in this thread."""
+
+    workers: int = 1
+    mode: str = "threads"
+
+    def __post_init__(self):
+        if check_threads(self.workers) < 1:
+            raise ValueError(f"workers (--threads) must be >= 1 here (resolve 0 with resolve_workers), got 0")
+        check_shards(self.mode)
+
+    def _bounds(self, batch) -> tuple[list, bool]:
+        """(the shards' (start, stop), whether they run in worker processes)."""
+        n = batch_rows(batch)
+        if get_array_module(*_arrays(batch)) is not np:
+            return [(0, n)], False  # a GPU: one device, one piece
+        bounds = shard_bounds(n, self.workers)
+        return bounds, self.mode == "processes" and len(bounds) > 1
+
+    def map_batch(self, fn, batch: dict, **shared):
+        """(L, grads) = sum_k (N_k / N) fn(shard_k, **shared), fn returning (L_k, {name: dL_k/dparam}).
+
+        When shared["params"] is a flat.FlatDict, grads is one too (the optimizer updates one buffer).
+        In processes fn must be a module-level function (the workers import it by name) and shared
+        must hold params and travel as JSON and arrays (shard_messages.encode)."""
+        bounds, in_processes = self._bounds(batch)
+        params = shared.get("params")
+        if in_processes:
+            parts = shard_processes.map_batch(fn, [rows(batch, *b) for b in bounds], shared, self._blas(bounds))
+        else:
+            def shard(start, stop):
+                loss, grads = fn(batch if len(bounds) == 1 else rows(batch, start, stop), **shared)
+                return loss, flat.gather(grads, like=params)  # one buffer when params has one
+
+            parts = map_shards(shard, bounds)
+        return parts[0] if len(parts) == 1 else weighted_sum(parts, bounds)
+
+    def map_forward(self, fn, batch: dict, **shared):
+        """out = concat_k fn(shard_k, **shared) along the batch axis (one piece: fn(batch, **shared))."""
+        bounds, in_processes = self._bounds(batch)
+        if in_processes:
+            pieces = [rows(batch, *b) for b in bounds]
+            return np.concatenate(shard_processes.map_forward(fn, pieces, shared, self._blas(bounds)), axis=0)
+        if len(bounds) == 1:
+            return fn(batch, **shared)
+        return np.concatenate(map_shards(lambda start, stop: fn(rows(batch, start, stop), **shared), bounds), axis=0)
+
+    @staticmethod
+    def _blas(bounds) -> int:
+        return max(1, available_cores() // len(bounds))

@@ -10,11 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minidiff.fast import flat
-from minidiff.fast.cpu import shards as parallel
+from minidiff.fast.cpu.shards import Shards
+from minidiff.fast.ops import fast_ops
 from minidiff.train.optim import clip_grad_norm
-from minidiff.diffusion.schedule import add_noise, make_schedule
+from minidiff.diffusion.schedule import make_schedule
 from minidiff.model.unet import init_params
 from minidiff.model.config import get_preset
+from minidiff.train.trainer import loss_and_grads
 
 shapes = st.lists(st.lists(st.integers(1, 7), min_size=0, max_size=4).map(tuple), min_size=1, max_size=6)
 
@@ -84,17 +86,18 @@ def test_clip_grad_norm_on_the_flat_buffer_matches_per_tensor(shape_list, max_no
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
-def test_loss_and_grads_returns_one_buffer_equal_to_the_per_key_grads(workers):
+def test_map_batch_returns_one_buffer_equal_to_the_per_key_grads(workers):
     config = get_preset("tiny")
     host = init_params(config, seed=0, dtype=np.float64)
     schedule = make_schedule(100)
     rng = np.random.default_rng(0)
     x0, noise = rng.standard_normal((2, 5, 3, 8, 8))
     t = rng.integers(0, 100, 5)
-    x_t = add_noise(schedule, x0, noise, t)
-    loss_p, g_p = parallel.loss_and_grads(host, config, schedule, x_t, x0, noise, t, workers=workers)
+    batch = dict(x0=x0, eps=noise, t=t, class_labels=None, context=None, dropout_masks=None)
+    shards = Shards(workers)
+    loss_p, g_p = shards.map_batch(loss_and_grads, batch, params=host, config=config, schedule=schedule)
     params = flat.flatten(host)
-    loss_f, g_f = parallel.loss_and_grads(params, config, schedule, x_t, x0, noise, t, workers=workers)
+    loss_f, g_f = shards.map_batch(loss_and_grads, batch, params=params, config=config, schedule=schedule)
     assert isinstance(g_f, flat.FlatDict) and flat.buffers(g_f, params) is not None
     assert float(loss_f) == float(loss_p)
     for k in host:  # the same per-key sums, done on the buffer
@@ -107,14 +110,14 @@ def test_the_trainer_keeps_params_moments_and_ema_on_one_buffer_through_steps_an
 
     cfg = dict(out=str(tmp_path / "run"), preset="tiny", steps=4, batch_size=4, save_every=2, sample_every=0,
                log_every=1, warmup_steps=2, lr=1e-3, grad_clip=1.0)
-    trainer = Trainer(TrainConfig(**cfg), log=lambda *a, **k: None)
+    trainer = Trainer(TrainConfig(**cfg), log=lambda *a, **k: None, ops=fast_ops())  # FAST: flat buffers
     for _ in range(2):
         trainer.train_step()
     trainer.flush_losses()
     trainer.save()
     state = (trainer.params, trainer.opt.exp_avg, trainer.opt.exp_avg_sq, trainer.ema.shadow)
     assert flat.buffers(*state) is not None  # the one-buffer update ran, no key was cut loose
-    resumed = Trainer(TrainConfig(**cfg | {"resume": True}), log=lambda *a, **k: None)
+    resumed = Trainer(TrainConfig(**cfg | {"resume": True}), log=lambda *a, **k: None, ops=fast_ops())
     again = (resumed.params, resumed.opt.exp_avg, resumed.opt.exp_avg_sq, resumed.ema.shadow)
     assert flat.buffers(*again) is not None
     for a, b in zip(state, again):

@@ -1,12 +1,15 @@
-"""The main job end to end on tiny settings: exact resume, no overwrites, NaN stop, CLI errors."""
+"""The main job end to end on tiny settings: exact resume, no overwrites, NaN stop, CLI errors; the
+reference and the fast ops tables train alike; a split batch gets the unsplit batch's dropout masks."""
 
 import json
 
 import numpy as np
 import pytest
 
-from minidiff.fast.cpu import shards as parallel_mod
 from minidiff.cli import main
+from minidiff.fast.ops import fast_ops
+from minidiff.nn.ops import REFERENCE
+from minidiff.train import trainer as trainer_mod
 from minidiff.train.config import TrainConfig
 from minidiff.train.trainer import Trainer, TrainingDiverged, train
 
@@ -61,22 +64,22 @@ def test_a_new_run_never_overwrites_an_earlier_one(tmp_path):
 
 
 def poison_loss(monkeypatch, call: int, factor: float) -> None:
-    """Make the call-th diffusion_loss (one per step with --threads 1) return loss * factor (nan or inf)."""
-    real, calls = parallel_mod.diffusion_loss, {"n": 0}
+    """Make the call-th diffusion_loss (one per step: the batch in one piece) return loss * factor (nan or inf)."""
+    real, calls = trainer_mod.diffusion_loss, {"n": 0}
 
     def poisoned(*a, **k):
         calls["n"] += 1
         loss, d = real(*a, **k)
         return (loss * factor if calls["n"] == call else loss), d
 
-    monkeypatch.setattr(parallel_mod, "diffusion_loss", poisoned)
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", poisoned)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
     poison_loss(monkeypatch, 3, np.nan)
     with pytest.raises(TrainingDiverged, match="step 3"):
-        train(tiny_cfg(out, threads=1), log=quiet)  # one shard: one loss call per step
+        train(tiny_cfg(out, threads=1), log=quiet)  # REFERENCE: one loss call per step
     from minidiff.train.checkpoint import load_checkpoint
 
     _, meta = load_checkpoint(out / "checkpoints" / "latest.npz")
@@ -161,3 +164,58 @@ def test_bad_shards_is_one_line_naming_the_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse's choices: eval and bench
         main(["eval", "--checkpoint", "x", "--shards", "fibers"])
     assert "invalid choice: 'fibers'" in capsys.readouterr().err
+
+
+def test_reference_and_fast_ops_train_alike(tmp_path):
+    """Three steps of the tiny preset (dropout on, text prompts) with REFERENCE and with the fast table, whole
+    and in 2 shards (threads and processes): the same losses and weights up to float rounding (float64 here;
+    Winograd and the refolded GroupNorm round differently), the same draws from the generator."""
+    kw = dict(steps=3, save_every=3, dtype="float64", dropout=0.1, batch_size=5)
+    runs = {}
+    for name, ops in (("reference", REFERENCE), ("fast", fast_ops(1)), ("threads", fast_ops(2, "threads")),
+                      ("processes", fast_ops(2, "processes"))):
+        t = Trainer(tiny_cfg(tmp_path / name, **kw), log=quiet, ops=ops)
+        for _ in range(3):
+            t.train_step()
+        t.flush_losses()
+        runs[name] = t
+    ref = runs["reference"]
+    for name, t in runs.items():
+        assert t.losses == pytest.approx(ref.losses, rel=1e-10), name
+        assert max(float(np.abs(t.params[k] - ref.params[k]).max()) for k in ref.params) < 1e-10, name
+        assert t.rng.bit_generator.state == ref.rng.bit_generator.state, name
+    assert runs["processes"].losses == runs["threads"].losses  # bit for bit
+
+
+def test_a_split_batch_gets_the_unsplit_batchs_dropout_masks(tmp_path, monkeypatch):
+    """With dropout the masks are drawn once for the batch (after eps) and each shard gets its rows of them."""
+    seen = []
+
+    def spy(batch, **shared):
+        seen.append(batch["dropout_masks"])
+        return real(batch, **shared)
+
+    real = trainer_mod.loss_and_grads
+    monkeypatch.setattr(trainer_mod, "loss_and_grads", spy)
+    masks = {}
+    for workers in (1, 3):
+        seen.clear()
+        t = Trainer(tiny_cfg(tmp_path / str(workers), dropout=0.3, batch_size=5), log=quiet,
+                    ops=fast_ops(workers, "threads"))
+        t.train_step()
+        assert len(seen) == workers and seen[0] is not None
+        masks[workers] = {k: np.concatenate([part[k] for part in seen]) for k in seen[0]}
+    assert list(masks[1]) == list(masks[3]) and len(masks[1]) > 0
+    for k, m in masks[1].items():
+        assert m.shape[0] == 5 and 0 < m.mean() < 1
+        np.testing.assert_array_equal(masks[3][k], m)
+
+
+def test_cli_reference_trains(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--reference", "--out", str(out), "--preset", "tiny", "--steps", "2", "--batch-size", "2",
+                 "--sample-every", "0", "--sample-steps", "2"]) == 0
+    assert "done: 2 steps" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["train_config"]["reference"] is True
+    assert main(["sample", "--reference", "--checkpoint", str(out), "--out", str(tmp_path / "s"), "--steps", "2",
+                 "--n", "2"]) == 0
