@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 
 from ..nn.ops import REFERENCE, Ops
-from . import norm
 from . import conv
+from . import norm
 from . import flat
 from . import optim
 from . import sampler
@@ -32,15 +32,15 @@ from .cpu.shards import Shards
 #   fast/cpu/shards.py  map_batch over worker threads or processes
 FAST = dataclasses.replace(
     REFERENCE,
+    conv2d_forward=conv.conv2d_forward, conv2d_backward=conv.conv2d_backward,
+    downsample_forward=conv.downsample_forward, downsample_backward=conv.downsample_backward,
     groupnorm_forward=norm.groupnorm_forward, groupnorm_backward=norm.groupnorm_backward,
     groupnorm_silu_forward=norm.groupnorm_silu_forward, groupnorm_silu_backward=norm.groupnorm_silu_backward,
     silu_forward=norm.silu_forward, silu_backward=norm.silu_backward,
     ddpm_step=sampler.ddpm_step, ddim_step=sampler.ddim_step,
-                           adam_update=optim.adam_update, ema_update=optim.ema_update, arrange_params=flat.flatten,
-                           conv2d_forward=conv.conv2d_forward, conv2d_backward=conv.conv2d_backward,
-                           downsample_forward=conv.downsample_forward, downsample_backward=conv.downsample_backward,
-                           map_batch=Shards(1).map_batch, map_forward=Shards(1).map_forward,
-                           name="fast")
+    adam_update=optim.adam_update, ema_update=optim.ema_update,
+    map_batch=Shards(1).map_batch, map_forward=Shards(1).map_forward, arrange_params=flat.flatten,
+    name="fast")
 
 
 def fast_ops(workers: int = 1, shards: str = "threads") -> Ops:
