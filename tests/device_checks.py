@@ -36,7 +36,8 @@ def randn(*shape, seed=0):
 
 def training_step(device, config, one_buffer=False, ops=REFERENCE):
     """One step of DDPM training (dropout drawn from a host seed) on one backend; one_buffer: params,
-    grads and AdamW state in one flat buffer each, as the Trainer has them with FAST; ops: AdamW's table."""
+    grads and AdamW state in one flat buffer each, as the Trainer has them with FAST; ops: the table of
+    the U-Net and of AdamW."""
     schedule = make_schedule(1000, "linear")
     params = to_device(init_params(config, seed=0, dtype=np.float64), device)
     params = flat.flatten(params) if one_buffer else params
@@ -45,7 +46,7 @@ def training_step(device, config, one_buffer=False, ops=REFERENCE):
     t = np.array([5, 500, 999])  # on the host, as the Trainer keeps it
     x0, noise = to_device(x0, device), to_device(noise, device)
     x_t = add_noise(schedule, x0, noise, t)
-    eps, cache = unet_forward(params, config, x_t, t, train=True, rng=np.random.default_rng(7))
+    eps, cache = unet_forward(params, config, x_t, t, train=True, rng=np.random.default_rng(7), ops=ops)
     loss, deps = diffusion_loss(schedule, eps, x0, noise, t)
     grads, dx = unet_backward(deps, cache)
     grads = flat.gather(grads, like=params)  # unchanged unless params is flat
