@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shards", default="processes", choices=SHARD_MODES,
                    help="where the CPU shards run: processes (each its own GIL; faster) or threads; the same numbers")
     e.add_argument("--reference", action="store_true",
-                   help="run the readable reference ops (nn/) instead of the fast ones; slower, same numbers up to rounding")
+                   help="run the readable reference ops (nn/) instead of the fast ones; slower, same numbers up to "
+                        "rounding")
     e.add_argument("--tf32", action="store_true",
                    help="GPU float32 matmuls in TF32 on the tensor cores (faster, ~1e-3 relative error)")
     e.add_argument("--out", default="", help="write eval.json and a grid per scale here (default: the run dir)")

@@ -254,15 +254,15 @@ def loss_and_grads(batch: dict, params, config, schedule, prediction_type="epsil
     batch: x0, eps (N, C, H, W); t (N,) host ints; class_labels (N,) or None; context (N, L) or None;
     dropout_masks {resnet prefix: (N, C_out, H_i, W_i) keep-mask} or None. The target is eps, x_0 or v
     (prediction_type), weighted by min-SNR-gamma when snr_gamma is set (diffusion/loss.py).
-    Returns (loss 0-d, grads {key: dL/dparam}, params' keys). ops.map_batch runs it on the whole batch
+    Returns (loss 0-d, grads {key: dL/dparam} under params' keys). ops.map_batch runs it on the whole batch
     or on its rows, so it is a module-level function: worker processes import it by name.
     """
     x0, eps, t = batch["x0"], batch["eps"], batch["t"]
-    x_t = add_noise(schedule, x0, eps, t)                                  # sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    x_t = add_noise(schedule, x0, eps, t)                               # 5: sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
     out, cache = unet_forward(params, config, x_t, t, batch["class_labels"], batch["context"], train=True,
-                              dropout_masks=batch["dropout_masks"], ops=ops)  # eps_theta(x_t, t, c)
-    loss, dout = diffusion_loss(schedule, out, x0, eps, t, prediction_type, snr_gamma)  # || eps - eps_theta ||^2
-    grads, _ = unet_backward(dout, cache)                                  # grad_theta
+                              dropout_masks=batch["dropout_masks"], ops=ops)  # 5: eps_theta(x_t, t, c)
+    loss, dout = diffusion_loss(schedule, out, x0, eps, t, prediction_type, snr_gamma)  # 5: || eps - eps_theta ||^2
+    grads, _ = unet_backward(dout, cache)                               # 5: grad_theta
     return loss, grads
 
 

@@ -223,8 +223,8 @@ def _close_all() -> None:
 
 
 def _messages(task: str, pool: ShardProcesses, fn, pieces: list, shared: dict) -> list[tuple[dict, dict]]:
-    """Message k: fn's name, the batch's piece k (its rows of the batch), and shared (params by its shared file, the rest
-    encoded; one encoding for every worker)."""
+    """Message k: fn's name, the batch's piece k (its rows of the batch), and shared (params by its shared
+    file, the rest encoded; one encoding for every worker)."""
     shared = dict(shared)
     params = shared.pop("params", None)
     if params is None:
