@@ -9,13 +9,7 @@ Shape legend: none; this module moves whole arrays.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
-
-# Fused CuPy kernels (one launch for a chain of elementwise ops) where minidiff has them; the
-# environment variable MINIDIFF_FUSED=0 runs the plain array ops instead, which NumPy always runs.
-FUSED = os.environ.get("MINIDIFF_FUSED", "1") != "0"
 
 _CUPY = None  # the imported cupy module, once import_cupy() succeeded
 _CUPY_ERROR = None  # why it failed, to repeat in the error message

@@ -15,9 +15,9 @@
 #   bench.txt           minidiff bench's tables, one after another: small and ddpm-cifar10 at batch 128,
 #                       float32, 3 alternating rounds (train step, sample step, peak memory, beside PyTorch);
 #                       then small's steps
-#                       with MINIDIFF_FUSED=0 (no fused SiLU / GroupNorm / Adam / sampler kernels); where a
-#                       fused bench run fails (not a timeout), that preset's whole bench again with
-#                       MINIDIFF_FUSED=0 beside PyTorch ("fallback")
+#                       with --reference (nn/'s array ops: no CUDA kernels of fast/); where a
+#                       fast bench run fails (not a timeout), that preset's whole bench again with
+#                       --reference beside PyTorch ("fallback")
 #   bench_<preset>.json the rows of each preset (bench_<preset>_fallback.json for a fallback run)
 #   profile_small.txt   cProfile of small's steps, by own time: which Python functions the host spends it in
 # Each part has its own timeout (150 + 2 x 120 + 45 + 40 = 475 s at most) so that one hang cannot eat
@@ -48,23 +48,23 @@ fi
 BENCH="$OUT_DIR/bench.txt"
 if [[ $PARTS == *" bench "* ]]; then
   for preset in small ddpm-cifar10; do
-    echo "=== $preset, batch 128, fused kernels on" >> "$BENCH"
+    echo "=== $preset, batch 128, fast ops (the CUDA kernels)" >> "$BENCH"
     timeout 120 $PY scripts/bench.py --device gpu --preset "$preset" --batch 128 --repeats 10 --warmup 3 --rounds 3 \
       --json "$OUT_DIR/bench_$preset.json" >> "$BENCH" 2>&1
     rc=$?
     echo "bench exit $rc" >> "$BENCH"
     if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then  # failed, not timed out: maybe a fused kernel on the real CuPy;
       # the plain array ops then still give the ratios, in the same minute
-      echo "=== $preset, batch 128, fallback: MINIDIFF_FUSED=0" >> "$BENCH"
-      MINIDIFF_FUSED=0 timeout 90 $PY scripts/bench.py --device gpu --preset "$preset" --batch 128 --repeats 10 \
+      echo "=== $preset, batch 128, fallback: --reference" >> "$BENCH"
+      timeout 90 $PY scripts/bench.py --reference --device gpu --preset "$preset" --batch 128 --repeats 10 \
         --warmup 3 --json "$OUT_DIR/bench_${preset}_fallback.json" >> "$BENCH" 2>&1
       echo "bench exit $?" >> "$BENCH"
     fi
   done
 fi
-if [[ $PARTS == *" unfused "* ]]; then  # the fused kernels (SiLU, GroupNorm, Adam, sampler) against the plain array ops
-  echo "=== small, batch 128, unfused: MINIDIFF_FUSED=0, no PyTorch" >> "$BENCH"
-  MINIDIFF_FUSED=0 timeout 45 $PY scripts/bench.py --device gpu --preset small --batch 128 --repeats 10 --warmup 3 \
+if [[ $PARTS == *" unfused "* ]]; then  # the fast ops (CUDA kernels) against the reference's plain array ops
+  echo "=== small, batch 128, --reference, no PyTorch" >> "$BENCH"
+  timeout 45 $PY scripts/bench.py --reference --device gpu --preset small --batch 128 --repeats 10 --warmup 3 \
     --no-torch --no-memory >> "$BENCH" 2>&1
   echo "bench exit $?" >> "$BENCH"
 fi

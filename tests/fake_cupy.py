@@ -1,9 +1,9 @@
 """A stand-in for CuPy made of NumPy, so that the GPU code paths run on a machine without a GPU.
 
-minidiff picks its code by backend: `xp is not np` runs the fused kernels (SiLU, GroupNorm with
-and without SiLU, AdamW and the EMA, the sampler's reverse step; with MINIDIFF_FUSED=0 the array ops),
+minidiff's fast ops (minidiff.fast, the FAST table) pick their code by backend: `xp is not np` runs the
+CUDA kernels (SiLU, GroupNorm with and without SiLU, AdamW and the EMA, the sampler's reverse step),
 FAST's conv with its im2col, col2im and bias kernels and the whole batch at once (no chunks, no
-Winograd; the reference conv runs its array ops), the flat buffers in one piece,
+Winograd); the REFERENCE ops run their plain array ops on CuPy too. The flat buffers go in one piece,
 the dropout masks drawn on "the device", the loss read every --log-every steps. With install(),
 backend.import_cupy() returns this module and its arrays (FakeDeviceArray, an ndarray subclass
 whose type claims to come from cupy) count as CuPy arrays, so all of those run here, on NumPy

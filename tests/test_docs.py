@@ -30,7 +30,7 @@ DOCS = sorted((ROOT / "docs").rglob("*.md")) + ([ROOT / "README.md"] if (ROOT / 
 FENCE = re.compile(r"^```python(?P<info>[^\n`]*)$")
 REF = re.compile(r"`(?P<name>[A-Za-z_][\w.]*)(?:\(\))?`\s*\((?P<path>minidiff/[\w/]+\.py):(?P<line>\d+)\)")
 ANY_REF = re.compile(r"minidiff/[\w/]+\.py:\d+")
-TEST_REF = re.compile(r"(?P<path>tests/test_\w+\.py)::(?P<name>test_\w+)")
+TEST_REF = re.compile(r"(?P<path>tests/(?:\w+/)*test_\w+\.py)::(?P<name>test_\w+)")
 WINDOW = 3  # the definition may sit this many lines below the referenced line
 
 

@@ -18,7 +18,6 @@ from device_checks import (
     check_sampling_loop,
     check_trainer_steps_read_nothing_back, check_training_step,
 )
-from minidiff import backend
 from minidiff.backend import is_cupy_array, to_numpy
 from minidiff.bench import run_bench
 from minidiff.fast.ops import FAST
@@ -34,11 +33,10 @@ def fake(monkeypatch):
     return fake_cupy.install(monkeypatch)
 
 
-@pytest.mark.parametrize("fused", [True, False])  # MINIDIFF_FUSED=0: CuPy runs the plain array ops
+@pytest.mark.parametrize("fused", [True, False])  # FAST (the CUDA kernels) or REFERENCE (plain array ops on CuPy)
 @pytest.mark.parametrize("one_buffer", [False, True])
 @pytest.mark.parametrize("preset", ["tiny", "small"])  # small: >= 32 channels, Winograd on the CPU side
-def test_a_training_step_on_the_gpu_path_matches_numpy(fake, monkeypatch, preset, one_buffer, fused):
-    monkeypatch.setattr(backend, "FUSED", fused)
+def test_a_training_step_on_the_gpu_path_matches_numpy(fake, preset, one_buffer, fused):
     check_training_step(dataclasses.replace(get_preset(preset), sample_size=8, dropout=0.1), one_buffer, TOL,
                         FAST if fused else REFERENCE)
     kernels = {"minidiff_silu_forward", "minidiff_silu_backward", "minidiff_gn_stats_double", "minidiff_gn_dot",
@@ -131,13 +129,12 @@ def test_classifier_training_on_the_gpu_path_reads_its_losses_once_per_log(fake,
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_the_fused_kernels_cut_the_device_operations_of_a_step(fake, tmp_path, monkeypatch, capsys, preset):
     """Device operations (each about one kernel launch or cuBLAS call on CuPy, counted by the fake) of one
-    Trainer step and one DDIM sampling step, with MINIDIFF_FUSED=0 and with the fused kernels."""
+    Trainer step and one DDIM sampling step, with the REFERENCE ops (plain array ops) and with FAST (the kernels)."""
     from minidiff.train.config import TrainConfig
     from minidiff.train.trainer import Trainer
 
     counts = {}
     for fused in (False, True):
-        monkeypatch.setattr(backend, "FUSED", fused)
         cfg = TrainConfig(out=str(tmp_path / f"{preset}{fused}"), preset=preset, device="gpu", steps=4, batch_size=2,
                           log_every=10, save_every=100, sample_every=0, threads=1)
         trainer = Trainer(cfg, log=lambda *a, **k: None, ops=FAST if fused else REFERENCE)

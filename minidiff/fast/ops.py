@@ -27,7 +27,7 @@ from .cpu.shards import Shards
 #   fast/conv.py      conv2d_forward / conv2d_backward / downsample_forward / downsample_backward
 #   fast/norm.py      groupnorm_*, groupnorm_silu_*, silu_* (CUDA kernels on CuPy; the CPU fold on NumPy)
 #   fast/sampler.py   ddpm_step / ddim_step (one kernel per step on CuPy)
-#   fast/optim.py     adam_update / ema_update (one update of the flat buffers; one kernel on CuPy)
+#   fast/optim.py     adam_update / ema_update / clip_grad_norm (one update of the flat buffers; one kernel on CuPy)
 #   fast/flat.py      flatten (arrange_params)
 #   fast/cpu/shards.py  map_batch over worker threads or processes
 FAST = dataclasses.replace(
@@ -38,7 +38,7 @@ FAST = dataclasses.replace(
     groupnorm_silu_forward=norm.groupnorm_silu_forward, groupnorm_silu_backward=norm.groupnorm_silu_backward,
     silu_forward=norm.silu_forward, silu_backward=norm.silu_backward,
     ddpm_step=sampler.ddpm_step, ddim_step=sampler.ddim_step,
-    adam_update=optim.adam_update, ema_update=optim.ema_update,
+    adam_update=optim.adam_update, ema_update=optim.ema_update, clip_grad_norm=optim.clip_grad_norm,
     map_batch=Shards(1).map_batch, map_forward=Shards(1).map_forward, arrange_params=flat.flatten,
     name="fast")
 

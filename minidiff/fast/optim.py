@@ -67,3 +67,12 @@ def ema_update(shadow, params, decay):
         return
     for e, p in groups:
         ema_update_cuda(get_array_module(e), e, p, decay)  # ema = ema - (1 - decay) (ema - p), one kernel
+
+
+def clip_grad_norm(grads, max_norm):
+    """nn.optim.clip_grad_norm over the flat buffer's pieces when grads is one (its gaps are zeros: the same
+    norm up to summation order, tests/fast/test_optim.py); otherwise the reference, tensor by tensor."""
+    whole = flat.buffers(grads)
+    if not whole:
+        return reference.clip_grad_norm(grads, max_norm)
+    return reference.clip_grad_norm({i: g for i, (g,) in enumerate(flat.pieces(whole))}, max_norm)

@@ -27,7 +27,7 @@ from .embedding import embedding_backward, embedding_forward, timestep_embedding
 from .groupnorm import groupnorm_backward, groupnorm_forward
 from .groupnorm_silu import groupnorm_silu_backward, groupnorm_silu_forward
 from .linear import linear_backward, linear_forward
-from .optim import adam_update, ema_update
+from .optim import adam_update, clip_grad_norm, ema_update
 from .resample import (downsample_backward, downsample_forward, upsample_nearest2x_backward,
                        upsample_nearest2x_forward)
 
@@ -82,6 +82,7 @@ class Ops:
     # parameter updates (nn/optim.py), over whole dicts of parameters
     adam_update: Callable = adam_update
     ema_update: Callable = ema_update
+    clip_grad_norm: Callable = clip_grad_norm
     # how a batch's gradient is computed and how parameters are held
     map_batch: Callable = whole_batch  # map_batch(fn, batch, **shared) -> fn's (loss, grads) for the whole batch
     map_forward: Callable = whole_forward  # map_forward(fn, batch, **shared) -> fn's output for the whole batch

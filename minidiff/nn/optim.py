@@ -8,6 +8,8 @@ Adam (Kingma & Ba 2015, Alg. 1, with torch.optim.Adam's placement of eps), step 
     v   = beta2 * v + (1 - beta2) * g^2                 exp_avg_sq
     p   = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 EMA:  ema = ema - (1 - decay) (ema - p)
+Global-norm clipping (torch.nn.utils.clip_grad_norm_):
+      total_norm = sqrt(sum_k ||g_k||^2);  g_k *= min(1, max_norm / (total_norm + 1e-6))
 
 Shape legend: every array has the shape of its parameter; params, grads, m, v and the EMA are
 dicts keyed by the same state-dict names.
@@ -49,3 +51,23 @@ def ema_update(shadow, params, decay):
     """ema = ema - (1 - decay) (ema - p) for every parameter, in place (shadow and params: same keys)."""
     for key, e in shadow.items():
         e -= (1.0 - decay) * (e - params[key])  # ema = ema - (1 - decay) (ema - p)
+
+
+def clip_grad_norm(grads, max_norm):
+    """g_k *= min(1, max_norm / (total_norm + 1e-6)),  total_norm = sqrt(sum_k ||g_k||_2^2), in place
+
+    Returns total_norm as a 0-d array on the grads' backend: nothing is read back to the host (no GPU
+    synchronization), as torch does it, by multiplying with the clamped coefficient even when it is 1.
+    A nan/inf total_norm makes the grads nan, for the caller to stop on (torch's error_if_nonfinite=False).
+    Inputs: grads {name: array}; max_norm > 0.
+    """
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
+        raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
+    if not grads:
+        return 0.0
+    xp = get_array_module(*grads.values())
+    total_norm = xp.sqrt(sum(xp.linalg.norm(g.ravel()) ** 2 for g in grads.values()))  # 0-d, on the device
+    clip_coef = xp.minimum(max_norm / (total_norm + 1e-6), 1.0)  # nan stays nan
+    for g in grads.values():
+        g *= clip_coef.astype(g.dtype)
+    return total_norm

@@ -39,7 +39,7 @@ from ..nn import softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from ..nn._check import check_indices, check_ndim
 from ..nn.cross_entropy import log_softmax
 from ..nn.ops import REFERENCE
-from .optim import AdamW, clip_grad_norm, warmup_lr
+from .optim import AdamW, warmup_lr
 from .report import ProgressBar
 from ..diffusion.schedule import add_noise, check_choice, make_schedule
 from .trainer import TrainingDiverged
@@ -137,12 +137,12 @@ def train_classifier(cfg: ClassifierTrainConfig, log=print, ops=REFERENCE) -> di
             x_t = add_noise(schedule, xp.asarray(x0, dtype=dtype), xp.asarray(noise, dtype=dtype), t)
             check_indices("labels", labels, K)  # on the host, before the copy: no read back
             y = xp.asarray(labels)
-            logits, cache = classifier_forward(params, config, x_t, t, train=True, rng=rng)
+            logits, cache = classifier_forward(params, config, x_t, t, train=True, rng=rng, ops=ops)
             loss, ce = softmax_cross_entropy_forward(logits, y, check_labels=False)
             pending.append((loss, (logits.argmax(axis=1) == y).mean()))  # read by flush()
             grads, _ = classifier_backward(softmax_cross_entropy_backward(1.0, ce), cache)
             if cfg.grad_clip > 0:
-                clip_grad_norm(grads, cfg.grad_clip)
+                ops.clip_grad_norm(grads, cfg.grad_clip)
             opt.step(params, grads, lr=warmup_lr(step - 1, cfg.lr, cfg.warmup_steps))
             if step % flush_every == 0 or step % cfg.log_every == 0 or step % cfg.save_every == 0 \
                     or step == cfg.steps:

@@ -13,16 +13,13 @@ Adam (Kingma & Ba 2015, Alg. 1, with PyTorch's torch.optim.Adam placement of eps
 Linear warm-up (DDPM trains with 5000 warm-up steps):
     lr(step) = base_lr * min(1, (step + 1) / warmup_steps)     step = updates done so far (0-based)
 
-Global-norm clipping (torch.nn.utils.clip_grad_norm_):
-    total_norm = sqrt(sum_k ||g_k||^2);  g_k *= min(1, max_norm / (total_norm + 1e-6))
-
 EMA of the weights (what sampling uses), update number n = 1, 2, ...:
     decay_n = min(decay, (1 + s) / (10 + s)) with s = n - 1, and decay_1 = 0   (warmup=True,
               the same numbers as diffusers' EMAModel(decay) with its default arguments)
     decay_n = decay                                                            (warmup=False)
     ema = ema - (1 - decay_n) * (ema - p)
 
-The update rules themselves are nn/optim.py's adam_update and ema_update, called through the ops
+The update rules themselves (and global-norm clipping, clip_grad_norm) are nn/optim.py's, called through the ops
 table passed in (ops=REFERENCE by default): these classes hold the state (the moments, the step
 count, the average) and the hyperparameters, and check what comes in. The state is arranged as the
 table arranges parameters (ops.arrange_params: FAST puts each dict in one flat buffer, and its
@@ -131,26 +128,6 @@ def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
     if warmup_steps == 0:
         return float(base_lr)
     return float(base_lr) * min(1.0, (step + 1) / warmup_steps)
-
-
-def clip_grad_norm(grads: dict, max_norm: float):
-    """Scale all grads in place by min(1, max_norm / (total_norm + 1e-6)); return total_norm.
-
-    total_norm = sqrt(sum_k ||g_k||_2^2) over every array, returned as a 0-d array on the grads'
-    backend: nothing is read back to the host (no GPU synchronization), as torch does it, by
-    multiplying with the clamped coefficient even when it is 1. A nan/inf total_norm makes the
-    grads nan, for the caller to stop on (torch's error_if_nonfinite=False).
-    """
-    max_norm = _positive("max_norm", max_norm)
-    if not grads:
-        return 0.0
-    xp = get_array_module(*grads.values())
-    sq = sum(xp.linalg.norm(g.ravel()) ** 2 for g in grads.values())  # sum_k ||g_k||_2^2
-    total_norm = xp.sqrt(sq)  # 0-d, stays on the device
-    clip_coef = xp.minimum(max_norm / (total_norm + 1e-6), 1.0)  # nan stays nan
-    for g in grads.values():
-        g *= clip_coef.astype(g.dtype)
-    return total_norm
 
 
 class EMA:

@@ -37,7 +37,7 @@ from .config import TrainConfig, validate_train_config
 from ..data import load_dataset
 from ..data.tokenizer import Tokenizer
 from ..diffusion.loss import diffusion_loss, drop_condition, sample_timesteps
-from .optim import EMA, Adam, AdamW, clip_grad_norm, warmup_lr
+from .optim import EMA, Adam, AdamW, warmup_lr
 from .report import ProgressBar, save_grid, save_loss_curve
 from .generate import generate
 from ..diffusion.schedule import add_noise, make_schedule
@@ -161,7 +161,7 @@ class Trainer:
                                          schedule=self.schedule, prediction_type=cfg.prediction_type,
                                          snr_gamma=cfg.snr_gamma or None, ops=self.ops)  # 5: L, grad_theta L
         if cfg.grad_clip > 0:
-            clip_grad_norm(grads, cfg.grad_clip)                                   # 5: clip the gradient
+            self.ops.clip_grad_norm(grads, cfg.grad_clip)                          # 5: clip the gradient
         self.opt.step(self.params, grads, lr=warmup_lr(self.step, cfg.lr, cfg.warmup_steps))  # 5: the step
         self.ema.update(self.params)                                      # 5: ema <- EMA(theta), for sampling
         self.step += 1

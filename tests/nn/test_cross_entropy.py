@@ -1,5 +1,5 @@
 """Softmax cross-entropy (minidiff/nn/cross_entropy.py): finite differences and PyTorch autograd in float64,
-log_softmax, float32 and no mutation, bad input. The classifier that uses it is tested in tests/test_classifier.py.
+log_softmax, float32 and no mutation, bad input. The classifier that uses it is tested in tests/model/test_classifier.py.
 
 Tolerances. Against finite differences: 1e-7 (smooth op, logits of size <= 30). Against torch: 1e-10 (same
 formulas, float64).
