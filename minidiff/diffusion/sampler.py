@@ -68,9 +68,17 @@ def ddpm_std(schedule, t, prev_t, variance_type="fixed_small", predicted_varianc
     like = predicted_variance if like is None else like
     if variance_type == "learned":
         return xp.sqrt(predicted_variance)
+    return xp.exp(0.5 * learned_range_log_variance(predicted_variance, np.log(var), np.log(beta_t), like))
+
+
+def learned_range_log_variance(predicted_variance, min_log, max_log, like):
+    """log sigma^2 = f max_log + (1 - f) min_log,  f = (v + 1) / 2    (Nichol & Dhariwal 2021, eq. 15)
+
+    v = predicted_variance (N, C, ...), in [-1, 1] for [min, max]; min_log, max_log: host float64 () or (N,),
+    log beta~_t and log beta_t; like: the sample whose dtype and backend they take. d log sigma^2 / dv =
+    (max_log - min_log) / 2. Returns (N, C, ...). (vlb.py trains v through this same line.)"""
     frac = (predicted_variance + 1) / 2
-    log_var = frac * coef_like(np.log(beta_t), like) + (1 - frac) * coef_like(np.log(var), like)
-    return xp.exp(0.5 * log_var)
+    return frac * coef_like(max_log, like) + (1 - frac) * coef_like(min_log, like)
 
 
 def ddpm_step(schedule, model_output, t, prev_t, sample, noise, variance_type="fixed_small",
