@@ -1,5 +1,5 @@
-"""The DDPM training objective (Algorithm 1) with its gradient, min-SNR-gamma weights,
-timestep sampling and condition dropout for classifier-free guidance training.
+"""The DDPM training objective (Algorithm 1) with its gradient, min-SNR-gamma weights, the hybrid loss
+that learns the variance (Nichol & Dhariwal 2021), timestep sampling and condition dropout for CFG training.
 
     t ~ U{0, ..., T-1},  eps ~ N(0, I),  x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
     L = mean_n  w_n * mean_d (model_output - target)^2
@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import get_array_module
-from .schedule import PREDICTION_TYPES, check_choice, check_same_shape, check_t, coef_like, from_x0_eps
+from .schedule import PREDICTION_TYPES, add_noise, check_choice, check_same_shape, check_t, coef_like, from_x0_eps
+from .vlb import LEARNED, split_model_output, vb_terms_bpd
 
 
 def _check_rng(rng):
@@ -57,6 +58,30 @@ def diffusion_loss(schedule, model_output, x0, noise, t, prediction_type="epsilo
     # backward of: loss = mean(w * diff^2)  ->  dL/ddiff = 2 w diff / size;  ddiff/dout = 1
     dmodel_output = (2.0 / diff.size) * w * diff
     return loss, dmodel_output.astype(model_output.dtype, copy=False)
+
+
+def hybrid_loss(schedule, model_output, x0, noise, t, variance_type="learned_range", prediction_type="epsilon",
+                vlb_weight=0.001, snr_gamma=None):
+    """L_hybrid = L_simple + lambda L_vlb,  L_vlb ~ T mean_n L_t(n)   (Nichol & Dhariwal 2021, sec. 3.1)
+
+    L_simple is diffusion_loss on the first C channels (the mean output); L_t is vlb.vb_terms_bpd in bits/dim
+    with the mean output stop-gradiented, so L_vlb trains only the variance output v (the last C channels).
+    T L_t is the one-sample estimate of sum_t L_t for t ~ U{0..T-1}: improved-diffusion's RESCALED_MSE loss is
+    lambda = 0.001. model_output: (N, 2C, ...); x0, noise: (N, C, ...); t: (N,).
+    Returns (loss 0-d, dmodel_output (N, 2C, ...)): [dL_simple/dmean, lambda T / N dL_t/dv]."""
+    check_choice("variance_type", variance_type, LEARNED)
+    x_t = add_noise(schedule, x0, noise, t)
+    mean_out, _ = split_model_output(model_output, x_t, variance_type)
+    simple, dmean = diffusion_loss(schedule, mean_out, x0, noise, t, prediction_type, snr_gamma)
+    # forward: vb = vb_terms_bpd(cat(stop_gradient(mean_out), v)); the 8-bit check (a host sync) is the loader's job
+    vb = vb_terms_bpd(schedule, model_output, x0, x_t, t, variance_type, prediction_type, clip_denoised=False,
+                      check=False, with_grad=True)
+    scale = vlb_weight * schedule.num_train_timesteps
+    loss = simple + scale * vb["output"].mean()
+    # backward of: loss = simple + scale mean_n vb_n  ->  d/dv = scale / N dvb_n/dv;  d/dmean = dsimple/dmean
+    dvar = (scale / x0.shape[0]) * vb["dvar"]
+    xp = get_array_module(model_output)
+    return loss.astype(model_output.dtype), xp.concatenate([dmean, dvar.astype(model_output.dtype)], axis=1)
 
 
 def sample_timesteps(rng, n: int, num_train_timesteps: int) -> np.ndarray:
