@@ -16,11 +16,13 @@ import numpy as np
 
 from ..backend import get_array_module, to_numpy, xp_for
 from .schedule import PREDICTION_TYPES, check_choice, check_same_shape, check_t, coef_like, to_x0_eps
+from .karras_sampling import sample_karras
+from .sigmas import KARRAS_SAMPLERS
 from .timesteps import check_timestep_list, make_timesteps
 from .timesteps import prev_timesteps as next_entry_prev_timesteps
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim") + KARRAS_SAMPLERS  # the last four: karras_sampling.sample_karras
 
 
 def _abar_prev(schedule, prev_t, final):
@@ -175,11 +177,11 @@ def ddim_step(schedule, model_output, t, prev_t, sample, eta=0.0, noise=None, se
     return prev, x0
 
 
-def sample(model_fn, shape, schedule, sampler="ddpm", num_inference_steps=None, timestep_spacing="leading",
+def sample(model_fn, shape, schedule, sampler="ddpm", num_inference_steps=None, timestep_spacing=None,
            steps_offset=0, eta=0.0, variance_type="fixed_small", prediction_type="epsilon", clip_sample=False,
            clip_sample_range=1.0, set_alpha_to_one=True, use_clipped_model_output=False, cond=None, seed=0,
            device=None, dtype=None, x_T=None, noises=None, timesteps=None, prev_timesteps=None,
-           return_trajectory=False, callback=None, ops=None):
+           return_trajectory=False, callback=None, ops=None, use_karras_sigmas=False):
     """Run the reverse process from x_T ~ N(0, I) to x_0 with ddpm_step or ddim_step.
 
     for i, t in enumerate(ts):  out = model_fn(x, t * ones(N), cond);  x = step(out, t, prev_ts[i], x, z_i)
@@ -193,11 +195,29 @@ def sample(model_fn, shape, schedule, sampler="ddpm", num_inference_steps=None, 
     cast to dtype and moved to the device, so NumPy and CuPy see the same numbers.
     noises (n, *shape) replaces the per-step draws (entry i is used at step i).
     device: 'cpu' | 'gpu' (default: x_T's backend, else cpu); dtype default: x_T's, else float32.
-    callback(i, t, x, pred_original_sample) runs after step i.
+    callback(i, t, x, pred_original_sample) runs after step i. variance_type is DDPM's; with a learned type
+    the model outputs 2C channels, and DDIM uses only the first C.
     ops: any object with ddpm_step and ddim_step attributes, of this module's signatures (an ops table,
     minidiff.nn.ops.Ops, whose steps may run as one CUDA kernel on CuPy); None runs this module's own.
-    Returns x_0 (*shape), or (x_0, trajectory) with trajectory = [x_T, x after step 0, ..., x_0]."""
+    Returns x_0 (*shape), or (x_0, trajectory) with trajectory = [x_T, x after step 0, ..., x_0].
+    timestep_spacing None: 'leading' for ddpm / ddim, 'linspace' for the others (diffusers' defaults).
+    sampler 'euler' | 'euler_a' | 'heun' | 'dpm++2m' runs karras_sampling.sample_karras (use_karras_sigmas:
+    Karras et al.'s sigmas); the DDPM/DDIM-only options (variance_type, set_alpha_to_one,
+    use_clipped_model_output, ops) do not apply to them."""
     check_choice("sampler", sampler, SAMPLERS)
+    if sampler in KARRAS_SAMPLERS:
+        if eta != 0 or timesteps is not None or prev_timesteps is not None:
+            raise ValueError(f"eta, timesteps and prev_timesteps are DDPM/DDIM options; sampler {sampler!r} takes "
+                             f"none (custom sigmas: karras_sampling.sample_karras)")
+        return sample_karras(model_fn, shape, schedule, sampler, num_inference_steps, use_karras_sigmas,
+                             timestep_spacing or "linspace", steps_offset, prediction_type=prediction_type,
+                             clip_sample=clip_sample, clip_sample_range=clip_sample_range, cond=cond, seed=seed,
+                             device=device, dtype=dtype, x_T=x_T, noises=noises,
+                             return_trajectory=return_trajectory, callback=callback)
+    if use_karras_sigmas:
+        raise ValueError(f"use_karras_sigmas (--karras) needs sampler euler, euler_a, heun or dpm++2m; {sampler} "
+                         f"steps through the integer timesteps, not a sigma schedule")
+    timestep_spacing = timestep_spacing or "leading"
     check_choice("variance_type", variance_type, VARIANCE_TYPES)
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     T = schedule.num_train_timesteps
@@ -238,6 +258,8 @@ def sample(model_fn, shape, schedule, sampler="ddpm", num_inference_steps=None, 
             z = rng.standard_normal(shape) if noises is None else noises[i]
             z = xp.asarray(to_numpy(z) if device == "cpu" else z, dtype=dtype)
         out = model_fn(x, xp.full((shape[0],), t, dtype=xp.int64), cond)
+        if sampler == "ddim" and variance_type in ("learned", "learned_range") and len(shape) > 1:
+            out = out[:, :shape[1]]          # DDIM's sigma is eta's: the learned variance channels go unused
         if sampler == "ddpm":
             x, x0 = step(schedule, out, t, prev_t, x, z, variance_type, prediction_type,
                          clip_sample, clip_sample_range)
