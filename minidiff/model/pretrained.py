@@ -5,7 +5,8 @@
     path.safetensors   safetensors' NumPy API; the config JSON in the header metadata
                        ("minidiff_config")
     any other path     a diffusers UNet2DModel folder: config.json + diffusion_pytorch_model.safetensors
-                       (what UNet2DModel.save_pretrained writes and from_pretrained reads)
+                       (what UNet2DModel.save_pretrained writes and from_pretrained reads); a text model
+                       (cross-attention, no UNet2DModel twin) writes _class_name TEXT_UNET_CLASS there
 
 Every file is written to a temporary file in the same folder and then moved over the target with
 os.replace, so a failed save never leaves a half-written file or corrupts an existing one.
@@ -31,6 +32,52 @@ METADATA_KEY = "minidiff_config"  # the safetensors metadata entry that holds th
 DIFFUSERS_CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 SAFETENSORS_HINT = "pip install 'minidiff[safetensors]'"
+TEXT_UNET_CLASS = "MinidiffTextUNet2DModel"  # config.json _class_name of a text model: not a diffusers class
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle files: never loaded
+CONVERT_HINT = ("convert it once, where you trust the file, with diffusers: "
+                "UNet2DModel.from_pretrained(FOLDER).save_pretrained(FOLDER, safe_serialization=True) "
+                "(a pipeline: DDPMPipeline.from_pretrained(FOLDER).save_pretrained(FOLDER))")
+
+
+def refuse_pickle(path: Path) -> None:
+    """ValueError naming path when it is a pickled weight file (.bin, .pt, ...): loading one can run code."""
+    raise ValueError(f"{str(path)!r} is a pickle (torch.save); minidiff reads .npz, .safetensors and diffusers "
+                     f"folders, never pickles: {CONVERT_HINT}")
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in path; a missing, malformed or non-object file is a one-line ValueError naming it."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable JSON file: {str(err).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(d).__name__}")
+    return d
+
+
+def read_safetensors(path: Path) -> dict:
+    """{name: np.ndarray} of a .safetensors file; a truncated or malformed file is a ValueError naming it."""
+    stn = _safetensors_numpy()
+    try:
+        return stn.load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError (and others) on a bad header
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {str(err).splitlines()[0]}") from None
+
+
+def folder_config(config: UNetConfig) -> dict:
+    """config.json of a U-Net folder: UNet2DModel's config, or minidiff's own fields under TEXT_UNET_CLASS
+    for a text model (diffusers has no class for it: docs/oracle.md says what a diffusers user adds)."""
+    if config.cross_attention_dim is None:
+        return to_diffusers_config(config)
+    return dict(config.to_dict(), _class_name=TEXT_UNET_CLASS)
+
+
+def config_from_folder(d: dict) -> UNetConfig:
+    """Inverse of folder_config: UNetConfig from a UNet2DModel or TEXT_UNET_CLASS config dict."""
+    if d.get("_class_name") == TEXT_UNET_CLASS:
+        return UNetConfig.from_dict({k: v for k, v in d.items() if not k.startswith("_")})
+    return from_diffusers_config(d)
 
 
 def _safetensors_numpy():
@@ -79,13 +126,14 @@ def _write_atomic(path: Path, write) -> None:
         raise
 
 
-def save_pretrained(params: dict, config: UNetConfig, path) -> Path:
+def save_pretrained(params: dict, config: UNetConfig, path, allow_text: bool = False) -> Path:
     """Write params with their config to path (.npz, .safetensors, or a diffusers folder).
 
     Inputs:  params {key: array} (NumPy or CuPy; stored as NumPy), exactly param_shapes(config);
              config the UNetConfig; path a str or Path (its suffix picks the format).
     Returns: the Path written. Raises ValueError on mismatched params or, for a diffusers
-             folder, on a config UNet2DModel cannot express (cross_attention_dim).
+             folder, on a config UNet2DModel cannot express (cross_attention_dim) unless allow_text
+             (then config.json names TEXT_UNET_CLASS: minidiff reads it, diffusers has no such class).
     """
     path = Path(path)
     arrays = _check_params(params, config)
@@ -105,7 +153,8 @@ def save_pretrained(params: dict, config: UNetConfig, path) -> Path:
         if path.exists() and not path.is_dir():
             raise ValueError(f"path {str(path)!r} is a file; a diffusers model is a folder (or use .npz / "
                              ".safetensors)")
-        config_json = json.dumps(to_diffusers_config(config), indent=2, sort_keys=True)
+        config_json = json.dumps(folder_config(config) if allow_text else to_diffusers_config(config), indent=2,
+                                 sort_keys=True)
         stn = _safetensors_numpy()
         path.mkdir(parents=True, exist_ok=True)
         _write_atomic(path / DIFFUSERS_WEIGHTS, lambda tmp: stn.save_file(arrays, tmp, metadata={"format": "pt"}))
@@ -145,6 +194,8 @@ def load_pretrained(path, dtype=None) -> tuple:
         raise ValueError(f"dtype must be None, float32 or float64, got {dtype!r}")
     if not path.exists():
         raise FileNotFoundError(f"path {str(path)!r} does not exist")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        refuse_pickle(path)
     kind = "diffusers" if path.is_dir() else _kind(path)
     if kind == "npz":
         with np.load(path, allow_pickle=False) as f:
@@ -167,10 +218,16 @@ def load_pretrained(path, dtype=None) -> tuple:
         if not (path / DIFFUSERS_CONFIG).is_file():
             raise ValueError(f"folder {str(path)!r} has no {DIFFUSERS_CONFIG}: not a diffusers model folder")
         if not (path / DIFFUSERS_WEIGHTS).is_file():
-            raise ValueError(f"folder {str(path)!r} has no {DIFFUSERS_WEIGHTS} (minidiff reads safetensors "
-                             "weights only, never pickled .bin files)")
-        config = from_diffusers_config(json.loads((path / DIFFUSERS_CONFIG).read_text()))
-        arrays = _safetensors_numpy().load_file(str(path / DIFFUSERS_WEIGHTS))
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+            if pickles:
+                refuse_pickle(path / pickles[0])
+            raise ValueError(f"folder {str(path)!r} has no {DIFFUSERS_WEIGHTS}")
+        d = read_json(path / DIFFUSERS_CONFIG)
+        try:
+            config = config_from_folder(d)
+        except ValueError as err:
+            raise ValueError(f"{str(path / DIFFUSERS_CONFIG)!r}: {err}") from None
+        arrays = read_safetensors(path / DIFFUSERS_WEIGHTS)
     else:
         raise ValueError(f"path {str(path)!r} must end in .npz or .safetensors, or be a diffusers model folder")
     return _finish(arrays, config, repr(str(path)), dtype), config

@@ -10,17 +10,19 @@ them back through `load_bundle`. The condition of a batch is one array:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..backend import to_device
 from .checkpoint import load_checkpoint
+from .pipelines import MODEL_INDEX, bundle_fields, is_diffusers_folder
 from ..data.dataset import caption_of
 from ..data.tokenizer import Tokenizer
 from ..diffusion.schedule import make_schedule
 from ..model.config import UNetConfig, get_preset
+from ..model.pretrained import DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS, PICKLE_SUFFIXES, refuse_pickle
 from ..model.unet import unet_forward
 from ..nn.ops import REFERENCE, Ops
 
@@ -72,6 +74,7 @@ class Bundle:
     class_names: list | None = None
     image_size: int = 16
     ops: Ops = REFERENCE  # who runs the ops (nn/ops.py); the entry points pass the fast table unless --reference
+    sampler_options: dict = field(default_factory=dict)  # sample()'s options from a diffusers scheduler (pipelines.py)
 
     def model_fn(self, x_t, t, cond):
         """model_fn(x_t (N, C, H, W), t (N,), cond) -> model output (N, C, H, W), for the samplers."""
@@ -85,6 +88,9 @@ class Bundle:
         if self.conditioning == "text":
             return np.zeros(self.tokenizer.max_len, np.int64)
         if self.conditioning == "class":
+            if self.num_classes >= (self.config.num_class_embeds or 0):
+                raise ValueError(f"this class-conditioned model has no null class (id {self.num_classes}) for "
+                                 "classifier-free guidance: use --guidance-scale 1")
             return np.int64(self.num_classes)
         return None
 
@@ -135,6 +141,11 @@ def bundle_from_meta(arrays: dict, meta: dict, use_ema: bool = True, device: str
 def resolve_checkpoint(path) -> Path:
     """A run directory -> its latest checkpoint; a file -> itself. Clear errors when missing."""
     p = Path(path).expanduser()
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        refuse_pickle(p)
+    if p.is_dir() and not (p / "checkpoints" / "latest.npz").exists():
+        raise FileNotFoundError(f"{str(p)!r} is neither a minidiff run (no checkpoints/latest.npz) nor a diffusers "
+                                f"model (no {MODEL_INDEX}, no {DIFFUSERS_CONFIG} with {DIFFUSERS_WEIGHTS})")
     if p.is_dir():
         p = p / "checkpoints" / "latest.npz"
     if not p.exists():
@@ -143,12 +154,26 @@ def resolve_checkpoint(path) -> Path:
     return p
 
 
-def load_bundle(path, use_ema: bool = True, device: str = "cpu", dtype: str = "float32") -> Bundle:
-    """Load a run directory or checkpoint file for sampling."""
+def load_bundle(path, use_ema: bool = True, device: str = "cpu", dtype: str = "float32",
+                scheduler: dict | None = None) -> Bundle:
+    """Load a run directory or checkpoint file for sampling, or a diffusers pipeline or UNet2DModel folder
+    (pipelines.py; scheduler: DDPMScheduler options for a bare UNet2DModel folder, None = its defaults)."""
+    if is_diffusers_folder(path):
+        return Bundle(**bundle_fields(path, use_ema, device, dtype, scheduler))
+    if scheduler:
+        raise ValueError(f"{path} is a minidiff run with its own schedule; the scheduler flags "
+                         f"({', '.join('--' + k.replace('_', '-') for k in scheduler)}) apply to a bare "
+                         "UNet2DModel folder only")
+    arrays, meta = load_run(path)
+    return bundle_from_meta(arrays, meta, use_ema, device, dtype)
+
+
+def load_run(path) -> tuple:
+    """(arrays, meta) of a diffusion-model run directory or checkpoint file; ValueError for anything else."""
     arrays, meta = load_checkpoint(resolve_checkpoint(path))
     if meta.get("kind") == "classifier":
         raise ValueError(f"{path} is a classifier checkpoint (minidiff train-classifier); pass it as --classifier "
                          "and a diffusion model run as --checkpoint")
     if "model_config" not in meta or "train_config" not in meta:
         raise ValueError(f"{path} is not a diffusion-model checkpoint written by minidiff train")
-    return bundle_from_meta(arrays, meta, use_ema, device, dtype)
+    return arrays, meta

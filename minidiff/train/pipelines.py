@@ -1,0 +1,141 @@
+"""diffusers folders in: what `minidiff sample` and `minidiff eval` read when --checkpoint is a folder of diffusers.
+
+    FOLDER/model_index.json                    {"_class_name": "DDPMPipeline", "unet": [...], "scheduler": [...]}
+    FOLDER/unet/config.json                    UNet2DModel's config   } read by model/pretrained.py, which
+    FOLDER/unet/diffusion_pytorch_model.safetensors                   } keeps the state-dict names
+    FOLDER/scheduler/scheduler_config.json     DDPMScheduler / DDIMScheduler options, mapped below
+    FOLDER/minidiff.json                       minidiff's own (written by `minidiff export`): conditioning,
+                                               tokenizer, class names; absent from other pipelines
+A bare UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors) takes its scheduler from the
+command line's flags (DDPMScheduler's defaults otherwise). Every file is read as JSON or safetensors, never
+through pickle; a bad file or an option minidiff lacks is one ValueError line naming it.
+
+A scheduler's options keep their diffusers names in minidiff (diffusion/schedule.py, diffusion/sampler.py):
+    num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr -> make_schedule
+    prediction_type                                                   -> Bundle.prediction_type
+    variance_type, clip_sample, clip_sample_range, timestep_spacing, steps_offset, set_alpha_to_one -> sample()
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..backend import to_device
+from ..data.tokenizer import Tokenizer
+from ..diffusion.sampler import VARIANCE_TYPES
+from ..diffusion.schedule import PREDICTION_TYPES, check_choice, make_schedule
+from ..diffusion.timesteps import TIMESTEP_SPACINGS
+from ..model.pretrained import DIFFUSERS_CONFIG, load_pretrained, read_json
+
+MODEL_INDEX = "model_index.json"
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+MINIDIFF_META = "minidiff.json"
+PIPELINES = ("DDPMPipeline", "DDIMPipeline")
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+# scheduler_config.json fields with DDPMScheduler's / DDIMScheduler's defaults (for a field a file leaves out)
+SCHEDULE_FIELDS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                       trained_betas=None, rescale_betas_zero_snr=False)
+SAMPLER_FIELDS = dict(variance_type="fixed_small", clip_sample=True, clip_sample_range=1.0, timestep_spacing="leading",
+                      steps_offset=0, set_alpha_to_one=True)
+# fields that change nothing here: the thresholding knobs while thresholding is off; diffusers < 0.3's array type
+IGNORED_FIELDS = ("dynamic_thresholding_ratio", "sample_max_value", "tensor_format")
+
+
+def is_diffusers_folder(path) -> bool:
+    """True for a folder holding model_index.json (a pipeline), or config.json beside diffusion_pytorch_model.*
+    weights (a bare UNet2DModel; a minidiff run's folder holds a config.json of its own, and no weights)."""
+    p = Path(path).expanduser()
+    return p.is_dir() and ((p / MODEL_INDEX).is_file() or (
+        (p / DIFFUSERS_CONFIG).is_file() and any(p.glob("diffusion_pytorch_model.*"))))
+
+
+def scheduler_options(d: dict, source: str = "scheduler") -> tuple:
+    """(make_schedule kwargs, prediction_type, sample() kwargs) of a DDPMScheduler / DDIMScheduler config dict.
+
+    An unknown _class_name or field, thresholding=True or a value minidiff lacks is a ValueError naming it."""
+    name = d.get("_class_name", "DDPMScheduler")
+    if name not in SCHEDULERS:
+        raise ValueError(f"{source}: scheduler _class_name {name!r} is not supported by minidiff (supported: "
+                         f"{', '.join(SCHEDULERS)})")
+    schedule, sampler = dict(SCHEDULE_FIELDS), dict(SAMPLER_FIELDS)
+    prediction_type = "epsilon"
+    for key, value in d.items():
+        if key in SCHEDULE_FIELDS:
+            schedule[key] = value
+        elif key in SAMPLER_FIELDS:
+            sampler[key] = value
+        elif key == "prediction_type":
+            prediction_type = value
+        elif key == "thresholding":
+            if value:
+                raise ValueError(f"{source}: thresholding=true (dynamic thresholding) is not implemented in minidiff")
+        elif not key.startswith("_") and key not in IGNORED_FIELDS:
+            raise ValueError(f"{source}: scheduler field {key!r} is not supported by minidiff")
+    try:
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("variance_type", sampler["variance_type"], VARIANCE_TYPES)
+        check_choice("timestep_spacing", sampler["timestep_spacing"], TIMESTEP_SPACINGS)
+        make_schedule(**schedule)  # checks beta_schedule, the betas and num_train_timesteps
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    return schedule, prediction_type, sampler
+
+
+def check_pipeline(folder: Path) -> dict:
+    """model_index.json's contents, after checking minidiff builds its pipeline, U-Net and scheduler classes."""
+    index = read_json(folder / MODEL_INDEX)
+    source = str(folder / MODEL_INDEX)
+    name = index.get("_class_name")
+    if name not in PIPELINES:
+        raise ValueError(f"{source}: pipeline _class_name {name!r} is not supported by minidiff (supported: "
+                         f"{', '.join(PIPELINES)})")
+    for key, value in index.items():
+        if key.startswith("_"):
+            continue
+        if key not in ("unet", "scheduler"):
+            raise ValueError(f"{source}: pipeline component {key!r} is not supported by minidiff (it reads unet "
+                             "and scheduler)")
+    for key in ("unet", "scheduler"):
+        if not (folder / key).is_dir():
+            raise ValueError(f"{source}: the pipeline has no {key}/ folder")
+    return index
+
+
+def bundle_fields(path, use_ema: bool = True, device: str = "cpu", dtype: str = "float32",
+                  scheduler: dict | None = None) -> dict:
+    """Bundle(**fields) of a diffusers pipeline folder or a bare UNet2DModel folder (is_diffusers_folder).
+
+    scheduler: DDPMScheduler options (the command line's) for a bare UNet2DModel folder; a pipeline
+    brings its own, so passing one there is a ValueError. use_ema: a pipeline holds one set of weights
+    (`minidiff export` writes the EMA ones by default), so it changes nothing here."""
+    folder = Path(path).expanduser()
+    meta = {}
+    if (folder / MODEL_INDEX).is_file():
+        check_pipeline(folder)
+        if scheduler:
+            raise ValueError(f"{str(folder)!r} is a pipeline with its own scheduler/; the scheduler flags "
+                             f"({', '.join('--' + k.replace('_', '-') for k in scheduler)}) apply to a bare "
+                             "UNet2DModel folder only")
+        scheduler = read_json(folder / SCHEDULER_CONFIG)
+        source = str(folder / SCHEDULER_CONFIG)
+        unet = folder / "unet"
+        if (folder / MINIDIFF_META).is_file():
+            meta = read_json(folder / MINIDIFF_META)
+    else:
+        scheduler, source, unet = dict(scheduler or {}), "scheduler flags", folder
+    schedule_kw, prediction_type, sampler_kw = scheduler_options(scheduler, source)
+    params, config = load_pretrained(unet, dtype=np.dtype(dtype))
+    conditioning = meta.get("conditioning") or ("text" if config.cross_attention_dim else
+                                                "class" if config.num_class_embeds else "none")
+    tokenizer = Tokenizer.from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
+    if conditioning == "text" and tokenizer is None:
+        raise ValueError(f"{str(folder)!r}: a text-conditioned U-Net needs the tokenizer of {MINIDIFF_META} "
+                         "(written by minidiff export)")
+    # a minidiff class model's last class id is the null class; a diffusers one has none (guidance scale 1)
+    num_classes = meta.get("num_classes", config.num_class_embeds or 0)
+    return dict(params={k: to_device(v, device) for k, v in params.items()}, config=config,
+                schedule=make_schedule(**schedule_kw), conditioning=conditioning, prediction_type=prediction_type,
+                tokenizer=tokenizer, num_classes=num_classes, class_names=meta.get("class_names"),
+                image_size=config.sample_size, sampler_options=sampler_kw)
