@@ -69,7 +69,7 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     """Every option of `minidiff sample` (one flag per field; class_id is --class)."""
-    checkpoint: str = ""             # a run directory or a checkpoint .npz
+    checkpoint: str = ""             # a run directory, a checkpoint .npz, or a diffusers pipeline or UNet2DModel folder
     out: str = "samples"             # output directory for the PNG grid and the .npz of samples
     prompt: str = ""                 # text prompt(s), separated by ';' (text-conditioned models)
     class_id: int = -1               # class label (class-conditioned models); -1 = every class in turn
@@ -89,6 +89,17 @@ class SampleConfig:
     shards: str = "processes"        # where the CPU shards run: processes (each its own GIL; faster) | threads; same numbers
     tf32: bool = False               # GPU float32 matmuls in TF32 on the tensor cores (faster, ~1e-3 relative error)
     reference: bool = False          # run the readable reference ops (nn/) instead of the fast ones; slower, same numbers up to rounding
+    noise: str = ""                  # .npy of injected noise: x_T (N, C, H, W), or (1 + steps, N, C, H, W) = x_T, then each step's draw
+    use_clipped_model_output: bool = True  # DDIM: eps re-derived from the clipped x0^ (DDIMPipeline's default: False)
+    # --- the scheduler of a bare diffusers UNet2DModel folder (a run or a pipeline has its own): 0 / '' = DDPMScheduler's default ---
+    num_train_timesteps: int = 0     # T (default 1000)
+    beta_schedule: str = ""          # linear (default), scaled_linear, squaredcos_cap_v2, sigmoid
+    beta_start: float = 0.0          # beta_0 (default 0.0001)
+    beta_end: float = 0.0            # beta_{T-1} (default 0.02)
+    prediction_type: str = ""        # epsilon (default), sample, v_prediction
+
+# SampleConfig's fields that set a bare UNet2DModel folder's DDPMScheduler (their 0 / '' means "not given")
+SCHEDULER_FLAGS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
 
 
 def _flag(name: str) -> str:
