@@ -42,8 +42,8 @@ def sample_karras(model_fn, shape, schedule, sampler="euler", num_inference_step
 
     ts, sigmas = make_sigmas(schedule, n, sampler, use_karras_sigmas, timestep_spacing, steps_offset,
     final_sigmas_type) with n = num_inference_steps (default min(50, T)), or the given timesteps (n,) and
-    sigmas (n + 1,) (both). model_fn(x_in (N, ...), t (N,), cond) -> model output; t is float64 (the
-    fractional timesteps of Euler and Heun) or int64 (dpm++2m). lower_order_final (dpm++2m): first-order
+    sigmas (n + 1,) (both). model_fn(x_in (N, ...), t (N,), cond) -> model output; t is int64 when every
+    timestep is a whole number, else float64 (Euler's 'linspace' and Karras timesteps are fractional). lower_order_final (dpm++2m): first-order
     last step when n < 15 (diffusers' default True; with sigmas ending at 0 the last step is first order anyway).
     Random draws, all on the host in float64 from np.random.default_rng(seed): z (unless x_T, the
     N(0, I) draw, is given) then, for 'euler_a', one draw shaped `shape` per step with sigma_{i+1} > 0
@@ -80,7 +80,7 @@ def sample_karras(model_fn, shape, schedule, sampler="euler", num_inference_step
     if tuple(z.shape) != shape:
         raise ValueError(f"x_T must have shape {shape}, got {tuple(z.shape)}")
     x = z * dtype.type(init_noise_sigma(sg, sampler, timestep_spacing))
-    t_dtype = xp.int64 if sampler == "dpm++2m" else xp.float64
+    t_dtype = xp.int64 if np.all(ts == np.round(ts)) else xp.float64     # fractional t stays fractional
     kw = dict(prediction_type=prediction_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range)
 
     def call(x, sigma, t):
