@@ -107,11 +107,18 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """`minidiff eval`: prompt accuracy at each guidance scale (see evaluate.py)."""
+    """`minidiff eval`: prompt accuracy at each guidance scale (see evaluate.py); with --nll, bits/dim (nll.py)."""
     from .evaluate import evaluate
 
     if check_tf32(args.tf32, args.device, args.dtype):
         set_tf32(True)
+    if args.nll:
+        from .nll import evaluate_nll
+
+        evaluate_nll(args.checkpoint, data=args.data, n=args.n, batch_size=args.batch_size,
+                     timesteps=args.nll_timesteps, seed=args.seed, device=args.device, dtype=args.dtype, out=args.out,
+                     threads=args.threads, shards=args.shards, reference=args.reference)
+        return 0
     evaluate(args.checkpoint, n_per_class=args.n_per_class, scales=args.scales, steps=args.steps,
              sampler=args.sampler, seed=args.seed, device=args.device, dtype=args.dtype, out=args.out,
              threads=args.threads, shards=args.shards, reference=args.reference)
@@ -145,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dataclass_args(s, SampleConfig, renames={"class_id": "--class"})
     s.set_defaults(func=cmd_sample)
-    e = sub.add_parser("eval", help="prompt accuracy of samples on the built-in shapes data")
+    e = sub.add_parser("eval", help="prompt accuracy of samples on the built-in shapes data; --nll: bits/dim")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--n-per-class", type=int, default=10)
     e.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 3.0])
@@ -164,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tf32", action="store_true",
                    help="GPU float32 matmuls in TF32 on the tensor cores (faster, ~1e-3 relative error)")
     e.add_argument("--out", default="", help="write eval.json and a grid per scale here (default: the run dir)")
+    e.add_argument("--nll", action="store_true", help="instead: bits/dim of held-out data by the variational bound "
+                   "(writes nll.json); --n images, --data, --batch-size, --nll-timesteps")
+    e.add_argument("--n", type=int, default=64, help="--nll: images to score")
+    e.add_argument("--data", default="", help="--nll: the data (default: the run's; shapes are drawn from --seed)")
+    e.add_argument("--batch-size", type=int, default=64, help="--nll: images per model call")
+    e.add_argument("--nll-timesteps", type=int, default=0,
+                   help="--nll: 0 = all T terms (the bound); K < T = a strided estimate over K timesteps")
     e.set_defaults(func=cmd_eval)
     i = sub.add_parser("info", help="version, GPU availability and parameter counts of the presets")
     i.set_defaults(func=cmd_info)

@@ -47,7 +47,8 @@ def q_posterior_mean(schedule, x0, x_t, t):
     """mu~_t(x_t, x_0) = beta_t sqrt(abar_{t-1}) / (1 - abar_t) x_0 + (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t) x_t
     (DDPM eq. 7; its variance is beta~_t, posterior_log_variance_clipped). x0, x_t: (N, ...). Returns (N, ...)."""
     t = check_t("t", t, schedule.num_train_timesteps, x_t)
-    return coef_like(schedule.posterior_mean_coef1[t], x_t) * x0 + coef_like(schedule.posterior_mean_coef2[t], x_t) * x_t
+    c1, c2 = coef_like(schedule.posterior_mean_coef1[t], x_t), coef_like(schedule.posterior_mean_coef2[t], x_t)
+    return c1 * x0 + c2 * x_t
 
 
 def split_model_output(model_output, x_t, variance_type):
@@ -70,7 +71,8 @@ def model_log_variance(schedule, t, variance_type, predicted_variance=None, like
     fixed_large     log beta_t, with beta~_1 at t = 0                   (DDPM "sigma^2 = beta"; better L_0)
     learned         log v, v the model's variance itself (diffusers' meaning; improved-diffusion's
                     LEARNED reads v as the log variance);  d/dv = 1 / v
-    learned_range   f log beta_t + (1 - f) log beta~_t (clipped), f = (v + 1) / 2;  d/dv = (log beta_t - log beta~_t) / 2
+    learned_range   f log beta_t + (1 - f) log beta~_t (clipped), f = (v + 1) / 2;
+                    d/dv = (log beta_t - log beta~_t) / 2
     t: (N,) host ints; like: (N, ...) the sample. Returns (log_var, dlog_var): broadcastable against like."""
     check_choice("variance_type", variance_type, VLB_VARIANCE_TYPES)
     t = check_t("t", t, schedule.num_train_timesteps, like)

@@ -134,8 +134,10 @@ def bundle_from_meta(arrays: dict, meta: dict, use_ema: bool = True, device: str
     src = arrays["ema"] if use_ema and "ema" in arrays else arrays["params"]
     params = {k: to_device(np.asarray(v, dtype=dtype), device) for k, v in src.items()}
     tok = Tokenizer.from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
+    variance = t.get("variance_type", "fixed_small")  # learned_range: DDPM sampling uses the model's variance
     return Bundle(params, cfg, schedule, meta["conditioning"], t["prediction_type"], tok,
-                  meta.get("num_classes", 0), meta.get("class_names"), cfg.sample_size)
+                  meta.get("num_classes", 0), meta.get("class_names"), cfg.sample_size,
+                  sampler_options={} if variance == "fixed_small" else {"variance_type": variance})
 
 
 def resolve_checkpoint(path) -> Path:

@@ -20,6 +20,8 @@ from ..diffusion.schedule import check_choice
 # Where the CPU shards of a batch run (--shards): "threads", in this process, or "processes", in worker
 # processes (each its own GIL); the same numbers either way (minidiff/fast/cpu/shards.py runs them).
 SHARD_MODES = ("threads", "processes")
+# --variance-type: the fixed types train alike (L_simple) and differ when sampling; learned_range adds C outputs
+TRAIN_VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 
 
 @dataclass
@@ -36,6 +38,8 @@ class TrainConfig:
     beta_schedule: str = "linear"    # linear, scaled_linear, squaredcos_cap_v2, sigmoid
     prediction_type: str = "epsilon" # epsilon, sample, v_prediction
     snr_gamma: float = 0.0           # min-SNR-gamma loss weighting; 0 = off
+    variance_type: str = "fixed_small"  # fixed_small | fixed_large (sigma of DDPM sampling) | learned_range (2C outputs)
+    vlb_weight: float = 0.001        # lambda of learned_range's loss L_simple + lambda L_vlb (Nichol & Dhariwal 2021)
     p_uncond: float = 0.1            # probability of dropping the condition (classifier-free guidance training)
     # --- optimisation (DDPM: Adam 2e-4, warm-up 5000, clip 1, EMA 0.9999) ---
     steps: int = 1200                # optimizer steps in total (default run: ~5 min on 2 CPU cores)
@@ -75,7 +79,8 @@ class SampleConfig:
     class_id: int = -1               # class label (class-conditioned models); -1 = every class in turn
     guidance_scale: float = 3.0      # s: eps = eps_uncond + s (eps_cond - eps_uncond); 1 = plain conditional
     guidance_rescale: float = 0.0    # Lin et al. 2023 rescale phi
-    sampler: str = "ddim"            # ddpm | ddim
+    sampler: str = "ddim"            # ddpm | ddim | euler | euler_a | heun | dpm++2m (the last four: sigma-schedule ODE/SDE solvers)
+    karras: bool = False             # Karras et al. (2022) sigmas (rho = 7) for euler, euler_a, heun, dpm++2m; not ddpm/ddim
     steps: int = 50                  # number of inference steps
     eta: float = 0.0                 # DDIM eta (0 = deterministic)
     n: int = 16                      # number of samples
@@ -162,6 +167,12 @@ def validate_train_config(cfg: TrainConfig) -> None:
     check_choice("--optimizer", cfg.optimizer, ("adam", "adamw"))
     check_choice("--device", cfg.device, ("cpu", "gpu"))
     check_choice("--dtype", cfg.dtype, ("float32", "float64"))
+    if cfg.variance_type == "learned":
+        raise ValueError("--variance-type learned is not trainable here (its output is the variance itself, which a "
+                         "network can make negative); use learned_range")
+    check_choice("--variance-type", cfg.variance_type, TRAIN_VARIANCE_TYPES)
+    if not cfg.vlb_weight >= 0:
+        raise ValueError(f"--vlb-weight must be >= 0, got {cfg.vlb_weight}")
     for name in ("steps", "batch_size", "max_prompt_len", "sample_steps", "log_every", "save_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")

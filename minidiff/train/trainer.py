@@ -36,7 +36,7 @@ from .checkpoint import check_config, load_checkpoint, rng_from_state, rng_state
 from .config import TrainConfig, validate_train_config
 from ..data import load_dataset
 from ..data.tokenizer import Tokenizer
-from ..diffusion.loss import diffusion_loss, drop_condition, sample_timesteps
+from ..diffusion.loss import diffusion_loss, drop_condition, hybrid_loss, sample_timesteps
 from .optim import EMA, Adam, AdamW, warmup_lr
 from .report import ProgressBar, save_grid, save_loss_curve
 from .generate import generate
@@ -97,6 +97,8 @@ class Trainer:
             self.tokenizer = Tokenizer.from_captions(self.dataset.all_captions, cfg.max_prompt_len)
         vocab = self.tokenizer.vocab_size if self.tokenizer else 0
         self.model_config = build_unet_config(cfg.preset, self.dataset, self.conditioning, vocab, cfg.dropout)
+        if cfg.variance_type == "learned_range":  # C more outputs: the variance v (diffusers' learned_range)
+            self.model_config = dataclasses.replace(self.model_config, out_channels=2 * self.dataset.channels)
         self.schedule = make_schedule(cfg.num_train_timesteps, cfg.beta_schedule)
         host = init_params(self.model_config, seed=cfg.seed, dtype=self.dtype)
         self.params = ops.arrange_params(to_device(host, cfg.device))  # FAST: one buffer, updated whole
@@ -159,7 +161,8 @@ class Trainer:
                      context=cond if self.conditioning == "text" else None, dropout_masks=masks)
         loss, grads = self.ops.map_batch(loss_and_grads, batch, params=self.params, config=self.model_config,
                                          schedule=self.schedule, prediction_type=cfg.prediction_type,
-                                         snr_gamma=cfg.snr_gamma or None, ops=self.ops)  # 5: L, grad_theta L
+                                         snr_gamma=cfg.snr_gamma or None, ops=self.ops,
+                                         **learned_variance_args(cfg))                     # 5: L, grad_theta L
         if cfg.grad_clip > 0:
             self.ops.clip_grad_norm(grads, cfg.grad_clip)                          # 5: clip the gradient
         self.opt.step(self.params, grads, lr=warmup_lr(self.step, cfg.lr, cfg.warmup_steps))  # 5: the step
@@ -198,9 +201,12 @@ class Trainer:
     # ------------------------------------------------------------------ pictures
     def bundle(self, use_ema: bool = True) -> Bundle:
         """The model as a Bundle for sampling (EMA weights by default; shares the arrays, no copy)."""
-        return Bundle(self.ema.shadow if use_ema else self.params, self.model_config, self.schedule,
-                      self.conditioning, self.cfg.prediction_type, self.tokenizer, self.dataset.num_classes,
-                      self.dataset.class_names, self.dataset.image_size, ops=self.ops)
+        b = Bundle(self.ema.shadow if use_ema else self.params, self.model_config, self.schedule,
+                   self.conditioning, self.cfg.prediction_type, self.tokenizer, self.dataset.num_classes,
+                   self.dataset.class_names, self.dataset.image_size, ops=self.ops)
+        if self.cfg.variance_type != "fixed_small":  # DDPM sampling with the trained (or fixed_large) variance
+            b.sampler_options = {"variance_type": self.cfg.variance_type}
+        return b
 
     def sample_grid(self, n: int = 18) -> Path:
         """Save samples/step_XXXXXX.png: n EMA samples (DDIM, CFG scale cfg.guidance_scale), captioned."""
@@ -247,13 +253,21 @@ class Trainer:
         return {"steps": self.step, "seconds": elapsed, "final_loss": self.losses[-1] if self.losses else None}
 
 
+def learned_variance_args(cfg: TrainConfig) -> dict:
+    """loss_and_grads's extra options for --variance-type learned_range; none otherwise (the default call)."""
+    if cfg.variance_type != "learned_range":
+        return {}
+    return {"variance_type": cfg.variance_type, "vlb_weight": cfg.vlb_weight}
+
+
 def loss_and_grads(batch: dict, params, config, schedule, prediction_type="epsilon", snr_gamma=None,
-                   ops=REFERENCE):
+                   ops=REFERENCE, variance_type=None, vlb_weight=0.0):
     """L = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t, c) ||^2 and dL/dtheta (Alg. 1 line 5).
 
     batch: x0, eps (N, C, H, W); t (N,) host ints; class_labels (N,) or None; context (N, L) or None;
     dropout_masks {resnet prefix: (N, C_out, H_i, W_i) keep-mask} or None. The target is eps, x_0 or v
-    (prediction_type), weighted by min-SNR-gamma when snr_gamma is set (diffusion/loss.py).
+    (prediction_type), weighted by min-SNR-gamma when snr_gamma is set (diffusion/loss.py). With variance_type
+    'learned_range' the U-Net has 2C outputs and the loss is L_simple + vlb_weight L_vlb (loss.hybrid_loss).
     Returns (loss 0-d, grads {key: dL/dparam} under params' keys). ops.map_batch runs it on the whole batch
     or on its rows, so it is a module-level function: worker processes import it by name.
     """
@@ -261,7 +275,10 @@ def loss_and_grads(batch: dict, params, config, schedule, prediction_type="epsil
     x_t = add_noise(schedule, x0, eps, t)                               # 5: sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
     out, cache = unet_forward(params, config, x_t, t, batch["class_labels"], batch["context"], train=True,
                               dropout_masks=batch["dropout_masks"], ops=ops)  # 5: eps_theta(x_t, t, c)
-    loss, dout = diffusion_loss(schedule, out, x0, eps, t, prediction_type, snr_gamma)  # 5: || eps - eps_theta ||^2
+    if variance_type is None:
+        loss, dout = diffusion_loss(schedule, out, x0, eps, t, prediction_type, snr_gamma)  # 5: || eps - eps_theta ||^2
+    else:                                                  # 5: || eps - eps_theta ||^2 + lambda L_vlb(sigma_theta)
+        loss, dout = hybrid_loss(schedule, out, x0, eps, t, variance_type, prediction_type, vlb_weight, snr_gamma)
     grads, _ = unet_backward(dout, cache)                               # 5: grad_theta
     return loss, grads
 
