@@ -94,12 +94,13 @@ def cmd_sample(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     bar = ProgressBar(cfg.steps, unit="step")
     x = generate(bundle, cond, cfg.n, cfg.guidance_scale, cfg.sampler, cfg.steps, cfg.eta, cfg.seed,
-                 cfg.guidance_rescale, grad_fn, cfg.classifier_scale, cfg.device, cfg.dtype,
+                 cfg.guidance_rescale, grad_fn, cfg.classifier_scale, cfg.device, cfg.dtype, karras=cfg.karras,
                  callback=lambda i, t, x, x0: bar.update(i + 1, 1))
     bar.close()
     from .backend import to_numpy
 
-    stem = f"samples_{cfg.sampler}{cfg.steps}_s{cfg.guidance_scale:g}_seed{cfg.seed}"
+    sampler = cfg.sampler + ("_karras" if cfg.karras else "")
+    stem = f"samples_{sampler}{cfg.steps}_s{cfg.guidance_scale:g}_seed{cfg.seed}"
     save_grid(x, out / f"{stem}.png", labels=labels, ncol=9)
     np.savez(out / f"{stem}.npz", images=to_numpy(x))
     print(f"wrote {cfg.n} samples to {out / (stem + '.png')} and {out / (stem + '.npz')}")
@@ -120,7 +121,8 @@ def cmd_eval(args) -> int:
                      threads=args.threads, shards=args.shards, reference=args.reference)
         return 0
     evaluate(args.checkpoint, n_per_class=args.n_per_class, scales=args.scales, steps=args.steps,
-             sampler=args.sampler, seed=args.seed, device=args.device, dtype=args.dtype, out=args.out,
+             sampler=args.sampler, karras=args.karras, seed=args.seed, device=args.device, dtype=args.dtype,
+             out=args.out,
              threads=args.threads, shards=args.shards, reference=args.reference)
     return 0
 
@@ -157,7 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n-per-class", type=int, default=10)
     e.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 3.0])
     e.add_argument("--steps", type=int, default=50)
-    e.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    from .diffusion.sampler import SAMPLERS
+
+    e.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
+    e.add_argument("--karras", action="store_true", help="Karras et al. (2022) sigmas (rho = 7) for euler, euler_a, "
+                   "heun, dpm++2m (not ddpm / ddim)")
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     e.add_argument("--dtype", default="float32", choices=["float32", "float64"])

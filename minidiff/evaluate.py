@@ -24,7 +24,7 @@ from .train.generate import generate
 
 def evaluate(checkpoint, n_per_class: int = 10, scales=(0.0, 1.0, 3.0), steps: int = 50, sampler: str = "ddim",
              seed: int = 1, device: str = "cpu", dtype: str = "float32", out: str = "", threads: int = 0,
-             shards: str = "threads", reference: bool = False, log=print) -> dict:
+             shards: str = "threads", reference: bool = False, log=print, karras: bool = False) -> dict:
     """Sample n_per_class images per class at each guidance scale; return {scale: accuracy}.
 
     The fast ops with the batch in `threads` shards run in `shards`, or the reference ops (reference=True)."""
@@ -41,17 +41,18 @@ def evaluate(checkpoint, n_per_class: int = 10, scales=(0.0, 1.0, 3.0), steps: i
     cond = bundle.encode(prompts=prompts, class_ids=class_ids, n=n)
     out_dir = Path(out) if out else resolve_checkpoint(checkpoint).parent.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"checkpoint": str(checkpoint), "n": n, "sampler": sampler, "steps": steps, "seed": seed,
+    result = {"checkpoint": str(checkpoint), "n": n, "sampler": sampler, "karras": karras, "steps": steps, "seed": seed,
               "accuracy": {}, "seconds": {}}
     for s in scales:
         t0 = time.perf_counter()
-        x = generate(bundle, cond, n, float(s), sampler, steps, seed=seed, device=device, dtype=dtype)
+        x = generate(bundle, cond, n, float(s), sampler, steps, seed=seed, device=device, dtype=dtype, karras=karras)
         acc = shapes.prompt_accuracy(x, prompts)
         dt = time.perf_counter() - t0
         result["accuracy"][f"{s:g}"] = acc
         result["seconds"][f"{s:g}"] = round(dt, 1)
         save_grid(x[: 2 * shapes.NUM_CLASSES], out_dir / f"eval_s{s:g}.png", labels=prompts, ncol=9)
-        log(f"guidance scale {s:g}: accuracy {acc:.1%} over {n} samples ({sampler} {steps} steps, {dt:.0f}s)")
+        name = sampler + (" karras" if karras else "")
+        log(f"guidance scale {s:g}: accuracy {acc:.1%} over {n} samples ({name} {steps} steps, {dt:.0f}s)")
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     log(f"wrote {out_dir / 'eval.json'} and eval_s*.png")
     return result

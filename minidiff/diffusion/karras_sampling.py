@@ -43,8 +43,9 @@ def sample_karras(model_fn, shape, schedule, sampler="euler", num_inference_step
     ts, sigmas = make_sigmas(schedule, n, sampler, use_karras_sigmas, timestep_spacing, steps_offset,
     final_sigmas_type) with n = num_inference_steps (default min(50, T)), or the given timesteps (n,) and
     sigmas (n + 1,) (both). model_fn(x_in (N, ...), t (N,), cond) -> model output; t is int64 when every
-    timestep is a whole number, else float64 (Euler's 'linspace' and Karras timesteps are fractional). lower_order_final (dpm++2m): first-order
-    last step when n < 15 (diffusers' default True; with sigmas ending at 0 the last step is first order anyway).
+    timestep is a whole number, else float64 (Euler's 'linspace' and Karras timesteps are fractional).
+    lower_order_final (dpm++2m): a first-order last step when n < 15 (diffusers' default True; with sigmas
+    ending at 0 the last step is first order anyway).
     Random draws, all on the host in float64 from np.random.default_rng(seed): z (unless x_T, the
     N(0, I) draw, is given) then, for 'euler_a', one draw shaped `shape` per step with sigma_{i+1} > 0
     (noises (n, *shape) replaces them, entry i at step i). device, dtype: as sampler.sample.

@@ -38,7 +38,7 @@ def vp_to_ve(x_t, sigma):
 
 
 def ve_to_vp(x, sigma):
-    """x_t = x / sqrt(1 + sigma^2) = sqrt(abar) x        (VE sample -> the model's input; diffusers' scale_model_input)"""
+    """x_t = x / sqrt(1 + sigma^2) = sqrt(abar) x        (VE sample -> the model's input: scale_model_input)"""
     return x / coef_like(np.sqrt(1.0 + float(sigma) ** 2), x)
 
 

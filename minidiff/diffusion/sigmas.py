@@ -67,7 +67,8 @@ def inference_timesteps(num_train_timesteps: int, num_inference_steps: int, samp
         return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].copy()
     ts = (np.arange(0, n + 1) * (T // (n + 1)))[::-1][:-1] + _check_int("steps_offset", steps_offset, 0)
     if ts[0] >= T:
-        raise ValueError(f"steps_offset = {steps_offset} pushes the first timestep to {ts[0]} >= num_train_timesteps = {T}")
+        raise ValueError(f"steps_offset = {steps_offset} pushes the first timestep to {ts[0]} >= "
+                         f"num_train_timesteps = {T}")
     return ts.astype(np.float64)
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 from ..backend import to_device, xp_for
 from ..diffusion.guidance import make_classifier_guided_model_fn, make_guided_model_fn
 from ..diffusion.sampler import sample
+from ..diffusion.sigmas import KARRAS_SAMPLERS
 from ..diffusion.timesteps import ddim_prev_timesteps, make_timesteps
 
 
 def generate(bundle, cond=None, n: int = 16, guidance_scale: float = 3.0, sampler: str = "ddim",
              steps: int = 50, eta: float = 0.0, seed: int = 0, guidance_rescale: float = 0.0,
              grad_fn=None, classifier_scale: float = 0.0, device: str = "cpu", dtype: str = "float32",
-             callback=None, noise=None, use_clipped_model_output: bool = True):
+             callback=None, noise=None, use_clipped_model_output: bool = True, karras: bool = False):
     """Draw n images (N, C, H, W) in [-1, 1] (clipped) from bundle with condition cond (host array or None).
 
     guidance_scale s applies when the model is conditioned and s != 1 (s = 1: one conditional
@@ -31,6 +32,8 @@ def generate(bundle, cond=None, n: int = 16, guidance_scale: float = 3.0, sample
     use_clipped_model_output (DDIM): re-derive eps from the clipped x0^ (minidiff's default; diffusers'
     DDIMPipeline defaults to False). bundle.sampler_options (a diffusers scheduler's clip_sample,
     timestep_spacing, ...) go to the sampler; DDIM steps to t - T // n, as DDIMScheduler does.
+    sampler: ddpm | ddim | euler | euler_a | heun | dpm++2m (diffusion/karras_sampling.py); karras: Karras
+    et al.'s sigmas for the last four (refused with ddpm / ddim).
     """
     xp = xp_for(device)
     c = bundle.config
@@ -46,6 +49,9 @@ def generate(bundle, cond=None, n: int = 16, guidance_scale: float = 3.0, sample
     else:
         cond = None
     if grad_fn is not None and classifier_scale != 0.0:
+        if sampler in KARRAS_SAMPLERS:
+            raise ValueError(f"classifier guidance (--classifier) runs with --sampler ddpm or ddim, not {sampler} "
+                             f"(its gradient term is scaled at integer timesteps)")
         model_fn = make_classifier_guided_model_fn(model_fn, bundle.schedule, grad_fn, classifier_scale,
                                                    bundle.prediction_type)
     # clip x0^ to [-1, 1] and, in DDIM, re-derive eps from the clipped x0^ (guided-diffusion's DDIM):
@@ -60,7 +66,7 @@ def generate(bundle, cond=None, n: int = 16, guidance_scale: float = 3.0, sample
     x = sample(model_fn, shape, bundle.schedule, sampler=sampler, num_inference_steps=steps, eta=eta,
                prediction_type=bundle.prediction_type, use_clipped_model_output=use_clipped_model_output,
                cond=cond, seed=seed, x_T=x_T, noises=noises,
-               device=device, dtype=dtype, callback=callback, ops=bundle.ops, **opts)
+               device=device, dtype=dtype, callback=callback, ops=bundle.ops, use_karras_sigmas=karras, **opts)
     return xp.clip(x, -1.0, 1.0)
 
 
