@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .fixtures_likelihood import likelihood_fixtures
 from .fixtures_model import _rng, _scalar, nn_fixtures, unet_fixtures
+from .fixtures_samplers import karras_fixtures
 from .diffusion.guidance import cfg, classifier_guided_eps, guidance_scale_to_w, rescale_noise_cfg
 from .diffusion.sampler import VARIANCE_TYPES, ddim_step, ddpm_std, ddpm_step
 from .diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, make_schedule
@@ -164,10 +166,13 @@ GROUPS = {
     "timesteps": (timestep_fixtures, "inference timestep lists and both previous-timestep rules"),
     "ddpm_step": (ddpm_fixtures, "DDPM steps: every prediction_type x variance_type, injected noise"),
     "ddim_step": (ddim_fixtures, "DDIM steps: every prediction_type x eta x set_alpha_to_one, injected noise"),
+    "karras": (karras_fixtures, "Euler, Euler ancestral, Heun, DPM-Solver++(2M): sigmas, timesteps and steps"),
     "guidance": (guidance_fixtures, "classifier-free guidance, guidance rescale, classifier guidance"),
     "embeddings": (embedding_fixtures, "sinusoidal timestep embeddings, every flip_sin_to_cos x shift"),
     "nn": (nn_fixtures, "forward/backward pairs of every nn op"),
     "unet": (unet_fixtures, "the tiny U-Net: weights, input, output, every parameter gradient and dx"),
+    "likelihood": (likelihood_fixtures, "the variational bound's terms in bits/dim at several t for every variance "
+                   "type, the KL, the 8-bit decoder, the prior, the hybrid loss and its gradient"),
 }
 
 

@@ -390,3 +390,65 @@ def test_schedules_and_embeddings_match_diffusers(fx):
                 # diffusers computes in float32: f_k, a = t f_k and sin/cos each round, 8 u (1 + |a|) <= 5e-4 for
                 # t < 1000 (u = 2^-24; measured 9e-6)
                 assert close(ref, e[f"temb.flip{flip}.shift{shift}.dim{dim}.emb"], rel=0, abs_=5e-4)
+
+
+def test_karras_sampler_fixtures_recompute(fx):
+    """The karras group: every sampler x Karras x n has its timesteps and sigmas (diffusers' own are checked in
+    tests/diffusion/test_karras_samplers_diffusers.py); each step recomputes from its inputs."""
+    from minidiff.diffusion.karras_samplers import dpmsolver_pp_2m_step, euler_ancestral_step, euler_step, heun_step
+    from minidiff.diffusion.sigmas import KARRAS_SAMPLERS, make_sigmas
+    from minidiff.fixtures_samplers import KARRAS_PREDICTIONS, KARRAS_STEPS
+
+    k, s = fx["karras"], make_schedule(1000)
+    for sampler in KARRAS_SAMPLERS:
+        for karras in (False, True):
+            for n in KARRAS_STEPS:
+                c = group(k, f"{sampler}.{'karras' if karras else 'plain'}.n{n}")
+                ts, sg = make_sigmas(s, n, sampler, karras)
+                np.testing.assert_array_equal(c["timesteps"], ts)
+                np.testing.assert_array_equal(c["sigmas"], sg)
+                assert c["sigmas"].shape == (n + 1,) and c["sigmas"][-1] == 0
+        for pred in KARRAS_PREDICTIONS:
+            c = group(k, f"{sampler}.{pred}.step")
+            a = (c["model_output"], float(c["sigma"]), float(c["sigma_next"]), c["sample"])
+            if sampler == "euler":
+                got = euler_step(*a, pred)
+            elif sampler == "euler_a":
+                got = euler_ancestral_step(*a, c["noise"], pred)
+            elif sampler == "heun":
+                x_mid, _, half = heun_step(*a, None, pred)
+                np.testing.assert_allclose(x_mid, c["euler_sample"], rtol=1e-13)
+                got = heun_step(c["model_output_2"], a[1], a[2], x_mid, half, pred)
+            else:
+                got = dpmsolver_pp_2m_step(*a, ((float(c["sigma_prev"]), c["x0_prev"]),), pred)
+            np.testing.assert_allclose(got[0], c["prev_sample"], rtol=1e-13, atol=1e-13)
+            np.testing.assert_allclose(got[1], c["pred_original_sample"], rtol=1e-13, atol=1e-13)
+
+
+
+def test_likelihood_recompute(fx):
+    """The bound's fixtures recompute from their inputs (the formulas themselves are checked against
+    improved-diffusion in tests/diffusion/test_likelihood.py)."""
+    from minidiff.diffusion.likelihood import discretized_gaussian_log_likelihood, normal_kl
+    from minidiff.diffusion.loss import hybrid_loss
+    from minidiff.diffusion.vlb import VLB_VARIANCE_TYPES, prior_bpd, vb_terms_bpd
+
+    f, s = fx["likelihood"], make_schedule(1000)
+    k = group(f, "kl")
+    close(normal_kl(k["mean1"], k["logvar1"], k["mean2"], k["logvar2"]), k["kl"])
+    d = group(f, "decoder")
+    close(discretized_gaussian_log_likelihood(d["x"], d["means"], d["log_scales"]), d["log_probs"])
+    cases = {k.rsplit(".", 1)[0] for k in f if k.startswith("vb.")}
+    assert {c.split(".")[1] for c in cases} == set(VLB_VARIANCE_TYPES) and len(cases) == 16
+    for case in sorted(cases):
+        c = group(f, case)
+        res = vb_terms_bpd(s, c["model_output"], c["x0"], c["x_t"], int(c["t"]), case.split(".")[1],
+                           with_grad="dvar" in c)
+        close(res["output"], c["output"])
+        if "dvar" in c:
+            close(res["dvar"], c["dvar"])
+    close(prior_bpd(s, f["prior.x0"]), f["prior.prior_bpd"])
+    h = group(f, "hybrid")
+    loss, dout = hybrid_loss(s, h["model_output"], h["x0"], h["noise"], h["t"], vlb_weight=float(h["vlb_weight"]))
+    close(loss, h["loss"])
+    close(dout, h["dmodel_output"])
