@@ -1,4 +1,4 @@
-"""The `minidiff` command: train, sample, eval, info (and python -m minidiff).
+"""The `minidiff` command: train, sample, eval, export, info (and python -m minidiff).
 
 Flags of `train` and `sample` are generated from TrainConfig / SampleConfig (minidiff/train/config.py),
 so each flag, its type and its default are written once, next to a comment saying what it does.
@@ -15,8 +15,8 @@ import numpy as np
 from .fast.cpu.allocator import keep_freed_memory
 from .backend import BackendError, check_tf32, set_tf32
 from .nn.ops import REFERENCE
-from .train.config import (SHARD_MODES, SampleConfig, TrainConfig, add_dataclass_args, check_shards,
-                           dataclass_from_args, validate_train_config)
+from .train.config import (SCHEDULER_FLAGS, SHARD_MODES, SampleConfig, TrainConfig, add_dataclass_args,
+                           check_shards, dataclass_from_args, validate_train_config)
 
 
 def choose_ops(reference: bool, threads: int, shards: str, device: str):
@@ -70,17 +70,20 @@ def _conditions(bundle, cfg: SampleConfig):
 
 
 def cmd_sample(args) -> int:
-    """`minidiff sample`: load a run, draw n images with guidance, write a PNG grid and an .npz."""
+    """`minidiff sample`: load a run or a diffusers folder, draw n images with guidance, write a PNG grid, an .npz."""
     from .train.bundle import load_bundle
     from .train.report import ProgressBar, save_grid
     from .train.generate import generate
 
     cfg = dataclass_from_args(SampleConfig, args)
     if not cfg.checkpoint:
-        raise ValueError("--checkpoint is required: a run directory or a checkpoint .npz")
+        raise ValueError("--checkpoint is required: a run directory, a checkpoint .npz or a diffusers folder")
     if check_tf32(cfg.tf32, cfg.device, cfg.dtype):
         set_tf32(True)
-    bundle = load_bundle(cfg.checkpoint, use_ema=not cfg.no_ema, device=cfg.device, dtype=cfg.dtype)
+    noise = load_noise(cfg.noise) if cfg.noise else None
+    scheduler = {k: getattr(cfg, k) for k in SCHEDULER_FLAGS if getattr(cfg, k)}  # the flags given
+    bundle = load_bundle(cfg.checkpoint, use_ema=not cfg.no_ema, device=cfg.device, dtype=cfg.dtype,
+                         scheduler=scheduler)
     bundle.ops = choose_ops(cfg.reference, cfg.threads, cfg.shards, cfg.device)
     cond, labels = _conditions(bundle, cfg)
     grad_fn = None
@@ -95,7 +98,8 @@ def cmd_sample(args) -> int:
     bar = ProgressBar(cfg.steps, unit="step")
     x = generate(bundle, cond, cfg.n, cfg.guidance_scale, cfg.sampler, cfg.steps, cfg.eta, cfg.seed,
                  cfg.guidance_rescale, grad_fn, cfg.classifier_scale, cfg.device, cfg.dtype, karras=cfg.karras,
-                 callback=lambda i, t, x, x0: bar.update(i + 1, 1))
+                 callback=lambda i, t, x, x0: bar.update(i + 1, 1), noise=noise,
+                 use_clipped_model_output=cfg.use_clipped_model_output)
     bar.close()
     from .backend import to_numpy
 
@@ -104,6 +108,27 @@ def cmd_sample(args) -> int:
     save_grid(x, out / f"{stem}.png", labels=labels, ncol=9)
     np.savez(out / f"{stem}.npz", images=to_numpy(x))
     print(f"wrote {cfg.n} samples to {out / (stem + '.png')} and {out / (stem + '.npz')}")
+    return 0
+
+
+def load_noise(path) -> np.ndarray:
+    """The float array of a --noise .npy file (read without pickle); one line naming the file otherwise."""
+    try:
+        noise = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--noise {path!r} is not a readable .npy file: {str(err).splitlines()[0]}") from None
+    if not isinstance(noise, np.ndarray) or not np.issubdtype(noise.dtype, np.floating):
+        raise ValueError(f"--noise {path!r} must hold one float array (np.save), got {getattr(noise, 'dtype', noise)}")
+    return noise
+
+
+def cmd_export(args) -> int:
+    """`minidiff export`: a run as a diffusers pipeline folder (train/export.py)."""
+    from .train.export import export_pipeline
+
+    out = export_pipeline(args.checkpoint, args.out, use_ema=not args.no_ema, force=args.force)
+    print(f"wrote the diffusers pipeline {out} (model_index.json, unet/, scheduler/, minidiff.json); load it with "
+          f"DDPMPipeline.from_pretrained({str(out)!r})")
     return 0
 
 
@@ -185,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--nll-timesteps", type=int, default=0,
                    help="--nll: 0 = all T terms (the bound); K < T = a strided estimate over K timesteps")
     e.set_defaults(func=cmd_eval)
+    x = sub.add_parser("export", help="write a run as a diffusers pipeline folder (DDPMPipeline.from_pretrained)")
+    x.add_argument("--checkpoint", required=True, help="a run directory or a checkpoint .npz")
+    x.add_argument("--out", required=True, help="the pipeline folder to write (model_index.json, unet/, scheduler/)")
+    x.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
+    x.add_argument("--force", action="store_true", help="replace an earlier export at --out")
+    x.set_defaults(func=cmd_export)
     i = sub.add_parser("info", help="version, GPU availability and parameter counts of the presets")
     i.set_defaults(func=cmd_info)
     from .bench import add_bench_parser

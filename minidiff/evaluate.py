@@ -17,6 +17,7 @@ from .fast.cpu.shards import resolve_workers
 from .fast.ops import fast_ops
 from .nn.ops import REFERENCE
 from .train.bundle import load_bundle, resolve_checkpoint
+from .train.pipelines import is_diffusers_folder
 from .data import shapes
 from .train.report import save_grid
 from .train.generate import generate
@@ -39,7 +40,8 @@ def evaluate(checkpoint, n_per_class: int = 10, scales=(0.0, 1.0, 3.0), steps: i
     class_ids = [i % shapes.NUM_CLASSES for i in range(n)]
     prompts = [shapes.CLASS_NAMES[i] for i in class_ids]
     cond = bundle.encode(prompts=prompts, class_ids=class_ids, n=n)
-    out_dir = Path(out) if out else resolve_checkpoint(checkpoint).parent.parent
+    default = Path(checkpoint) if is_diffusers_folder(checkpoint) else resolve_checkpoint(checkpoint).parent.parent
+    out_dir = Path(out) if out else default  # a run's folder, or an exported pipeline's
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": str(checkpoint), "n": n, "sampler": sampler, "karras": karras, "steps": steps, "seed": seed,
               "accuracy": {}, "seconds": {}}
