@@ -291,9 +291,15 @@ def test_prior_term_of_the_long_linear_schedule_is_nearly_zero():
 
 def test_strided_weights_and_timesteps():
     ts = V.strided_timesteps(1000, 5)
-    assert ts.tolist() == [0, 250, 500, 749, 999]
-    assert V.bound_weights(ts, 1000).tolist() == [1, 250, 250, 249, 250]
-    assert V.bound_weights(np.arange(10), 10).sum() == 10
+    assert ts.tolist() == [0, 1, 62, 250, 562, 999]
+    w = V.bound_weights(ts, 1000)
+    assert w.tolist() == [1, 31, 124.5, 250, 374.5, 219] and w.sum() == 1000
+    assert V.bound_weights(np.arange(10), 10).tolist() == [1.0] * 10     # all T: the bound itself
+    # the trapezoid rule is exact for L_t linear in t, and the estimate of a fast-falling L_t is close
+    t = np.arange(1000)
+    for L_t in (3.0 - 0.002 * t, 1.0 / (1 + t)):
+        ts = V.strided_timesteps(1000, 100)
+        assert abs((V.bound_weights(ts, 1000) * L_t[ts]).sum() - L_t.sum()) < 0.01 * L_t.sum()
     with pytest.raises(ValueError, match="rise strictly from 0 to T - 1"):
         V.bound_weights([0, 5], 10)
 

@@ -61,7 +61,7 @@ def test_learned_range_run_trains_samples_and_reports_bits_per_dim(tmp_path):
     assert main(["eval", "--nll", "--checkpoint", str(out), "--n", "2", "--nll-timesteps", "5", "--reference",
                  "--out", str(tmp_path / "e")]) == 0
     saved = json.loads((tmp_path / "e" / "nll.json").read_text())
-    assert saved["kind"].startswith("strided estimate (5 of 50") and len(saved["timesteps"]) == 5
+    assert saved["kind"].startswith("strided estimate (6 of 50") and len(saved["timesteps"]) == 6
 
 
 def test_fixed_variance_runs_get_bits_per_dim_too(tmp_path):
