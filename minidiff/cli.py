@@ -220,9 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
     from .bench import add_bench_parser
     from .fixtures import add_fixtures_parser
+    from .oracle import add_oracle_parser
 
     add_bench_parser(sub)
     add_fixtures_parser(sub)
+    add_oracle_parser(sub)
     return p
 
 

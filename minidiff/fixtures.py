@@ -25,7 +25,10 @@ from .diffusion.guidance import cfg, classifier_guided_eps, guidance_scale_to_w,
 from .diffusion.sampler import VARIANCE_TYPES, ddim_step, ddpm_std, ddpm_step
 from .diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, make_schedule
 from .nn.embedding import timestep_embedding_backward, timestep_embedding_forward
-from .diffusion.timesteps import TIMESTEP_SPACINGS, ddim_prev_timesteps, make_timesteps, prev_timesteps
+from .diffusion.timesteps import (TIMESTEP_SPACINGS, ddim_prev_timesteps, make_timesteps, prev_timesteps,
+                                  truncating_timesteps)
+from .diffusion.schedule import add_noise
+from .diffusion.vlb import q_posterior_mean
 
 T = 1000
 STEP_SHAPE = (2, 2, 3, 3)  # (N, C, H, W) of every sampler-step fixture
@@ -33,13 +36,15 @@ BETA_RANGES = {"scaled_linear": (8.5e-4, 0.012)}  # (beta_start, beta_end); (1e-
 SCHEDULE_FIELDS = ("betas", "alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                    "posterior_mean_coef1", "posterior_mean_coef2")
 INFERENCE_STEPS = (1, 7, 13, 50)
-STEP_CASES = {"skip": (500, 400), "consecutive": (10, 9), "last": (0, -1)}  # name: (t, prev_t)
+STEP_CASES = {"skip": (500, 400), "consecutive": (10, 9), "last": (0, -1), "t1": (1, 0)}  # name: (t, prev_t)
 DDIM_CASES = {"skip": (500, 400), "last": (20, -1)}
+CLIP_CASES = ("skip", "consecutive", "t1", "last")  # each also as <case>_clip (clip_sample=True)
 ETAS = {"eta_0": 0.0, "eta_0p5": 0.5, "eta_1": 1.0}
 GUIDANCE_SCALES = {"s_0": 0.0, "s_1": 1.0, "s_3": 3.0, "s_7p5": 7.5}
 RESCALES = {"phi_0": 0.0, "phi_0p5": 0.5, "phi_0p7": 0.7, "phi_1": 1.0}
 EMB_T = np.array([0.0, 1.0, 10.0, 999.0, 3.5, 500.25])  # integer and fractional timesteps
-EMB_DIMS = (8, 9, 32)  # 9: odd, one zero pad column
+EMB_DIMS = (7, 8, 9, 32)  # 7, 9: odd, one zero pad column
+FORWARD_T = (0, 1, 10, 500, 999)  # add_noise and the posterior at these t (0 and T-1 included)
 
 
 # ----------------------------------------------------------------------------- diffusion math
@@ -61,7 +66,8 @@ def schedule_fixtures() -> dict:
 
 
 def timestep_fixtures() -> dict:
-    """<spacing>.n<n>.offset<o>.{timesteps, prev_timesteps, ddim_prev_timesteps} (int64, T = 1000)."""
+    """<spacing>.n<n>.offset<o>.{timesteps, prev_timesteps, ddim_prev_timesteps} (int64, T = 1000);
+    truncated.n<n>.{timesteps, prev_timesteps}: denoising-diffusion-pytorch's int(linspace(-1, T-1, n+1))."""
     out = {}
     for spacing in TIMESTEP_SPACINGS:
         for n in INFERENCE_STEPS:
@@ -71,18 +77,40 @@ def timestep_fixtures() -> dict:
                 out[f"{key}.timesteps"] = ts
                 out[f"{key}.prev_timesteps"] = prev_timesteps(ts)
                 out[f"{key}.ddim_prev_timesteps"] = ddim_prev_timesteps(ts, T, n)
+    for n in INFERENCE_STEPS:
+        out[f"truncated.n{n}.timesteps"], out[f"truncated.n{n}.prev_timesteps"] = truncating_timesteps(T, n)
+    return out
+
+
+def forward_fixtures() -> dict:
+    """q_sample.t<t>.{x0, noise, t, x_t}: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps; posterior.t<t>.{x0, x_t,
+    t, mean, variance, log_variance_clipped, log_variance_floor}: q(x_{t-1} | x_t, x_0) = N(mean, variance), with
+    mean = coef1 x_0 + coef2 x_t and variance = beta~_t (DDPM eq. 7); at t = 0 (beta~ = 0) log_variance_clipped
+    takes log beta~_1 (DDPM and improved-diffusion code) and log_variance_floor log(1e-20)
+    (denoising-diffusion-pytorch's clamp). Linear schedule, T = 1000."""
+    s, rng, out = make_schedule(T), _rng("forward"), {}
+    for t in FORWARD_T:
+        x0, noise, x_t = (rng.standard_normal(STEP_SHAPE) for _ in range(3))
+        out.update({f"q_sample.t{t}.x0": x0, f"q_sample.t{t}.noise": noise, f"q_sample.t{t}.t": _scalar(t),
+                    f"q_sample.t{t}.x_t": add_noise(s, x0, noise, t)})
+        full = np.ones(STEP_SHAPE)
+        out.update({f"posterior.t{t}.x0": x0, f"posterior.t{t}.x_t": x_t, f"posterior.t{t}.t": _scalar(t),
+                    f"posterior.t{t}.mean": q_posterior_mean(s, x0, x_t, t),
+                    f"posterior.t{t}.variance": full * s.posterior_variance[t],
+                    f"posterior.t{t}.log_variance_clipped": full * s.posterior_log_variance_clipped[t],
+                    f"posterior.t{t}.log_variance_floor": full * np.log(max(s.posterior_variance[t], 1e-20))})
     return out
 
 
 def ddpm_fixtures() -> dict:
     """ddpm.<prediction_type>.<variance_type>.<case>.<field> on the linear schedule (T = 1000).
-    Cases: skip (t 500 -> 400), consecutive (10 -> 9), last (0 -> -1, no noise), skip_clip (skip
-    with clip_sample=True, clip_sample_range=1)."""
+    Cases: skip (t 500 -> 400), consecutive (10 -> 9), last (0 -> -1, no noise), t1 (1 -> 0, the last
+    noisy step), and each again as <case>_clip (clip_sample=True, clip_sample_range=1)."""
     s, rng, out = make_schedule(T), _rng("ddpm"), {}
     for pred in PREDICTION_TYPES:
         for vt in VARIANCE_TYPES:
             for case, (t, prev_t, clip) in {**{k: (*v, False) for k, v in STEP_CASES.items()},
-                                             "skip_clip": (*STEP_CASES["skip"], True)}.items():
+                                             **{f"{k}_clip": (*STEP_CASES[k], True) for k in CLIP_CASES}}.items():
                 x = rng.standard_normal(STEP_SHAPE)
                 model_output = rng.standard_normal(STEP_SHAPE)
                 predicted_variance = None
@@ -104,14 +132,14 @@ def ddpm_fixtures() -> dict:
 
 def ddim_fixtures() -> dict:
     """ddim.<prediction_type>.<eta>.<alpha_one|alpha_bar0>.<case>.<field> on the linear schedule.
-    Cases: skip (500 -> 400), last (20 -> -1, where set_alpha_to_one matters), skip_clip (skip with
-    clip_sample=True and use_clipped_model_output=True)."""
+    Cases: skip (500 -> 400), last (20 -> -1, where set_alpha_to_one matters), skip_clip and last_clip
+    (clip_sample=True and use_clipped_model_output=True)."""
     s, rng, out = make_schedule(T), _rng("ddim"), {}
     for pred in PREDICTION_TYPES:
         for eta_name, eta in ETAS.items():
             for final_name, alpha_one in (("alpha_one", True), ("alpha_bar0", False)):
                 for case, (t, prev_t, clip) in {**{k: (*v, False) for k, v in DDIM_CASES.items()},
-                                                 "skip_clip": (*DDIM_CASES["skip"], True)}.items():
+                                                 **{f"{k}_clip": (*v, True) for k, v in DDIM_CASES.items()}}.items():
                     x, model_output, noise = (rng.standard_normal(STEP_SHAPE) for _ in range(3))
                     prev, x0 = ddim_step(s, model_output, t, prev_t, x, eta, noise, alpha_one, pred, clip, 1.0, clip)
                     key = f"ddim.{pred}.{eta_name}.{final_name}.{case}"
@@ -164,6 +192,7 @@ def embedding_fixtures() -> dict:
 GROUPS = {
     "schedules": (schedule_fixtures, "noise schedules: every beta_schedule, with and without zero-SNR rescaling"),
     "timesteps": (timestep_fixtures, "inference timestep lists and both previous-timestep rules"),
+    "forward": (forward_fixtures, "the forward process q(x_t | x_0) (add_noise) and the posterior q(x_{t-1} | x_t, x_0)"),
     "ddpm_step": (ddpm_fixtures, "DDPM steps: every prediction_type x variance_type, injected noise"),
     "ddim_step": (ddim_fixtures, "DDIM steps: every prediction_type x eta x set_alpha_to_one, injected noise"),
     "karras": (karras_fixtures, "Euler, Euler ancestral, Heun, DPM-Solver++(2M): sigmas, timesteps and steps"),

@@ -82,3 +82,16 @@ def ddim_prev_timesteps(timesteps, num_train_timesteps: int, num_inference_steps
     spacing; differs for 'trailing' and 'linspace' when T / n is not an integer. Returns int64 (n,)."""
     ts = np.asarray(timesteps, np.int64)
     return np.maximum(ts - num_train_timesteps // num_inference_steps, -1).astype(np.int64)
+
+
+def truncating_timesteps(num_train_timesteps: int, num_inference_steps: int):
+    """times = int(linspace(-1, T - 1, n + 1)) reversed; ts = times[:-1], prev_t = times[1:]   (truncation)
+
+    The DDIM rule of denoising-diffusion-pytorch (`torch.linspace(-1, T - 1, n + 1).int()`): the same grid
+    -1 + k T / n as 'trailing' (which rounds it), truncated toward zero instead, and each step goes to the
+    next grid point (the last to -1). Differs from 'trailing' wherever T / n is not an integer.
+    Returns (timesteps, prev_timesteps), int64 (n,) each."""
+    T = _check_int("num_train_timesteps", num_train_timesteps, 1)
+    n = _check_int("num_inference_steps", num_inference_steps, 1, T)
+    times = np.linspace(-1, T - 1, n + 1).astype(np.int64)[::-1]  # astype truncates toward zero
+    return np.ascontiguousarray(times[:-1]), np.ascontiguousarray(times[1:])

@@ -1,0 +1,124 @@
+"""minidiff.oracle: the harness against a plain NumPy DDPM (tests/oracles/numpy_ddpm.py), the classic bugs
+planted into it one at a time, bad adapter output, the CLI, and diffusers' schedulers (where installed)."""
+
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minidiff.cli import main
+from minidiff.oracle import check, load_adapter
+from oracles.numpy_ddpm import PlainDDPM
+
+SOURCE = (Path(__file__).parent / "oracles" / "numpy_ddpm.py").read_text()
+
+
+def planted(old, new):
+    """PlainDDPM with one line of its source replaced (the bug), as a fresh module."""
+    assert old in SOURCE, old
+    mod = types.ModuleType("numpy_ddpm_bug")
+    exec(compile(SOURCE.replace(old, new), "numpy_ddpm_bug.py", "exec"), mod.__dict__)
+    return mod.PlainDDPM()
+
+
+def test_plain_numpy_ddpm_passes_every_case_it_implements():
+    r = check(PlainDDPM())
+    assert r.ok, r.table(failures_only=True)
+    assert len([x for x in r.results if x.status == "pass"]) >= 90
+    assert r.missing == ["unet_forward", "unet_backward"]
+    trailing = r["prev_timesteps.trailing.n7.offset0"]  # DDIMScheduler's rule, declared by PlainDDPM
+    assert trailing.status == "pass" and trailing.convention == "prev_timestep='t_minus_T_over_n'"
+    assert r["ddpm.epsilon.fixed_small.t1"].max_rel < 1e-13 and r["ddpm.epsilon.fixed_small.t1"].status == "pass"
+    assert r["ddpm.v_prediction.fixed_small.t1"].status == "skip"
+
+
+def test_a_convention_must_be_declared():
+    """The same output fails when the convention is not declared: a guess never makes a pass."""
+    r = check(PlainDDPM(), conventions={})
+    bad = r["prev_timesteps.trailing.n7.offset0"]
+    assert bad.status == "fail" and bad.convention == "prev_timestep='t_minus_T_over_n'"
+    assert "declare adapter.conventions['prev_timestep'] = 't_minus_T_over_n'" in bad.message
+    assert r["prev_timesteps.leading.n7.offset0"].status == "pass"  # the two rules agree for 'leading'
+    with pytest.raises(ValueError, match="unknown convention"):
+        check(PlainDDPM(), conventions={"prev_timestep": "guess"})
+    floor = planted("np.log(np.append(var[1], var[1:]))", "np.log(np.maximum(var, 1e-20))")
+    r = check(floor)
+    assert r["schedule.linear"].status == "fail" and r["schedule.linear"].convention == "posterior_log_variance_t0" \
+        "='floor_1e-20'"
+    floor.conventions = {**floor.conventions, "posterior_log_variance_t0": "floor_1e-20"}
+    assert check(floor).ok
+
+
+# bug: (line in numpy_ddpm.py, the planted line, a case that must fail, the functions that fail, convention named)
+BUGS = {
+    "alpha_index_off_by_one": ("a, a_prev = abar(t), abar(prev_t)", "a, a_prev = abar(t - 1), abar(prev_t - 1)",
+                               "ddpm.epsilon.fixed_small.skip", {"ddpm_step"}, ""),
+    "sqrt_missing_on_variance": ("mean + np.sqrt(var) * noise", "mean + var * noise",
+                                 "ddpm.epsilon.fixed_small.t1", {"ddpm_step"}, ""),
+    "clip_to_0_1": ("np.clip(x0, -1, 1)", "np.clip(x0, 0, 1)", "ddpm.epsilon.fixed_small.skip_clip",
+                    {"ddpm_step", "ddim_step"}, ""),
+    "noise_added_at_t0": ("if t > 0:", "if t >= 0:", "ddpm.epsilon.fixed_large.last", {"ddpm_step"}, ""),
+    "noise_skipped_at_t1": ("if t > 0:", "if t > 1:", "ddpm.epsilon.fixed_small.t1", {"ddpm_step"}, ""),
+    "sin_cos_swapped": ("[np.sin(a), np.cos(a)]", "[np.cos(a), np.sin(a)]", "temb.flip0.shift1.dim8",
+                        {"timestep_embedding"}, "flip_sin_to_cos=True"),
+    "s_used_for_w": ("w = guidance_scale - 1", "w = guidance_scale", "cfg.s_7p5", {"cfg"}, "guidance_scale='w'"),
+    "ddim_sigma_dropped": ("np.sqrt(1 - a_prev - sigma**2)", "np.sqrt(1 - a_prev)",
+                           "ddim.epsilon.eta_1.alpha_one.skip", {"ddim_step"}, ""),
+}
+
+
+@pytest.mark.parametrize("bug", list(BUGS))
+def test_every_planted_bug_is_caught(bug):
+    old, new, case, functions, convention = BUGS[bug]
+    r = check(planted(old, new))
+    assert not r.ok
+    assert r[case].status == "fail", r[case]
+    assert {x.function for x in r.failed} == functions, r.table(failures_only=True)
+    assert r[case].convention == convention  # named only where the output IS another convention's
+    if bug == "ddim_sigma_dropped":  # eta = 0 has no sigma: those cases still pass
+        assert r["ddim.epsilon.eta_0.alpha_one.skip"].status == "pass"
+
+
+class BadAdapter:
+    def add_noise(self, x0, noise, t):
+        if t == 0:
+            raise RuntimeError("boom\nsecond line")
+        if t == 1:
+            return x0[:1]
+        if t == 10:
+            return np.full(x0.shape, np.nan)
+        if t == 500:
+            return x0.astype(np.float32)
+        return (x0 > 0)  # bool
+
+    def cfg(self, eps_uncond, eps_cond, guidance_scale):
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def test_bad_adapter_output_fails_one_case_each_and_the_rest_run():
+    r = check(BadAdapter())
+    msgs = {x.name: x.message for x in r.results}
+    assert msgs["add_noise.t0"] == "raised RuntimeError: boom"
+    assert "shape (1, 2, 3, 3), expected (2, 2, 3, 3)" in msgs["add_noise.t1"]
+    assert "NaN" in msgs["add_noise.t10"]
+    assert "dtype float32 with precision 'float64'" in msgs["add_noise.t500"]
+    assert "dtype bool" in msgs["add_noise.t999"]
+    assert all(r[f"cfg.s_{s}"].status == "pass" for s in ("0", "1", "3", "7p5"))
+    assert check(BadAdapter(), precision="float32")["add_noise.t500"].message == "differs"  # float32 accepted
+    with pytest.raises(ValueError, match="precision"):
+        check(BadAdapter(), precision="float16")
+
+
+BUGGY = planted("w = guidance_scale - 1", "w = guidance_scale")
+
+
+def test_cli_prints_the_table_and_exits_nonzero_on_a_failure(capsys):
+    assert main(["oracle", "--adapter", "oracles.numpy_ddpm:PlainDDPM"]) == 0
+    out = capsys.readouterr().out
+    assert "ddpm.epsilon.fixed_small.t1" in out and "0 failed" in out
+    assert main(["oracle", "--adapter", "test_oracle:BUGGY", "--failures-only"]) == 1
+    out = capsys.readouterr().out
+    assert "cfg.s_3" in out and "guidance_scale='w'" in out and "ddpm" not in out
+    with pytest.raises(ValueError, match="module:object"):
+        load_adapter("oracles.numpy_ddpm")
