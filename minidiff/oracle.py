@@ -51,13 +51,15 @@ CONVENTIONS = {
     "clip_sample": {True: "clip_sample=True", False: "clip_sample=False"},
     "set_alpha_to_one": {True: "set_alpha_to_one=True", False: "set_alpha_to_one=False"},
 }
-# precision -> kind -> (rel, abs): pass when max|out - ref| <= rel * max|ref| + abs  (docs/oracle.md section 2)
+# precision -> kind -> (rel, abs): pass when max|out - ref| <= rel * max|ref| + abs  (docs/oracle.md section 2).
+# float32 steps: at t <= 1, 1 - abar_t ~ 1e-4 and a float32 abar (rounded by 6e-8) moves beta' = 1 - abar_t / abar_prev
+# by up to 6e-4 relative (2.9e-4 measured); the smallest classic bug (noise skipped at t = 1) shows at 6e-3.
 TOLERANCES = {
     "float64": {"step": (1e-10, 0), "schedule": (1e-10, 0), "embedding": (1e-10, 1e-13), "cfg": (1e-12, 0),
                 "int": (0, 0), "unet": (1e-10, 0), "grad": (1e-10, 1e-12)},
-    "float32_stored": {"step": (1e-5, 0), "schedule": (1e-6, 0), "embedding": (1e-6, 1e-6), "cfg": (1e-6, 0),
+    "float32_stored": {"step": (1e-3, 0), "schedule": (1e-6, 0), "embedding": (1e-6, 1e-6), "cfg": (1e-6, 0),
                        "int": (0, 0), "unet": (1e-4, 0), "grad": (1e-4, 1e-6)},
-    "float32": {"step": (1e-4, 0), "schedule": (1e-5, 0), "embedding": (0, 5e-4), "cfg": (1e-6, 0),
+    "float32": {"step": (1e-3, 0), "schedule": (1e-5, 0), "embedding": (0, 5e-4), "cfg": (1e-6, 0),
                 "int": (0, 0), "unet": (1e-4, 0), "grad": (1e-4, 1e-6)},
 }
 FUNCTIONS = ("schedule", "add_noise", "posterior", "ddpm_step", "ddim_step", "timesteps", "prev_timesteps",
