@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .fixtures_likelihood import likelihood_fixtures
+from .fixtures_readme import MEANINGS
 from .fixtures_model import _rng, _scalar, nn_fixtures, unet_fixtures
 from .fixtures_samplers import karras_fixtures
 from .diffusion.guidance import cfg, classifier_guided_eps, guidance_scale_to_w, rescale_noise_cfg
@@ -243,7 +244,7 @@ def readme_text(fixtures: dict) -> str:
             case, _, field = k.rpartition(".")
             dtype = "" if v.dtype == np.float64 else f" {v.dtype}"
             cases.setdefault(case, []).append(f"`{field}` {tuple(v.shape)}{dtype}")
-        lines += [f"## {name}.npz: {title}", "", " ".join(builder.__doc__.split()), "",
+        lines += [f"## {name}.npz: {title}", "", MEANINGS[name], "", " ".join(builder.__doc__.split()), "",
                   "| case | fields |", "|---|---|"]
         lines += [f"| `{case or '(top level)'}` | {', '.join(fields)} |" for case, fields in cases.items()]
         lines.append("")

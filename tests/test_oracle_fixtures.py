@@ -165,3 +165,11 @@ def test_float32_stored_buffers_pass_at_their_precision():
     r64, r32 = check(mod.PlainDDPM()), check(mod.PlainDDPM(), precision="float32_stored")
     assert not r64.ok and r32.ok, r32.table(failures_only=True)
     assert 1e-5 < max(x.max_rel for x in r32.results if x.function == "posterior") < 1e-3
+
+
+def test_readme_says_what_each_array_means():
+    from minidiff.fixtures import GROUPS, readme_text
+    from minidiff.fixtures_readme import MEANINGS
+    assert set(MEANINGS) == set(GROUPS)
+    text = readme_text({"forward": FX["forward"], "timesteps": FX["timesteps"]})
+    assert MEANINGS["forward"] in text and "log_variance_floor" in text and MEANINGS["timesteps"] in text
