@@ -31,10 +31,12 @@ def _abar_prev(schedule, prev_t, final):
 
 
 def _check_prev(prev_t, t, T, x):
-    """prev_t in [-1, t) elementwise; returns it as a host int64 array."""
-    prev_t = check_t("prev_t", prev_t, T, x, low=-1)
+    """prev_t < t elementwise; any negative prev_t means "before the start" and becomes -1 (as in DDIMScheduler,
+    whose raw t - T // n may be -10). Returns it as a host int64 array."""
+    host = to_numpy(prev_t)
+    prev_t = check_t("prev_t", np.maximum(host, -1) if np.issubdtype(host.dtype, np.integer) else host, T, x, low=-1)
     if np.any(prev_t >= t):
-        raise ValueError(f"prev_t must be < t elementwise (prev_t = -1 means before the start), "
+        raise ValueError(f"prev_t must be < t elementwise (a negative prev_t means before the start), "
                          f"got prev_t = {prev_t.tolist()}, t = {t.tolist()}")
     return prev_t
 

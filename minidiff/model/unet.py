@@ -100,3 +100,9 @@ def unet_backward(deps, cache):
     # 4.-1. forward: h, temb, skips, encoder = encoder_forward(x, t, class_labels, context)
     dx = encoder_backward(dh, dskips, dtemb, dctx, k["encoder"], g)
     return {key: g[key] for key in k["keys"]}, dx
+
+
+def unet_apply(params, config, x, t, class_labels=None, context=None, ops=REFERENCE):
+    """eps = UNet(x_t, t[, y][, prompt]) and nothing else: unet_forward(..., for_backward=False)[0], for callers
+    (an oracle check, a sampler's model_fn) that need no backward. Returns (N, C_out, H, W)."""
+    return unet_forward(params, config, x, t, class_labels, context, for_backward=False, ops=ops)[0]

@@ -246,7 +246,7 @@ def test_bad_input_names_the_argument():
         (lambda: SM.ddpm_step(s, x, 3, 2, x, x, prediction_type="eps"), "prediction_type must be one of"),
         (lambda: SM.ddpm_step(s, x, 10, 2, x, x), r"t must lie in \[0, 10\)"),
         (lambda: SM.ddpm_step(s, x, 3, 3, x, x), "prev_t must be < t"),
-        (lambda: SM.ddim_step(s, x, 3, -2, x), r"prev_t must lie in \[-1, 10\)"),
+        (lambda: SM.ddim_step(s, x, 3, 10, x), r"prev_t must lie in \[-1, 10\)"),
         (lambda: SM.ddpm_step(s, np.zeros((2, 4)), 3, 2, x, x), "shape mismatch"),
         (lambda: SM.ddpm_step(s, x, 3, 2, x, np.zeros((2, 4))), "shape mismatch"),
         (lambda: SM.ddpm_step(s, x, 3, 2, x, None), "noise is required"),
