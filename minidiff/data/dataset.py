@@ -9,6 +9,7 @@ Both classes share one interface, which is all the train loop uses:
     labels        int64 (N,) or None;  captions: list of N str or None
     num_classes, class_names, image_size, channels, infinite, name
     all_captions  the distinct captions the set can produce (to build the tokenizer from)
+    has_captions  True when the captions come from real class names (not the label numbers "0", "1", ...)
     batch(rng, B) -> (x float32 (B, C, S, S), labels int64 (B,) or None, captions list[str] or None)
 """
 
@@ -51,7 +52,7 @@ class ArrayDataset:
         if n == 0:
             raise ValueError(f"dataset {name!r} holds no images; give it at least one")
         if h != w:
-            raise ValueError(f"images must be square, got {h}x{w}; pass image_size to resize them")
+            raise ValueError(f"images must be square, got {h}x{w}; pass --resolution S (image_size) to crop them")
         self.data = np.ascontiguousarray(images_u8)  # (N, C, S, S) uint8
         self.name = name
         self.channels, self.image_size = c, h
@@ -61,6 +62,7 @@ class ArrayDataset:
         self.num_classes = 0
         self.captions = None
         self.all_captions = []
+        self.has_captions = class_names is not None and labels is not None  # numbers alone are no captions
         if labels is not None:
             labels = np.asarray(labels)
             if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
@@ -109,6 +111,7 @@ class ShapesDataset:
     """The built-in set: every batch is drawn fresh from rng by shapes.sample_shapes (infinite data)."""
 
     infinite = True
+    has_captions = True
     images = None  # no fixed image array: there is no end to it
     labels = None
     captions = None

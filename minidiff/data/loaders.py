@@ -8,10 +8,13 @@ Shape legend: N images, C channels (1 gray or 3 RGB), H W stored size, S = image
     DIR with images and no subfolders            folder of images, unlabelled
     DIR or FILE train-images-idx3-ubyte[.gz]     MNIST / Fashion-MNIST IDX (labels file beside it)
     DIR cifar-10-batches-py (data_batch_1..5)    CIFAR-10 python batches, parsed without unpickling
-    FILE.npz with images [, labels]              arrays, read with allow_pickle=False
+    FILE.npz with images [, labels, class_names]  arrays, read with allow_pickle=False (data/npz.py)
 
 Every image ends as uint8 (N, C, S, S) and is scaled to [-1, 1] per batch: x = u8 / 127.5 - 1.
-With image_size given, each image is center-cropped to a square and resized to S x S (PIL, bicubic).
+With image_size S (--resolution S) each image is cropped to a square of its shorter side, in the
+center (or, with random_crop, at an offset drawn once per image from rng) and resized to S x S
+(PIL, bicubic), as diffusers' Resize(S) + CenterCrop(S) / RandomCrop(S). Without image_size,
+non-square images are center-cropped to their shorter side; images of mixed sizes need --resolution.
 
 IDX format (big-endian): magic = 0x00 0x00 type ndim, then ndim int32 dims, then the data;
 type 0x08 is uint8. Images have ndim 3 (N, H, W), labels ndim 1 (N,).
@@ -27,6 +30,8 @@ import numpy as np
 
 from .cifar import read_cifar_batch, read_cifar_label_names
 from .dataset import ArrayDataset, ShapesDataset
+from .npz import load_npz
+from .resize import MAX_RESOLUTION, check_resolution, finish as _finish, resize_u8
 
 BUILTIN = {"shapes16": 16, "shapes32": 32, "shapes": None}
 DEFAULT_DATA = "shapes16"
@@ -38,34 +43,6 @@ KINDS = "a built-in name (shapes16, shapes32), a folder of class subfolders, MNI
         "a cifar-10-batches-py folder, or an .npz"
 
 
-def resize_u8(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (N, C, H, W) -> (N, C, S, S): center crop to min(H, W), then bicubic resize (PIL)."""
-    from PIL import Image
-
-    n, c, h, w = images.shape
-    if h == w == size:
-        return images
-    m = min(h, w)
-    top, left = (h - m) // 2, (w - m) // 2
-    crop = images[:, :, top:top + m, left:left + m]
-    out = np.empty((n, c, size, size), np.uint8)
-    for i in range(n):
-        for ch in range(c):  # PIL resizes one 8-bit plane at a time ('L' mode)
-            plane = Image.fromarray(np.ascontiguousarray(crop[i, ch]))
-            out[i, ch] = np.asarray(plane.resize((size, size), Image.BICUBIC))
-    return out
-
-
-def _finish(images_u8, labels, class_names, name, image_size):
-    """Resize if asked, check squareness, wrap in an ArrayDataset."""
-    if image_size is not None:
-        images_u8 = resize_u8(images_u8, image_size)
-    elif images_u8.shape[2] != images_u8.shape[3]:
-        raise ValueError(f"{name}: images are {images_u8.shape[2]}x{images_u8.shape[3]}, not square; "
-                         "pass image_size (--image-size S) to crop and resize them")
-    return ArrayDataset(images_u8, labels, class_names, name=name)
-
-
 # ----------------------------------------------------------------------------- folder of images
 
 
@@ -73,7 +50,7 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
-def load_folder(path, image_size=None) -> ArrayDataset:
+def load_folder(path, image_size=None, rng=None) -> ArrayDataset:
     """One subfolder per class (labels in sorted name order), or a flat folder of images (no labels)."""
     from PIL import Image, UnidentifiedImageError
 
@@ -96,18 +73,18 @@ def load_folder(path, image_size=None) -> ArrayDataset:
     sizes = {p.size for p in pics}
     if len(sizes) > 1 and image_size is None:
         raise ValueError(f"images in {path} have mixed sizes {sorted(sizes)[:4]}; "
-                         "pass image_size (--image-size S) to resize them all to S x S")
+                         "pass --resolution S (image_size) to crop and resize them all to S x S")
     arrays = []
     for p in pics:
         a = np.asarray(p, np.uint8)
         a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (H, W[, 3]) -> (C, H, W)
-        arrays.append(resize_u8(a[None], image_size)[0] if image_size is not None else a)
+        arrays.append(resize_u8(a[None], image_size, rng)[0] if image_size is not None else a)
     labels = None if classes == [] else np.array([lab for lab, _ in files], np.int64)
     names = [d.name for d in classes] if classes else None
     if labels is not None and len(set(labels.tolist())) < len(classes):
         empty = [d.name for i, d in enumerate(classes) if i not in set(labels.tolist())]
         raise ValueError(f"class folders {empty} in {path} hold no images; add images or remove them")
-    return _finish(np.stack(arrays), labels, names, path.name, image_size)
+    return _finish(np.stack(arrays), labels, names, path.name, image_size, rng)
 
 
 # ----------------------------------------------------------------------------- MNIST IDX
@@ -162,7 +139,7 @@ def load_idx(path, image_size=None) -> ArrayDataset:
     return _finish(images[:, None], labels, names, "fashion-mnist" if fashion else "mnist", image_size)
 
 
-# ----------------------------------------------------------------------------- CIFAR-10, npz
+# ----------------------------------------------------------------------------- CIFAR-10
 
 
 def load_cifar10(path, image_size=None) -> ArrayDataset:
@@ -182,44 +159,19 @@ def load_cifar10(path, image_size=None) -> ArrayDataset:
     return _finish(images, labels, names, "cifar10", image_size)
 
 
-def load_npz(path, image_size=None) -> ArrayDataset:
-    """An .npz holding images uint8 (N, H, W) or (N, H, W, C), C in {1, 3}, and optional labels (N,) int."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"cannot read {path} as an .npz without pickle ({err}); save it with "
-                         "np.savez(path, images=uint8 array, labels=int array)") from None
-    extra = set(arrays) - {"images", "labels"}
-    if "images" not in arrays or extra:
-        raise ValueError(f"{path} must hold the key 'images' and optionally 'labels', got keys {sorted(arrays)}")
-    images, labels = arrays["images"], arrays.get("labels")
-    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
-        raise ValueError(f"{path}: images must be uint8 (N, H, W) or (N, H, W, C) with C 1 or 3, got "
-                         f"{images.dtype} {images.shape}")
-    if labels is not None and (labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer)):
-        raise ValueError(f"{path}: labels must be integers of shape (N,) = ({images.shape[0]},), got "
-                         f"{labels.dtype} {labels.shape}")
-    if images.shape[0] == 0:
-        raise ValueError(f"{path} holds no images")
-    images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)  # (N, C, H, W)
-    return _finish(images, labels, None, path.stem, image_size)
-
-
 # ----------------------------------------------------------------------------- dispatch
 
 
-def load_dataset(spec=None, image_size=None):
-    """Return the dataset that spec names (see the module docstring for the table)."""
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer))
-                                   or image_size < 1):
-        raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
+def load_dataset(spec=None, image_size=None, random_crop=False, seed=0):
+    """Return the dataset that spec names (see the module docstring for the table); image_size S
+    (--resolution) crops and resizes to S x S, random_crop draws the crops from default_rng(seed)."""
+    image_size = check_resolution(image_size)
+    rng = np.random.default_rng(seed) if random_crop else None
     spec = DEFAULT_DATA if spec in (None, "") else spec
     if isinstance(spec, str) and spec in BUILTIN:
         native = BUILTIN[spec]
         if native is not None and image_size is not None and image_size != native:
-            raise ValueError(f"data {spec!r} is {native}x{native}; drop image_size or use 'shapes{image_size}'")
+            raise ValueError(f"data {spec!r} is {native}x{native}; drop --resolution or use 'shapes{image_size}'")
         return ShapesDataset(native or image_size or 16)
     path = Path(spec).expanduser()
     if not path.exists():
@@ -227,7 +179,7 @@ def load_dataset(spec=None, image_size=None):
     if path.is_file():
         name = path.name.lower()
         if name.endswith(".npz"):
-            return load_npz(path, image_size)
+            return load_npz(path, image_size, rng)
         if "idx3-ubyte" in name or "idx3_ubyte" in name:
             return load_idx(path, image_size)
         if name.startswith("data_batch"):
@@ -242,4 +194,4 @@ def load_dataset(spec=None, image_size=None):
         return load_cifar10(path, image_size)
     if any("idx3-ubyte" in n for n in names):
         return load_idx(path, image_size)
-    return load_folder(path, image_size)
+    return load_folder(path, image_size, rng)

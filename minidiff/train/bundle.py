@@ -31,11 +31,12 @@ TEXT_WIDTH = 64  # width of the prompt-token embeddings (cross_attention_dim) fo
 
 
 def choose_conditioning(requested: str, dataset) -> str:
-    """'auto' -> text when the data has captions, class when it has labels, else none."""
+    """'auto' -> text when the data has captions (class names), class when it has labels, else none."""
     has_text = bool(getattr(dataset, "all_captions", None))
+    named = getattr(dataset, "has_captions", has_text)  # labels without names: numbers are no captions
     has_labels = bool(getattr(dataset, "num_classes", 0))
     if requested == "auto":
-        return "text" if has_text else ("class" if has_labels else "none")
+        return "text" if has_text and named else ("class" if has_labels else "none")
     if requested == "text" and not has_text:
         raise ValueError(f"--conditioning text needs captions or class names, and {dataset.name} has none")
     if requested == "class" and not has_labels:
@@ -102,7 +103,7 @@ class Bundle:
         if self.conditioning == "class":
             ids = np.asarray(class_ids if class_ids is not None else np.arange(n) % self.num_classes, np.int64)
             if ids.size and (ids.min() < 0 or ids.max() >= self.num_classes):
-                raise ValueError(f"--class-id must be in [0, {self.num_classes}), got {ids.min()}..{ids.max()}")
+                raise ValueError(f"--class must be in [0, {self.num_classes}), got {ids.min()}..{ids.max()}")
             return ids
         return None
 

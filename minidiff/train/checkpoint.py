@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -91,6 +93,26 @@ def save_checkpoint(path, arrays: dict, meta: dict | None = None) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    return path
+
+
+STEP_FILE = re.compile(r"^step_(\d{6,})\.npz$")  # the only names keep_last_checkpoints ever deletes
+
+
+def keep_last_checkpoints(latest: Path, step: int, limit: int) -> Path:
+    """Give latest (just written) a second name step_XXXXXX.npz beside it (a hard link: no copy where the
+    file system allows), then delete the oldest step_*.npz of that folder until `limit` remain.
+    Only files named step_<digits>.npz in latest's folder are deleted; latest.npz and anything else stay."""
+    latest = Path(latest)
+    path = latest.with_name(f"step_{step:06d}.npz")
+    path.unlink(missing_ok=True)
+    try:
+        os.link(latest, path)  # latest.npz is replaced by os.replace later, so this name keeps these bytes
+    except OSError:
+        shutil.copyfile(latest, path)
+    found = sorted((int(m.group(1)), p) for p in latest.parent.iterdir() if (m := STEP_FILE.match(p.name)))
+    for _, old in found[:max(0, len(found) - limit)]:
+        old.unlink()
     return path
 
 
@@ -169,3 +191,18 @@ def rng_from_state(state: dict) -> np.random.Generator:
         state = dict(state, state=dict(state["state"], key=np.asarray(state["state"]["key"], np.uint32)))
     bit_gen.state = state
     return np.random.Generator(bit_gen)
+
+
+def prepare_run_dir(cfg) -> Path:
+    """Create the run directory; refuse to reuse one that holds an earlier run unless --resume."""
+    out = Path(cfg.out).expanduser()
+    latest = out / "checkpoints" / "latest.npz"
+    if cfg.resume:
+        if not latest.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {latest}; start a new run without --resume")
+    elif out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {str(out)!r} already holds a run; pass --resume to continue it or choose "
+                              "a new --out (nothing was overwritten)")
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out / "samples").mkdir(exist_ok=True)
+    return out

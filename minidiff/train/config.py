@@ -14,8 +14,10 @@ import re
 import typing
 from dataclasses import dataclass
 
-from ..backend import check_tf32
+from ..backend import check_tf32, gpu_available
+from ..data.resize import MAX_RESOLUTION
 from ..diffusion.schedule import check_choice
+from .optim import LR_SCHEDULES
 
 # Where the CPU shards of a batch run (--shards): "threads", in this process, or "processes", in worker
 # processes (each its own GIL); the same numbers either way (minidiff/fast/cpu/shards.py runs them).
@@ -28,7 +30,9 @@ TRAIN_VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 class TrainConfig:
     """Every option of `minidiff train` (one flag per field: --batch-size is batch_size)."""
     # --- data and model ---
-    data: str = "shapes16"           # built-in name (shapes16, shapes32) or a path: image folder, MNIST dir, CIFAR-10 dir, .npz
+    data: str = "shapes16"           # built-in name (shapes16, shapes32) or a path: image folder (class subfolders or flat), MNIST IDX dir, CIFAR-10 dir, .npz (images [, labels, class_names]; see README "Your own data")
+    resolution: int = -1             # crop each image to a square and resize it to S x S (1..512); -1 = the data's own size
+    random_crop: bool = False        # with --resolution: crop at a random offset (drawn once per image from --seed) instead of the center
     out: str = "runs/shapes16"       # run directory: config, checkpoints, log, images
     preset: str = "small"            # U-Net preset: tiny, small, ddpm-cifar10
     conditioning: str = "auto"       # text | class | none | auto (text if captions, else class if labels, else none)
@@ -43,11 +47,14 @@ class TrainConfig:
     p_uncond: float = 0.1            # probability of dropping the condition (classifier-free guidance training)
     # --- optimisation (DDPM: Adam 2e-4, warm-up 5000, clip 1, EMA 0.9999) ---
     steps: int = 1200                # optimizer steps in total (default run: ~5 min on 2 CPU cores)
-    batch_size: int = 64             # images per optimizer step
+    epochs: float = 0.0              # instead of --steps: passes over a finite dataset (steps = ceil(epochs N / (batch-size K))); 0 = use --steps
+    batch_size: int = 64             # images per model call (micro-batch); an optimizer step sees batch-size x K images
+    gradient_accumulation_steps: int = 1  # K: one optimizer step on the mean gradient of K micro-batches (= one batch of K x batch-size)
     optimizer: str = "adamw"         # adam | adamw
     lr: float = 2e-3                 # base learning rate (after the warm-up)
     weight_decay: float = 0.0        # AdamW's decoupled weight decay
     warmup_steps: int = 100          # linear learning-rate warm-up
+    lr_schedule: str = "constant"    # after the warm-up: constant | linear (to 0 at the last step) | cosine (to 0 at the last step)
     grad_clip: float = 1.0           # global-norm clip; 0 = off
     ema_decay: float = 0.995         # EMA of the weights, used for sampling
     ema_warmup: bool = True          # decay_t = min(ema_decay, (1 + t) / (10 + t))
@@ -55,13 +62,14 @@ class TrainConfig:
     dropout: float = -1.0            # U-Net dropout; -1 = the preset's
     # --- checkpoints, images, logging ---
     save_every: int = 300            # checkpoint every N steps (and at the end)
+    checkpoints_total_limit: int = -1  # also keep checkpoints/step_XXXXXX.npz of the last N saves (older ones deleted); -1 = only latest.npz
     sample_every: int = 600          # EMA sample grid every N steps (and at the end); 0 = only at the end
     sample_steps: int = 25           # DDIM steps for the preview grids
     guidance_scale: float = 3.0      # classifier-free guidance scale of the preview grids
     log_every: int = 10              # JSONL log line every N steps
     # --- run ---
     seed: int = 0                    # seed of every random draw (weights, data, noise, dropout)
-    device: str = "cpu"              # cpu | gpu (CuPy)
+    device: str = "cpu"              # cpu | gpu (CuPy) | auto (the GPU when CuPy sees one, else the CPU)
     dtype: str = "float32"           # float32 | float64
     threads: int = 0                 # CPU threads, each runs a shard of the batch; 0 = one per core (at most 4)
     shards: str = "processes"        # where the CPU shards run: processes (each its own GIL; faster) | threads; same numbers
@@ -161,12 +169,30 @@ def check_threads(threads) -> int:
     return int(threads)
 
 
+def resolve_device(device: str) -> str:
+    """--device auto -> 'gpu' when CuPy sees a GPU, else 'cpu'; cpu and gpu as given."""
+    return ("gpu" if gpu_available() else "cpu") if device == "auto" else device
+
+
 def validate_train_config(cfg: TrainConfig) -> None:
     """Clear errors for bad training options, each naming the flag."""
     check_choice("--conditioning", cfg.conditioning, ("text", "class", "none", "auto"))
     check_choice("--optimizer", cfg.optimizer, ("adam", "adamw"))
-    check_choice("--device", cfg.device, ("cpu", "gpu"))
+    check_choice("--device", cfg.device, ("cpu", "gpu", "auto"))
     check_choice("--dtype", cfg.dtype, ("float32", "float64"))
+    check_choice("--lr-schedule", cfg.lr_schedule, LR_SCHEDULES)
+    if cfg.resolution != -1 and not 1 <= cfg.resolution <= MAX_RESOLUTION:
+        raise ValueError(f"--resolution must be in [1, {MAX_RESOLUTION}] (or -1 = the data's own size), "
+                         f"got {cfg.resolution}")
+    if cfg.random_crop and cfg.resolution == -1:
+        raise ValueError("--random-crop needs --resolution S (the side of the crop)")
+    if cfg.gradient_accumulation_steps < 1:
+        raise ValueError(f"--gradient-accumulation-steps must be >= 1, got {cfg.gradient_accumulation_steps}")
+    if cfg.checkpoints_total_limit != -1 and cfg.checkpoints_total_limit < 1:
+        raise ValueError(f"--checkpoints-total-limit must be >= 1 (or -1 = keep only latest.npz), "
+                         f"got {cfg.checkpoints_total_limit}")
+    if not cfg.epochs >= 0:
+        raise ValueError(f"--epochs must be >= 0 (0 = use --steps), got {cfg.epochs}")
     if cfg.variance_type == "learned":
         raise ValueError("--variance-type learned is not trainable here (its output is the variance itself, which a "
                          "network can make negative); use learned_range")
@@ -178,7 +204,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     check_threads(cfg.threads)
     check_shards(cfg.shards)
-    check_tf32(cfg.tf32, cfg.device, cfg.dtype)
+    check_tf32(cfg.tf32, resolve_device(cfg.device), cfg.dtype)
     if not 0.0 <= cfg.p_uncond < 1.0:
         raise ValueError(f"--p-uncond must be in [0, 1), got {cfg.p_uncond}")
     if not 0.0 <= cfg.ema_decay < 1.0:

@@ -10,8 +10,10 @@ Adam (Kingma & Ba 2015, Alg. 1, with PyTorch's torch.optim.Adam placement of eps
     v   = beta2 * v + (1 - beta2) * g^2                 exp_avg_sq
     p   = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
-Linear warm-up (DDPM trains with 5000 warm-up steps):
+Linear warm-up (DDPM trains with 5000 warm-up steps), then a decay to 0 at the last step (lr_at):
     lr(step) = base_lr * min(1, (step + 1) / warmup_steps)     step = updates done so far (0-based)
+    p = (step - warmup) / (total - warmup)  after the warm-up:  constant 1,  linear 1 - p,
+    cosine (1 + cos(pi p)) / 2  (diffusers' get_cosine_schedule_with_warmup, one half-cycle)
 
 EMA of the weights (what sampling uses), update number n = 1, 2, ...:
     decay_n = min(decay, (1 + s) / (10 + s)) with s = n - 1, and decay_1 = 0   (warmup=True,
@@ -128,6 +130,21 @@ def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
     if warmup_steps == 0:
         return float(base_lr)
     return float(base_lr) * min(1.0, (step + 1) / warmup_steps)
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, schedule: str = "constant", total_steps: int = 0) -> float:
+    """lr(step) = warmup_lr(step) * f(p), p = (step - warmup) / (total - warmup): f = 1 (constant), 1 - p
+    (linear), (1 + cos(pi p)) / 2 (cosine); 'constant' is warmup_lr itself, to the bit."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"--lr-schedule must be one of {list(LR_SCHEDULES)}, got {schedule!r}")
+    lr = warmup_lr(step, base_lr, warmup_steps)
+    if schedule == "constant" or step < warmup_steps:
+        return lr
+    p = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return lr * (1.0 - p if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * p)))
 
 
 class EMA:

@@ -16,7 +16,11 @@ The ops table (nn/ops.py) passed in picks who runs each op: REFERENCE (nn/, the 
 fast table the command line builds. Its map_batch runs loss_and_grads on the batch: whole, or split
 by rows over the CPU cores with the pieces' losses and gradients summed (fast/cpu/shards.py).
 
-Run directory: config.json, log.jsonl, loss.png, samples/step_XXXXXX.png, checkpoints/latest.npz.
+With --gradient-accumulation-steps K the batch of line 2 has K B rows and line 5's gradient is the
+mean over K micro-batches of B rows (accumulate.py): the same step as one batch of K B rows.
+
+Run directory: config.json, log.jsonl, loss.png, samples/step_XXXXXX.png, checkpoints/latest.npz
+(and checkpoints/step_XXXXXX.npz of the last N saves with --checkpoints-total-limit N).
 Shape legend: B batch, C channels, S image side, L prompt tokens.
 """
 
@@ -32,12 +36,14 @@ import numpy as np
 
 from ..backend import set_tf32, to_device, xp_for
 from .bundle import Bundle, build_unet_config, choose_conditioning
-from .checkpoint import check_config, load_checkpoint, rng_from_state, rng_state, save_checkpoint
-from .config import TrainConfig, validate_train_config
+from .accumulate import accumulate
+from .checkpoint import (check_config, keep_last_checkpoints, load_checkpoint, prepare_run_dir, rng_from_state,
+                         rng_state, save_checkpoint)
+from .config import TrainConfig, resolve_device, validate_train_config
 from ..data import load_dataset
 from ..data.tokenizer import Tokenizer
 from ..diffusion.loss import diffusion_loss, drop_condition, hybrid_loss, sample_timesteps
-from .optim import EMA, Adam, AdamW, warmup_lr
+from .optim import EMA, Adam, AdamW, lr_at
 from .report import ProgressBar, save_grid, save_loss_curve
 from .generate import generate
 from ..diffusion.schedule import add_noise, make_schedule
@@ -47,26 +53,12 @@ from ..nn.ops import REFERENCE
 
 # the settings a resumed run must share with the run it continues
 RESUME_FIELDS = ("data", "preset", "conditioning", "max_prompt_len", "num_train_timesteps", "beta_schedule",
-                 "prediction_type", "batch_size", "optimizer", "seed", "dtype", "dropout")
+                 "prediction_type", "batch_size", "optimizer", "seed", "dtype", "dropout", "resolution", "random_crop",
+                 "gradient_accumulation_steps")
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the message names the step."""
-
-
-def prepare_run_dir(cfg: TrainConfig) -> Path:
-    """Create the run directory; refuse to reuse one that holds an earlier run unless --resume."""
-    out = Path(cfg.out).expanduser()
-    latest = out / "checkpoints" / "latest.npz"
-    if cfg.resume:
-        if not latest.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {latest}; start a new run without --resume")
-    elif out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"--out {str(out)!r} already holds a run; pass --resume to continue it or choose "
-                              "a new --out (nothing was overwritten)")
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (out / "samples").mkdir(exist_ok=True)
-    return out
 
 
 def make_condition(rng, conditioning, labels, captions, tokenizer, num_classes, p_uncond):
@@ -84,13 +76,21 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, log=print, ops=REFERENCE):
         validate_train_config(cfg)
+        cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
+        self.dataset = load_dataset(cfg.data, None if cfg.resolution == -1 else cfg.resolution, cfg.random_crop,
+                                    cfg.seed)
+        self.rows = cfg.batch_size * cfg.gradient_accumulation_steps  # images per optimizer step
+        if cfg.epochs > 0:
+            if self.dataset.infinite:
+                raise ValueError(f"--epochs needs a finite dataset, and {self.dataset.name} is drawn fresh every "
+                                 "batch; use --steps")
+            cfg = dataclasses.replace(cfg, steps=max(1, math.ceil(cfg.epochs * len(self.dataset) / self.rows)))
         self.cfg, self.log, self.ops = cfg, log, ops
         self.xp = xp_for(cfg.device)
         if cfg.tf32:
             set_tf32(True)  # for the rest of the process: every float32 matmul on the GPU
         self.dtype = np.dtype(cfg.dtype)
         self.out = prepare_run_dir(cfg)
-        self.dataset = load_dataset(cfg.data)
         self.conditioning = choose_conditioning(cfg.conditioning, self.dataset)
         self.tokenizer = None
         if self.conditioning == "text":
@@ -128,12 +128,16 @@ class Trainer:
                               "ema_num_updates": self.ema.num_updates, "opt_step": opt["step"]}
         arrays = {"params": self.params, "ema": self.ema.shadow,
                   "opt": {"exp_avg": opt["exp_avg"], "exp_avg_sq": opt["exp_avg_sq"]}}
-        return save_checkpoint(self.out / "checkpoints" / "latest.npz", arrays, meta)
+        path = save_checkpoint(self.out / "checkpoints" / "latest.npz", arrays, meta)
+        if self.cfg.checkpoints_total_limit > 0:
+            keep_last_checkpoints(path, self.step, self.cfg.checkpoints_total_limit)
+        return path
 
     def _load(self, path: Path) -> None:
         arrays, meta = load_checkpoint(path)
         saved = meta["train_config"]
-        check_config({k: saved.get(k) for k in RESUME_FIELDS},
+        defaults = dataclasses.asdict(TrainConfig())  # a field newer than the checkpoint: its default
+        check_config({k: saved.get(k, defaults[k]) for k in RESUME_FIELDS},
                      {k: getattr(self.cfg, k) for k in RESUME_FIELDS}, "training config", path)
         check_config(meta["model_config"], self.model_config.to_dict(), "model config", path)
         for k, v in arrays["params"].items():
@@ -151,7 +155,7 @@ class Trainer:
         (every step on a CPU, every log_every steps on a GPU, and always before a checkpoint)."""
         cfg, rng, xp = self.cfg, self.rng, self.xp
         x0, cond = self.draw_data(rng)                                               # 2: x0 ~ q(x0), c
-        t = sample_timesteps(rng, cfg.batch_size, cfg.num_train_timesteps)          # 3: t ~ U, (B,) host
+        t = sample_timesteps(rng, self.rows, cfg.num_train_timesteps)               # 3: t ~ U, (B,) host
         eps = rng.standard_normal(x0.shape)                                         # 4: eps ~ N(0, I)
         masks = None                                      # the network's dropout: drawn here, after eps
         if self.model_config.dropout > 0:
@@ -159,25 +163,30 @@ class Trainer:
         batch = dict(x0=xp.asarray(x0, self.dtype), eps=xp.asarray(eps, self.dtype), t=t,
                      class_labels=cond if self.conditioning == "class" else None,
                      context=cond if self.conditioning == "text" else None, dropout_masks=masks)
-        loss, grads = self.ops.map_batch(loss_and_grads, batch, params=self.params, config=self.model_config,
-                                         schedule=self.schedule, prediction_type=cfg.prediction_type,
-                                         snr_gamma=cfg.snr_gamma or None, ops=self.ops,
-                                         **learned_variance_args(cfg))                     # 5: L, grad_theta L
+        loss, grads = accumulate(self.ops.map_batch, loss_and_grads, batch, cfg.gradient_accumulation_steps,
+                                 self.rows, params=self.params, config=self.model_config, schedule=self.schedule,
+                                 prediction_type=cfg.prediction_type, snr_gamma=cfg.snr_gamma or None,
+                                 ops=self.ops, **learned_variance_args(cfg))  # 5: L, grad_theta L (K pieces)
         if cfg.grad_clip > 0:
             self.ops.clip_grad_norm(grads, cfg.grad_clip)                          # 5: clip the gradient
-        self.opt.step(self.params, grads, lr=warmup_lr(self.step, cfg.lr, cfg.warmup_steps))  # 5: the step
+        self.opt.step(self.params, grads, lr=self.lr(self.step))                   # 5: the step
         self.ema.update(self.params)                                      # 5: ema <- EMA(theta), for sampling
         self.step += 1
         self.pending.append(loss)
         return loss
 
+    def lr(self, step: int) -> float:
+        """The learning rate of update number step (0-based): warm-up, then --lr-schedule (optim.lr_at)."""
+        cfg = self.cfg
+        return lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.steps)
+
     def draw_data(self, rng):
         """x0 (B, C, S, S) from the data (flipped at random with --hflip) and its condition after
         condition dropout (host arrays), drawn from rng in that order."""
         cfg = self.cfg
-        x0, labels, captions = self.dataset.batch(rng, cfg.batch_size)              # (B, C, S, S)
+        x0, labels, captions = self.dataset.batch(rng, self.rows)                   # (B, C, S, S)
         if cfg.hflip:
-            flip = rng.random(cfg.batch_size) < 0.5
+            flip = rng.random(self.rows) < 0.5
             x0 = np.where(flip[:, None, None, None], x0[..., ::-1], x0)
         cond = make_condition(rng, self.conditioning, labels, captions, self.tokenizer,
                               self.dataset.num_classes, cfg.p_uncond)
@@ -216,7 +225,9 @@ class Trainer:
         x = generate(b, cond, n, self.cfg.guidance_scale, "ddim", self.cfg.sample_steps, seed=self.cfg.seed,
                      device=self.cfg.device, dtype=self.cfg.dtype)
         path = self.out / "samples" / f"step_{self.step:06d}.png"
-        save_grid(x, path, labels=[str(s) for s in labels], ncol=9)
+        names = b.class_names or [str(i) for i in range(b.num_classes)]
+        save_grid(x, path, labels=[names[i] if b.conditioning == "class" else str(i) for i in labels], ncol=9)
+        save_loss_curve(np.arange(1, len(self.losses) + 1), self.losses, self.out / "loss.png")
         return path
 
     # ------------------------------------------------------------------ the loop
@@ -234,10 +245,10 @@ class Trainer:
                 self.train_step()
                 if self.step % self.flush_every == 0 or self.step % cfg.log_every == 0 or self.step == end:
                     loss = self.flush_losses()
-                    bar.update(self.step, cfg.batch_size * (self.step - bar_step), loss=loss)
+                    bar.update(self.step, self.rows * (self.step - bar_step), loss=loss)
                     bar_step = self.step
                 if self.step % cfg.log_every == 0 or self.step == end:
-                    rec = {"step": self.step, "loss": loss, "lr": warmup_lr(self.step - 1, cfg.lr, cfg.warmup_steps),
+                    rec = {"step": self.step, "loss": loss, "lr": self.lr(self.step - 1),
                            "images_per_s": round(bar.items / max(time.perf_counter() - t0, 1e-9), 2),
                            "elapsed_s": round(time.perf_counter() - t0, 2)}
                     logf.write(json.dumps(rec) + "\n")

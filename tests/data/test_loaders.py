@@ -92,7 +92,7 @@ def test_folder_gray_flat_and_errors(tmp_path):
     # mixed sizes
     write_png(tmp_path / "mixed" / "a" / "0.png", rand_u8(6, 6, 3))
     write_png(tmp_path / "mixed" / "b" / "0.png", rand_u8(7, 7, 3))
-    with pytest.raises(ValueError, match="mixed sizes.*image_size"):
+    with pytest.raises(ValueError, match="mixed sizes.*--resolution"):
         load_dataset(str(tmp_path / "mixed"))
     assert load_dataset(str(tmp_path / "mixed"), image_size=6).images.shape == (2, 3, 6, 6)
     # empty folder, and a class folder with no images
@@ -108,10 +108,10 @@ def test_folder_gray_flat_and_errors(tmp_path):
     (tmp_path / "bad" / "a" / "0.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read image"):
         load_dataset(str(tmp_path / "bad"))
-    # not square
-    write_png(tmp_path / "rect" / "0.png", rand_u8(6, 9, 3))
-    with pytest.raises(ValueError, match="not square"):
-        load_dataset(str(tmp_path / "rect"))
+    # not square: center-cropped to the shorter side (issue 20)
+    rect = rand_u8(6, 9, 3)
+    write_png(tmp_path / "rect" / "0.png", rect)
+    np.testing.assert_array_equal(load_dataset(str(tmp_path / "rect")).data[0], rect[:, 1:7].transpose(2, 0, 1))
 
 
 # ----------------------------------------------------------------------------- MNIST IDX
@@ -234,7 +234,8 @@ def test_npz_gray_and_color(tmp_path):
 
 @pytest.mark.parametrize("arrays, match", [
     ({"imgs": np.zeros((2, 4, 4), np.uint8)}, "key 'images'"),
-    ({"images": np.zeros((2, 4, 4), np.float32)}, "uint8"),
+    ({"images": np.full((2, 4, 4), 1.5, np.float32)}, r"in \[0, 1\]"),
+    ({"images": np.zeros((2, 4, 4), np.int32)}, "uint8 or float"),
     ({"images": np.zeros((2, 4, 4, 2), np.uint8)}, "C 1 or 3"),
     ({"images": np.zeros((2, 4, 4), np.uint8), "labels": np.zeros(3, np.int64)}, "labels must be"),
     ({"images": np.zeros((2, 4, 4), np.uint8), "labels": np.zeros(2, np.float32)}, "labels must be"),
