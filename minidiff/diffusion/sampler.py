@@ -30,6 +30,13 @@ def _abar_prev(schedule, prev_t, final):
     return np.where(prev_t >= 0, schedule.alphas_cumprod[np.maximum(prev_t, 0)], final)
 
 
+def _host(schedule, *values):
+    """Host coefficients in the schedule's arithmetic dtype: float32 when make_schedule(schedule_dtype="float32")
+    (diffusers computes 1 - abar_t / abar_prev etc. on 0-d float32 tensors), float64 otherwise."""
+    dtype = np.float32 if getattr(schedule, "schedule_dtype", "float64") == "float32" else np.float64
+    return tuple(np.asarray(v).astype(dtype) for v in values)
+
+
 def _check_prev(prev_t, t, T, x):
     """prev_t < t elementwise; any negative prev_t means "before the start" and becomes -1 (as in DDIMScheduler,
     whose raw t - T // n may be -10). Returns it as a host int64 array."""
@@ -60,7 +67,7 @@ def ddpm_std(schedule, t, prev_t, variance_type="fixed_small", predicted_varianc
     T = schedule.num_train_timesteps
     t = check_t("t", t, T, like)
     prev_t = _check_prev(prev_t, t, T, like)
-    a_t, a_prev = schedule.alphas_cumprod[t], _abar_prev(schedule, prev_t, 1.0)
+    a_t, a_prev = _host(schedule, schedule.alphas_cumprod[t], _abar_prev(schedule, prev_t, 1.0))
     beta_t = 1.0 - a_t / a_prev                                         # current_beta_t
     var = np.maximum((1.0 - a_prev) / (1.0 - a_t) * beta_t, 1e-20)     # beta~_t, floored as in diffusers
     if variance_type in ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"):
@@ -115,7 +122,7 @@ def ddpm_step(schedule, model_output, t, prev_t, sample, noise, variance_type="f
             raise ValueError("noise is required when some t > 0 (pass an array shaped like sample)")
         check_same_shape(noise=noise, sample=sample)
     # 1. alphas, betas of this (possibly skipping) step
-    a_t, a_prev = schedule.alphas_cumprod[t], _abar_prev(schedule, prev_t, 1.0)
+    a_t, a_prev = _host(schedule, schedule.alphas_cumprod[t], _abar_prev(schedule, prev_t, 1.0))
     b_t, b_prev = 1.0 - a_t, 1.0 - a_prev
     alpha_t = a_t / a_prev                                           # current_alpha_t
     beta_t = 1.0 - alpha_t                                           # current_beta_t
@@ -153,7 +160,7 @@ def ddim_step(schedule, model_output, t, prev_t, sample, eta=0.0, noise=None, se
     prev_t = _check_prev(prev_t, t, T, sample)
     # 1. alphas of this (possibly skipping) step and sigma_t (DDIM eq. 16)
     final = 1.0 if set_alpha_to_one else schedule.alphas_cumprod[0]   # final_alpha_cumprod
-    a_t, a_prev = schedule.alphas_cumprod[t], _abar_prev(schedule, prev_t, final)
+    a_t, a_prev = _host(schedule, schedule.alphas_cumprod[t], _abar_prev(schedule, prev_t, final))
     b_t = 1.0 - a_t
     variance = (1.0 - a_prev) / b_t * (1.0 - a_t / a_prev)               # DDIM eq. 16 with eta = 1
     std = eta * variance**0.5                                            # std_dev_t

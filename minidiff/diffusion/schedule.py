@@ -112,6 +112,16 @@ def make_betas(num_train_timesteps, beta_schedule, beta_start, beta_end) -> np.n
     return 1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, T))) * (beta_end - beta_start) + beta_start
 
 
+def linspace_float32(start, end, n):
+    """torch.linspace(start, end, n, dtype=torch.float32) bit for bit: step = (end - start) / (n - 1) in float32;
+    start + step i for i < n // 2, end - step (n - 1 - i) after, each rounded once (a fused multiply-add)."""
+    s0, s1 = np.float32(start), np.float32(end)
+    if n == 1:
+        return np.array([s0])
+    step, i = np.float64((s1 - s0) / np.float32(n - 1)), np.arange(n)
+    return np.where(i < n // 2, np.float64(s0) + step * i, np.float64(s1) - step * (n - 1 - i)).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- the schedule
 
 
@@ -135,15 +145,20 @@ class Schedule:
     posterior_mean_coef1: np.ndarray           # beta_t sqrt(abar_{t-1}) / (1 - abar_t)     (times x_0)
     posterior_mean_coef2: np.ndarray           # (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t)   (times x_t)
     snr: np.ndarray                            # abar_t / (1 - abar_t)
+    schedule_dtype: str = "float64"            # "float32": betas and abar rounded as diffusers keeps them
 
     def __len__(self) -> int:
         return self.num_train_timesteps
 
 
 def make_schedule(num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
-                  beta_end: float = 0.02, trained_betas=None, rescale_betas_zero_snr: bool = False) -> Schedule:
+                  beta_end: float = 0.02, trained_betas=None, rescale_betas_zero_snr: bool = False,
+                  schedule_dtype: str = "float64") -> Schedule:
     """Build a Schedule (defaults = diffusers' DDPMScheduler). trained_betas, when given, overrides
     beta_schedule/beta_start/beta_end and must have length num_train_timesteps.
+    schedule_dtype "float32" reproduces diffusers as shipped: betas rounded to float32, alphas = 1 - betas
+    and abar = cumprod(alphas) computed in float32 (torch's order); every other array follows from those
+    values in float64. The float64 default is the oracle's.
 
     Invariants checked here: 0 < beta_t <= 1, abar strictly decreasing from abar_0 < 1,
     abar_t > 0 except abar_{T-1} = 0 with rescale_betas_zero_snr."""
@@ -165,8 +180,19 @@ def make_schedule(num_train_timesteps: int = 1000, beta_schedule: str = "linear"
     if not (np.all(np.isfinite(betas)) and np.all(betas > 0) and np.all(betas <= 1)):
         raise ValueError(f"betas must lie in (0, 1]; got min {betas.min():.3g}, max {betas.max():.3g} "
                          f"(check beta_start, beta_end or trained_betas)")
-    alphas = 1.0 - betas
-    abar = np.cumprod(alphas)
+    check_choice("schedule_dtype", schedule_dtype, ("float64", "float32"))
+    if schedule_dtype == "float32":  # diffusers: betas, alphas, alphas_cumprod are float32 tensors
+        betas32 = betas.astype(np.float32)
+        if trained_betas is None and beta_schedule == "linear":
+            betas32 = linspace_float32(beta_start, beta_end, T)
+        elif trained_betas is None and beta_schedule == "scaled_linear":
+            betas32 = linspace_float32(beta_start**0.5, beta_end**0.5, T) ** 2
+        alphas32 = np.float32(1.0) - betas32
+        abar = np.cumprod(alphas32.astype(np.float64)).astype(np.float32).astype(np.float64)  # torch's cumprod
+        betas, alphas = betas32.astype(np.float64), alphas32.astype(np.float64)
+    else:
+        alphas = 1.0 - betas
+        abar = np.cumprod(alphas)
     abar_prev = np.concatenate([[1.0], abar[:-1]])
     if not (abar[0] < 1 and np.all(np.diff(abar) < 0) and np.all(abar[:-1] > 0)):
         raise ValueError("alphas_cumprod must decrease strictly and stay > 0 before the last step "
@@ -187,7 +213,7 @@ def make_schedule(num_train_timesteps: int = 1000, beta_schedule: str = "linear"
         )
     for a in arrays.values():
         a.flags.writeable = False
-    return Schedule(num_train_timesteps=T, beta_schedule=beta_schedule, **arrays)
+    return Schedule(num_train_timesteps=T, beta_schedule=beta_schedule, schedule_dtype=schedule_dtype, **arrays)
 
 
 # ----------------------------------------------------------------------------- forward process
