@@ -16,7 +16,7 @@ from .fast.cpu.allocator import keep_freed_memory
 from .backend import BackendError, check_tf32, set_tf32
 from .nn.ops import REFERENCE
 from .train.config import (SCHEDULER_FLAGS, SHARD_MODES, SampleConfig, TrainConfig, add_dataclass_args,
-                           check_shards, dataclass_from_args, validate_train_config)
+                           check_shards, dataclass_from_args, resolve_device, validate_train_config)
 
 
 def choose_ops(reference: bool, threads: int, shards: str, device: str):
@@ -35,6 +35,7 @@ def cmd_train(args) -> int:
 
     cfg = dataclass_from_args(TrainConfig, args)
     validate_train_config(cfg)  # before choosing the ops: each bad flag one line naming it
+    cfg.device = resolve_device(cfg.device)
     train(cfg, ops=choose_ops(cfg.reference, cfg.threads, cfg.shards, cfg.device))
     return 0
 
@@ -74,10 +75,12 @@ def cmd_sample(args) -> int:
     from .train.bundle import load_bundle
     from .train.report import ProgressBar, save_grid
     from .train.generate import generate
+    from .train.sample_files import default_out_dir, sample_stem, unused_stem
 
     cfg = dataclass_from_args(SampleConfig, args)
     if not cfg.checkpoint:
         raise ValueError("--checkpoint is required: a run directory, a checkpoint .npz or a diffusers folder")
+    cfg.device = resolve_device(cfg.device)
     if check_tf32(cfg.tf32, cfg.device, cfg.dtype):
         set_tf32(True)
     noise = load_noise(cfg.noise) if cfg.noise else None
@@ -93,7 +96,7 @@ def cmd_sample(args) -> int:
         clf = load_classifier(cfg.classifier, device=cfg.device, dtype=cfg.dtype)
         targets = clf.targets_for(bundle, cond, labels, cfg)
         grad_fn = clf.make_grad_fn(targets)
-    out = Path(cfg.out)
+    out = Path(cfg.out) if cfg.out else default_out_dir(cfg.checkpoint)  # default: RUN/samples
     out.mkdir(parents=True, exist_ok=True)
     bar = ProgressBar(cfg.steps, unit="step")
     x = generate(bundle, cond, cfg.n, cfg.guidance_scale, cfg.sampler, cfg.steps, cfg.eta, cfg.seed,
@@ -103,10 +106,11 @@ def cmd_sample(args) -> int:
     bar.close()
     from .backend import to_numpy
 
-    sampler = cfg.sampler + ("_karras" if cfg.karras else "")
-    stem = f"samples_{sampler}{cfg.steps}_s{cfg.guidance_scale:g}_seed{cfg.seed}"
+    stem = unused_stem(out, sample_stem(cfg, bundle.conditioning, labels))  # never overwrites a file
     save_grid(x, out / f"{stem}.png", labels=labels, ncol=9)
-    np.savez(out / f"{stem}.npz", images=to_numpy(x))
+    given = {"labels": np.asarray(cond, np.int64)} if bundle.conditioning == "class" else {}
+    given = {"prompts": np.array(labels)} if bundle.conditioning == "text" else given
+    np.savez(out / f"{stem}.npz", images=to_numpy(x), **given)
     print(f"wrote {cfg.n} samples to {out / (stem + '.png')} and {out / (stem + '.npz')}")
     return 0
 
@@ -179,19 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dataclass_args(s, SampleConfig, renames={"class_id": "--class"})
     s.set_defaults(func=cmd_sample)
-    e = sub.add_parser("eval", help="prompt accuracy of samples on the built-in shapes data; --nll: bits/dim")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--n-per-class", type=int, default=10)
-    e.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 3.0])
-    e.add_argument("--steps", type=int, default=50)
+    e = sub.add_parser("eval", help="prompt accuracy of samples on the built-in shapes data; --nll: bits/dim",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--checkpoint", required=True, help="a run directory, a checkpoint .npz or a diffusers folder")
+    e.add_argument("--n-per-class", type=int, default=10, help="samples per class at each guidance scale")
+    e.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 3.0], help="guidance scales s to evaluate")
+    e.add_argument("--steps", type=int, default=50, help="number of inference steps")
     from .diffusion.sampler import SAMPLERS
 
-    e.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
+    e.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="the sampler")
     e.add_argument("--karras", action="store_true", help="Karras et al. (2022) sigmas (rho = 7) for euler, euler_a, "
                    "heun, dpm++2m (not ddpm / ddim)")
-    e.add_argument("--seed", type=int, default=1)
-    e.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    e.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    e.add_argument("--seed", type=int, default=1, help="seed of the initial noise and of any sampling noise")
+    e.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="cpu, or gpu (CuPy)")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="floating-point type")
     e.add_argument("--threads", type=int, default=0, help="CPU threads, each samples a shard of the batch; "
                    "0 = one per core (at most 4)")
     e.add_argument("--shards", default="processes", choices=SHARD_MODES,
@@ -215,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the pipeline folder to write (model_index.json, unet/, scheduler/)")
     x.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
     x.add_argument("--force", action="store_true", help="replace an earlier export at --out")
+    x.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     x.set_defaults(func=cmd_export)
     i = sub.add_parser("info", help="version, GPU availability and parameter counts of the presets")
     i.set_defaults(func=cmd_info)
@@ -225,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_fixtures_parser(sub)
     add_oracle_parser(sub)
+    p.description = f"{__doc__.splitlines()[0].split(':')[0]}: {', '.join(sub.choices)}"  # every command
     return p
 
 

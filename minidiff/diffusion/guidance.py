@@ -82,7 +82,16 @@ def cfg_model_output(model_fn, x_t, t, cond, uncond, guidance_scale: float, guid
 
 def make_guided_model_fn(model_fn, guidance_scale: float, uncond, guidance_rescale: float = 0.0):
     """Wrap model_fn(x_t, t, cond) for classifier-free guidance so that sample() can use it:
-    returns fn(x_t, t, cond) = cfg_model_output(model_fn, x_t, t, cond, uncond, guidance_scale, guidance_rescale)."""
+    returns fn(x_t, t, cond) = cfg_model_output(model_fn, x_t, t, cond, uncond, guidance_scale, guidance_rescale).
+    s = 0 (without rescale) is eps = eps_uncond: one model call on the null condition, the conditional one skipped."""
+    if guidance_scale == 0 and guidance_rescale == 0:
+        def unconditional_model_fn(x_t, t, cond):
+            xp = get_array_module(x_t)
+            cond = xp.asarray(cond)
+            return model_fn(x_t, t, xp.ascontiguousarray(xp.broadcast_to(xp.asarray(uncond, dtype=cond.dtype),
+                                                                          cond.shape)))
+        return unconditional_model_fn
+
     def guided_model_fn(x_t, t, cond):
         return cfg_model_output(model_fn, x_t, t, cond, uncond, guidance_scale, guidance_rescale)
     return guided_model_fn

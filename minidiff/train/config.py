@@ -82,7 +82,7 @@ class TrainConfig:
 class SampleConfig:
     """Every option of `minidiff sample` (one flag per field; class_id is --class)."""
     checkpoint: str = ""             # a run directory, a checkpoint .npz, or a diffusers pipeline or UNet2DModel folder
-    out: str = "samples"             # output directory for the PNG grid and the .npz of samples
+    out: str = ""                    # output folder of the PNG grid and the .npz (images, labels or prompts); '' = RUN/samples of the run sampled (./samples for a diffusers folder)
     prompt: str = ""                 # text prompt(s), separated by ';' (text-conditioned models)
     class_id: int = -1               # class label (class-conditioned models); -1 = every class in turn
     guidance_scale: float = 3.0      # s: eps = eps_uncond + s (eps_cond - eps_uncond); 1 = plain conditional
@@ -96,7 +96,7 @@ class SampleConfig:
     classifier_scale: float = 0.0    # classifier guidance scale
     no_ema: bool = False             # sample with the raw weights instead of the EMA
     seed: int = 0                    # seed of the initial noise and of any sampling noise
-    device: str = "cpu"              # cpu | gpu (CuPy)
+    device: str = "cpu"              # cpu | gpu (CuPy) | auto (the GPU when CuPy sees one, else the CPU)
     dtype: str = "float32"           # float32 | float64
     threads: int = 0                 # CPU threads, each runs a shard of the batch; 0 = one per core (at most 4)
     shards: str = "processes"        # where the CPU shards run: processes (each its own GIL; faster) | threads; same numbers
@@ -141,7 +141,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, exclude=(), renames
         flag = renames.get(f.name, _flag(f.name))
         typ = hints[f.name]
         help_text = comments.get(f.name, f.name.replace("_", " "))
-        if typ is bool:
+        if typ is bool and f.name.startswith("no_"):  # --no-ema: a plain switch (no --no-no-ema)
+            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+        elif typ is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_text)
         else:

@@ -64,9 +64,13 @@ def _wrap(text: str, width: int, max_lines: int = 3) -> list:
 
 
 def save_loss_curve(steps, losses, path, width: int = 480, height: int = 240) -> None:
-    """Plot loss against step as a PNG (raw values in light grey, a running mean in blue)."""
+    """Plot loss against step as a PNG on a log axis (raw values in light grey, a running mean of
+    len / 50 steps in blue); the axis labels are the losses themselves."""
     steps = np.asarray(steps, np.float64)
     losses = np.asarray(losses, np.float64)
+    losses = np.where(losses > 0, losses, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        losses = np.log10(losses)  # plotted as log10(loss); labels below undo it
     img = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     m = 30  # margin for the axis labels
@@ -82,11 +86,11 @@ def save_loss_curve(steps, losses, path, width: int = 480, height: int = 240) ->
         sy = lambda v: height - m - (min(v, hi) - lo) / (hi - lo) * (height - m - 5)  # noqa: E731
         draw.line([(sx(a), sy(b)) for a, b in zip(s, l)], fill=(190, 190, 190))
         draw.line([(sx(a), sy(b)) for a, b in zip(s[k - 1:], smooth)], fill=(30, 80, 200), width=2)
-        draw.text((2, 5), f"{hi:.3g}", fill=(0, 0, 0))
-        draw.text((2, height - m - 10), f"{lo:.3g}", fill=(0, 0, 0))
+        draw.text((2, 5), f"{10 ** hi:.3g}", fill=(0, 0, 0))
+        draw.text((2, height - m - 10), f"{10 ** lo:.3g}", fill=(0, 0, 0))
         draw.text((m, height - m + 4), f"step {int(s[0])}", fill=(0, 0, 0))
         draw.text((width - 80, height - m + 4), f"step {int(s[-1])}", fill=(0, 0, 0))
-    draw.text((m + 5, height - 14), "training loss", fill=(0, 0, 0))
+    draw.text((m + 5, height - 14), "training loss (log axis)", fill=(0, 0, 0))
     img.save(path)
 
 
@@ -98,20 +102,32 @@ def _fmt_time(seconds: float) -> str:
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr: step, loss, images/s and ETA (redrawn at most 10x a second)."""
+    """A one-line progress bar on stderr: step, loss, images/s and ETA (redrawn at most 10x a second).
 
-    def __init__(self, total: int, start: int = 0, width: int = 24, stream=None, unit: str = "img"):
+    When the stream is not a terminal (a log file, a pipe) there are no \\r frames: one line every
+    `every` steps (default: total / 20, at least 1) and one at the last step."""
+
+    def __init__(self, total: int, start: int = 0, width: int = 24, stream=None, unit: str = "img",
+                 every: int = 0):
         self.total, self.start, self.width, self.unit = total, start, width, unit
         self.stream = stream or sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty and isatty())
+        self.every = every or max(1, total // 20)
         self.t0 = time.perf_counter()
         self.last_draw = 0.0
+        self.last_line = start
         self.items = 0
 
     def update(self, step: int, items: int = 0, force: bool = False, **fields) -> None:
         """Record that `step` is done (items processed since the last call) and redraw."""
         self.items += items
         now = time.perf_counter()
-        if not force and now - self.last_draw < 0.1 and step < self.total:
+        if not self.tty:
+            if not force and step < self.total and step - self.last_line < self.every:
+                return
+            self.last_line = step
+        elif not force and now - self.last_draw < 0.1 and step < self.total:
             return
         self.last_draw = now
         elapsed = now - self.t0
@@ -121,11 +137,11 @@ class ProgressBar:
         frac = step / max(self.total, 1)
         bar = "#" * int(frac * self.width) + "." * (self.width - int(frac * self.width))
         extra = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
-        line = f"\rstep {step}/{self.total} [{bar}] {extra} | {rate:.1f} {self.unit}/s | ETA {_fmt_time(eta)} "
-        self.stream.write(line)
+        line = f"step {step}/{self.total} [{bar}] {extra} | {rate:.1f} {self.unit}/s | ETA {_fmt_time(eta)} "
+        self.stream.write("\r" + line if self.tty else line.rstrip() + "\n")
         self.stream.flush()
 
     def close(self) -> None:
-        """End the bar's line."""
-        self.stream.write("\n")
+        """End the bar's line (a terminal's; other streams end each line already)."""
+        self.stream.write("\n" if self.tty else "")
         self.stream.flush()
