@@ -59,8 +59,9 @@ def load_folder(path, image_size=None, rng=None) -> ArrayDataset:
     groups = [(i, _list_images(d)) for i, d in enumerate(classes)] if classes else [(None, _list_images(path))]
     files = [(lab, f) for lab, fs in groups for f in fs]
     if not files:
-        raise ValueError(f"no images found in {path}; expected one subfolder per class holding "
-                         f"{'/'.join(sorted(IMAGE_EXTS))} files")
+        raise ValueError(f"no images found in {path}; expected image files ({'/'.join(sorted(IMAGE_EXTS))}), with "
+                         "or without one subfolder per class, MNIST's train-images-idx3-ubyte[.gz] + "
+                         "train-labels-idx1-ubyte[.gz], or CIFAR-10's cifar-10-batches-py/data_batch_1..5")
     pics = []
     for _, f in files:
         try:
