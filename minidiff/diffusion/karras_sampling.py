@@ -37,7 +37,7 @@ def sample_karras(model_fn, shape, schedule, sampler="euler", num_inference_step
                   timestep_spacing="linspace", steps_offset=0, final_sigmas_type="zero", prediction_type="epsilon",
                   lower_order_final=True, clip_sample=False, clip_sample_range=1.0, cond=None, seed=0, device=None,
                   dtype=None, x_T=None, noises=None, timesteps=None, sigmas=None, return_trajectory=False,
-                  callback=None):
+                  callback=None, variance_type="fixed_small"):
     """Run sampler ('euler' | 'euler_a' | 'heun' | 'dpm++2m') from x = init_noise_sigma z to x_0.
 
     ts, sigmas = make_sigmas(schedule, n, sampler, use_karras_sigmas, timestep_spacing, steps_offset,
@@ -50,6 +50,8 @@ def sample_karras(model_fn, shape, schedule, sampler="euler", num_inference_step
     N(0, I) draw, is given) then, for 'euler_a', one draw shaped `shape` per step with sigma_{i+1} > 0
     (noises (n, *shape) replaces them, entry i at step i). device, dtype: as sampler.sample.
     callback(i, t, x, pred_original_sample) runs after step i (after Heun's second model call).
+    variance_type 'learned' | 'learned_range': the model outputs 2C channels and only the first C are used;
+    these samplers take every noise level from sigmas, so the variance output goes unused (as in DDIM).
     Returns x_0 (*shape), or (x_0, trajectory) with trajectory = [x start, x after step 0, ..., x_0]."""
     check_choice("sampler", sampler, KARRAS_SAMPLERS)
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
@@ -82,10 +84,17 @@ def sample_karras(model_fn, shape, schedule, sampler="euler", num_inference_step
         raise ValueError(f"x_T must have shape {shape}, got {tuple(z.shape)}")
     x = z * dtype.type(init_noise_sigma(sg, sampler, timestep_spacing))
     t_dtype = xp.int64 if np.all(ts == np.round(ts)) else xp.float64     # fractional t stays fractional
+    learned = variance_type in ("learned", "learned_range") and len(shape) > 1
     kw = dict(prediction_type=prediction_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range)
 
     def call(x, sigma, t):
-        return model_fn(scale_model_input(x, sigma, sampler), xp.full((shape[0],), t, dtype=t_dtype), cond)
+        out = model_fn(scale_model_input(x, sigma, sampler), xp.full((shape[0],), t, dtype=t_dtype), cond)
+        if learned:                              # (N, 2C, ...) -> the prediction's (N, C, ...); the variance unused
+            if out.ndim != len(shape) or out.shape[1] != 2 * shape[1]:
+                raise ValueError(f"model_output must have 2C = {2 * shape[1]} channels (axis 1) for variance_type "
+                                 f"{variance_type!r}, got shape {tuple(out.shape)}")
+            out = out[:, :shape[1]]
+        return out
 
     trajectory = [x] if return_trajectory else None
     history = ()

@@ -211,9 +211,10 @@ def sample(model_fn, shape, schedule, sampler="ddpm", num_inference_steps=None, 
     Returns x_0 (*shape), or (x_0, trajectory) with trajectory = [x_T, x after step 0, ..., x_0].
     timestep_spacing None: 'leading' for ddpm / ddim, 'linspace' for the others (diffusers' defaults).
     sampler 'euler' | 'euler_a' | 'heun' | 'dpm++2m' runs karras_sampling.sample_karras (use_karras_sigmas:
-    Karras et al.'s sigmas); the DDPM/DDIM-only options (variance_type, set_alpha_to_one,
-    use_clipped_model_output, ops) do not apply to them."""
+    Karras et al.'s sigmas); of variance_type they use only whether the output has 2C channels (the first C
+    taken, as DDIM); the DDPM/DDIM-only options (set_alpha_to_one, use_clipped_model_output, ops) do not apply."""
     check_choice("sampler", sampler, SAMPLERS)
+    check_choice("variance_type", variance_type, VARIANCE_TYPES)
     if sampler in KARRAS_SAMPLERS:
         if eta != 0 or timesteps is not None or prev_timesteps is not None:
             raise ValueError(f"eta, timesteps and prev_timesteps are DDPM/DDIM options; sampler {sampler!r} takes "
@@ -222,12 +223,11 @@ def sample(model_fn, shape, schedule, sampler="ddpm", num_inference_steps=None, 
                              timestep_spacing or "linspace", steps_offset, prediction_type=prediction_type,
                              clip_sample=clip_sample, clip_sample_range=clip_sample_range, cond=cond, seed=seed,
                              device=device, dtype=dtype, x_T=x_T, noises=noises,
-                             return_trajectory=return_trajectory, callback=callback)
+                             return_trajectory=return_trajectory, callback=callback, variance_type=variance_type)
     if use_karras_sigmas:
         raise ValueError(f"use_karras_sigmas (--karras) needs sampler euler, euler_a, heun or dpm++2m; {sampler} "
                          f"steps through the integer timesteps, not a sigma schedule")
     timestep_spacing = timestep_spacing or "leading"
-    check_choice("variance_type", variance_type, VARIANCE_TYPES)
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     T = schedule.num_train_timesteps
     shape = tuple(int(s) for s in shape)
@@ -268,6 +268,9 @@ def sample(model_fn, shape, schedule, sampler="ddpm", num_inference_steps=None, 
             z = xp.asarray(to_numpy(z) if device == "cpu" else z, dtype=dtype)
         out = model_fn(x, xp.full((shape[0],), t, dtype=xp.int64), cond)
         if sampler == "ddim" and variance_type in ("learned", "learned_range") and len(shape) > 1:
+            if out.ndim != len(shape) or out.shape[1] != 2 * shape[1]:
+                raise ValueError(f"model_output must have 2C = {2 * shape[1]} channels (axis 1) for variance_type "
+                                 f"{variance_type!r}, got shape {tuple(out.shape)}")
             out = out[:, :shape[1]]          # DDIM's sigma is eta's: the learned variance channels go unused
         if sampler == "ddpm":
             x, x0 = step(schedule, out, t, prev_t, x, z, variance_type, prediction_type,

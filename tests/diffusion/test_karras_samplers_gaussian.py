@@ -174,6 +174,28 @@ def test_prediction_types_give_identical_samplers(sampler):
     np.testing.assert_allclose(runs[2], runs[0], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "heun", "dpm++2m"])
+def test_a_learned_variance_output_is_stripped_to_its_first_c_channels(sampler):
+    """A (N, 2C) output (learned / learned_range) samples as its first C channels alone: the variance is unused."""
+    model = gaussian_model(0.3, 0.8)
+    calls = []
+
+    def with_variance(x, t, cond):
+        calls.append(1)
+        return np.concatenate([model(x, t, cond), np.full_like(x, np.nan)], axis=1)   # any variance: unread
+    plain = sample(model, (4, 3), SCHED, sampler, 8, seed=2, dtype=np.float64)
+    for vt in ("learned", "learned_range"):
+        np.testing.assert_array_equal(sample(with_variance, (4, 3), SCHED, sampler, 8, seed=2, dtype=np.float64,
+                                             variance_type=vt), plain)
+        np.testing.assert_array_equal(sample_karras(with_variance, (4, 3), SCHED, sampler, 8, seed=2,
+                                                    dtype=np.float64, variance_type=vt), plain)
+    assert calls
+    for name in (sampler, "ddim", "ddpm"):                  # a C-channel output with a learned type: one line
+        with pytest.raises(ValueError, match=r"2C = 6 channels .*'learned_range', got shape \(4, 3\)") as err:
+            sample(model, (4, 3), SCHED, name, 8, variance_type="learned_range")
+        assert "\n" not in str(err.value)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
