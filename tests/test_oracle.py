@@ -122,3 +122,24 @@ def test_cli_prints_the_table_and_exits_nonzero_on_a_failure(capsys):
     assert "cfg.s_3" in out and "guidance_scale='w'" in out and "ddpm" not in out
     with pytest.raises(ValueError, match="module:object"):
         load_adapter("oracles.numpy_ddpm")
+
+
+class MinidiffUNet:
+    """The unet cases' plumbing, with minidiff's own U-Net as the 'implementation' (the PyTorch example is open)."""
+
+    def unet_forward(self, params, x, t):
+        from minidiff import get_preset, unet_apply
+        return unet_apply(params, get_preset("tiny"), x, t)
+
+    def unet_backward(self, params, x, t, dy):
+        from minidiff import get_preset, unet_backward, unet_forward
+        grads, dx = unet_backward(dy, unet_forward(params, get_preset("tiny"), x, t)[1])
+        return {"x": dx, **grads}
+
+
+def test_unet_cases_run_and_name_a_wrong_gradient():
+    r = check(MinidiffUNet())
+    assert r.ok and [x.name for x in r.results] == ["unet.forward", "unet.backward"], r.table()
+    bad = MinidiffUNet()
+    bad.unet_backward = lambda params, x, t, dy: {**MinidiffUNet().unet_backward(params, x, t, dy), "x": 0 * x}
+    assert check(bad)["unet.backward"].status == "fail"
