@@ -1,5 +1,6 @@
 """minidiff.oracle: the harness against a plain NumPy DDPM (tests/oracles/numpy_ddpm.py), the classic bugs
-planted into it one at a time, bad adapter output, the CLI, and diffusers' schedulers (where installed)."""
+planted into it one at a time, bad adapter output, the CLI, and diffusers' UNet2DModel as a U-Net adapter
+(tests/oracles/torch_unet.py, where torch and diffusers are installed) with bugs planted into it."""
 
 import types
 from pathlib import Path
@@ -125,7 +126,7 @@ def test_cli_prints_the_table_and_exits_nonzero_on_a_failure(capsys):
 
 
 class MinidiffUNet:
-    """The unet cases' plumbing, with minidiff's own U-Net as the 'implementation' (the PyTorch example is open)."""
+    """The unet cases' plumbing, with minidiff's own U-Net as the 'implementation' (PyTorch: TorchUNet below)."""
 
     def unet_forward(self, params, x, t):
         from minidiff import get_preset, unet_apply
@@ -143,3 +144,55 @@ def test_unet_cases_run_and_name_a_wrong_gradient():
     bad = MinidiffUNet()
     bad.unet_backward = lambda params, x, t, dy: {**MinidiffUNet().unet_backward(params, x, t, dy), "x": 0 * x}
     assert check(bad)["unet.backward"].status == "fail"
+
+
+def torch_unet(change=None):
+    """tests/oracles/torch_unet.py's TorchUNet, with `change(model, adapter)` applied after the weights load."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from oracles.torch_unet import TorchUNet
+
+    class Planted(TorchUNet):
+        def model(self, params):
+            model = super().model(params)
+            change(model, self)
+            return model
+
+    return Planted() if change else TorchUNet()
+
+
+def test_diffusers_unet2dmodel_passes_every_unet_case_at_float64():
+    r = check(torch_unet())
+    assert r.ok, r.table(failures_only=True)
+    fwd, bwd = r["unet.forward"], r["unet.backward"]
+    assert fwd.status == bwd.status == "pass" and fwd.max_rel < 1e-13  # measured 9e-16
+    assert bwd.max_abs < 1e-13  # 2.5e-14 on gradients up to 19 (max_rel counts to_k.bias: zero by the math)
+    assert all(x.status == "pass" for x in r.results if x.function == "timestep_embedding")
+
+
+def set_groupnorm_eps(model, adapter):  # every GroupNorm at eps 1e-6 instead of the config's 1e-5
+    import torch
+    for m in model.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            m.eps = 1e-6
+
+
+def sin_cos_order(model, adapter):  # [sin, cos] (Ho et al.'s order) where the config says flip_sin_to_cos
+    model.time_proj.forward = lambda t: adapter.timestep_embedding(t, 8, False, 0)
+
+
+@pytest.mark.parametrize("bug", [set_groupnorm_eps, sin_cos_order])
+def test_bugs_planted_into_unet2dmodel_are_caught(bug):
+    r = check(torch_unet(bug))
+    assert r["unet.forward"].status == r["unet.backward"].status == "fail", r.table()
+    assert r["unet.forward"].message == "differs" and r["unet.forward"].max_rel > 1e-6
+
+
+def test_diffusers_float32_timesteps_pass_only_at_float32_precision():
+    def shipped(model, adapter):  # diffusers' own Timesteps: the sinusoid in float32
+        from diffusers.models.embeddings import Timesteps
+        model.time_proj = Timesteps(8, flip_sin_to_cos=True, downscale_freq_shift=0)
+
+    assert not check(torch_unet(shipped)).ok
+    r = check(torch_unet(shipped), precision="float32")
+    assert r["unet.forward"].status == r["unet.backward"].status == "pass", r.table()
