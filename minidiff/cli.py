@@ -137,7 +137,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """`minidiff eval`: prompt accuracy at each guidance scale (see evaluate.py); with --nll, bits/dim (nll.py)."""
+    """`minidiff eval`: prompt accuracy at each guidance scale (evaluate.py: shapes; eval_labelled.py: other labelled
+    data, with a Frechet distance); with --nll, bits/dim (nll.py)."""
     from .evaluate import evaluate
 
     if check_tf32(args.tf32, args.device, args.dtype):
@@ -148,6 +149,14 @@ def cmd_eval(args) -> int:
         evaluate_nll(args.checkpoint, data=args.data, n=args.n, batch_size=args.batch_size,
                      timesteps=args.nll_timesteps, seed=args.seed, device=args.device, dtype=args.dtype, out=args.out,
                      threads=args.threads, shards=args.shards, reference=args.reference)
+        return 0
+    from .eval_labelled import evaluate_labelled, is_shapes_run
+
+    if not is_shapes_run(args.checkpoint):  # any labelled data: classifier accuracy and Frechet distance
+        evaluate_labelled(args.checkpoint, n_per_class=args.n_per_class, scales=args.scales, steps=args.steps,
+                          sampler=args.sampler, karras=args.karras, seed=args.seed, device=args.device,
+                          dtype=args.dtype, out=args.out, threads=args.threads, shards=args.shards,
+                          reference=args.reference, eval_classifier=args.eval_classifier)
         return 0
     evaluate(args.checkpoint, n_per_class=args.n_per_class, scales=args.scales, steps=args.steps,
              sampler=args.sampler, karras=args.karras, seed=args.seed, device=args.device, dtype=args.dtype,
@@ -183,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dataclass_args(s, SampleConfig, renames={"class_id": "--class"})
     s.set_defaults(func=cmd_sample)
-    e = sub.add_parser("eval", help="prompt accuracy of samples on the built-in shapes data; --nll: bits/dim",
+    e = sub.add_parser("eval", help="samples' prompt accuracy (built-in shapes: pixel checker; other labelled data: "
+                       "a clean-data classifier's accuracy and Frechet distance); --nll: bits/dim",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--checkpoint", required=True, help="a run directory, a checkpoint .npz or a diffusers folder")
     e.add_argument("--n-per-class", type=int, default=10, help="samples per class at each guidance scale")
@@ -207,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tf32", action="store_true",
                    help="GPU float32 matmuls in TF32 on the tensor cores (faster, ~1e-3 relative error)")
     e.add_argument("--out", default="", help="write eval.json and a grid per scale here (default: the run dir)")
+    e.add_argument("--eval-classifier", default="", help="labelled data: the folder of the eval classifier (trained "
+                   "there once on the clean data; share one folder to compare runs); '' = RUN/eval_classifier")
     e.add_argument("--nll", action="store_true", help="instead: bits/dim of held-out data by the variational bound "
                    "(writes nll.json); --n images, --data, --batch-size, --nll-timesteps")
     e.add_argument("--n", type=int, default=64, help="--nll: images to score")

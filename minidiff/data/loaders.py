@@ -9,6 +9,7 @@ Shape legend: N images, C channels (1 gray or 3 RGB), H W stored size, S = image
     DIR or FILE train-images-idx3-ubyte[.gz]     MNIST / Fashion-MNIST IDX (labels file beside it)
     DIR cifar-10-batches-py (data_batch_1..5)    CIFAR-10 python batches, parsed without unpickling
     FILE.npz with images [, labels, class_names]  arrays, read with allow_pickle=False (data/npz.py)
+    {"images": x [, "labels", "class_names"]}   the same arrays in memory (or the images array alone)
 
 Every image ends as uint8 (N, C, S, S) and is scaled to [-1, 1] per batch: x = u8 / 127.5 - 1.
 With image_size S (--resolution S) each image is cropped to a square of its shorter side, in the
@@ -30,7 +31,7 @@ import numpy as np
 
 from .cifar import read_cifar_batch, read_cifar_label_names
 from .dataset import ArrayDataset, ShapesDataset
-from .npz import load_npz
+from .npz import dataset_from_arrays, load_npz
 from .resize import MAX_RESOLUTION, check_resolution, finish as _finish, resize_u8
 
 BUILTIN = {"shapes16": 16, "shapes32": 32, "shapes": None}
@@ -168,6 +169,8 @@ def load_dataset(spec=None, image_size=None, random_crop=False, seed=0):
     (--resolution) crops and resizes to S x S, random_crop draws the crops from default_rng(seed)."""
     image_size = check_resolution(image_size)
     rng = np.random.default_rng(seed) if random_crop else None
+    if isinstance(spec, (dict, np.ndarray)):  # in memory: {"images", "labels", "class_names"} or the images
+        return dataset_from_arrays(spec, image_size, rng)
     spec = DEFAULT_DATA if spec in (None, "") else spec
     if isinstance(spec, str) and spec in BUILTIN:
         native = BUILTIN[spec]

@@ -10,6 +10,9 @@ Shape legend: N images, C channels (1 or 3), H W image size.
     class_names   str (K,), K = max(labels) + 1, names of the labels  (optional; captions for text models)
 
     np.savez("mine.npz", images=x, labels=y, class_names=np.array(["cat", "dog"]))
+
+The same arrays in memory (a dict with those keys, or the images array alone) give the same dataset:
+load_dataset({"images": x, "labels": y}) and train(cfg, data=...) read them through dataset_from_arrays.
 """
 
 from __future__ import annotations
@@ -51,19 +54,26 @@ def load_npz(path, image_size=None, rng=None):
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"cannot read {path} as an .npz without pickle ({err}); save it with {HOW}") from None
+    return dataset_from_arrays(arrays, image_size, rng, where=str(path), name=path.stem)
+
+
+def dataset_from_arrays(arrays, image_size=None, rng=None, where: str = "data", name: str = "arrays"):
+    """The ArrayDataset of {"images": x[, "labels": y][, "class_names": names]} or of an images array alone
+    (the layouts of the module docstring)."""
+    arrays = {"images": arrays} if isinstance(arrays, np.ndarray) else dict(arrays)
     if "images" not in arrays or set(arrays) - set(KEYS):
-        raise ValueError(f"{path} must hold the key 'images' and optionally 'labels' and 'class_names', got keys "
+        raise ValueError(f"{where} must hold the key 'images' and optionally 'labels' and 'class_names', got keys "
                          f"{sorted(arrays)}")
-    images, labels, names = arrays["images"], arrays.get("labels"), arrays.get("class_names")
+    images, labels, names = (None if arrays.get(k) is None else np.asarray(arrays[k]) for k in KEYS)
     if images.shape[:1] == (0,):
-        raise ValueError(f"{path} holds no images")
-    images = images_to_nchw_u8(images, str(path))
+        raise ValueError(f"{where} holds no images")
+    images = images_to_nchw_u8(images, where)
     if labels is not None and (labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer)):
-        raise ValueError(f"{path}: labels must be integers of shape (N,) = ({images.shape[0]},), got "
+        raise ValueError(f"{where}: labels must be integers of shape (N,) = ({images.shape[0]},), got "
                          f"{labels.dtype} {labels.shape}")
     if names is not None:
-        names = check_class_names(names, labels, str(path))
-    return finish(images, labels, names, path.stem, image_size, rng)
+        names = check_class_names(names, labels, where)
+    return finish(images, labels, names, name, image_size, rng)
 
 
 def check_class_names(names, labels, where: str) -> list:

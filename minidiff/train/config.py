@@ -67,6 +67,10 @@ class TrainConfig:
     sample_steps: int = 25           # DDIM steps for the preview grids
     guidance_scale: float = 3.0      # classifier-free guidance scale of the preview grids
     log_every: int = 10              # JSONL log line every N steps
+    eval_every: int = 0              # labelled data: classifier accuracy and Frechet distance of a few samples into log.jsonl every N steps (shapes: pixel-checker accuracy); 0 = off
+    eval_n_per_class: int = 4        # --eval-every: samples per class (DDIM --sample-steps, --guidance-scale, seed 1)
+    eval_classifier: str = ""        # --eval-every: folder of the clean-data eval classifier, trained there once ('' = OUT/eval_classifier)
+    eval_classifier_steps: int = 300  # --eval-every: steps of that classifier when it is trained
     # --- run ---
     seed: int = 0                    # seed of every random draw (weights, data, noise, dropout)
     device: str = "cpu"              # cpu | gpu (CuPy) | auto (the GPU when CuPy sees one, else the CPU)
@@ -201,6 +205,9 @@ def validate_train_config(cfg: TrainConfig) -> None:
     check_choice("--variance-type", cfg.variance_type, TRAIN_VARIANCE_TYPES)
     if not cfg.vlb_weight >= 0:
         raise ValueError(f"--vlb-weight must be >= 0, got {cfg.vlb_weight}")
+    if cfg.eval_every < 0 or cfg.eval_n_per_class < 1 or cfg.eval_classifier_steps < 1:
+        raise ValueError(f"--eval-every must be >= 0, --eval-n-per-class and --eval-classifier-steps >= 1, got "
+                         f"{cfg.eval_every}, {cfg.eval_n_per_class}, {cfg.eval_classifier_steps}")
     for name in ("steps", "batch_size", "max_prompt_len", "sample_steps", "log_every", "save_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")

@@ -8,7 +8,10 @@ Shape legend: N samples, C channels, H = W = image side, L prompt tokens.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..backend import to_device, xp_for
+from .bundle import load_bundle
 from ..diffusion.guidance import make_classifier_guided_model_fn, make_guided_model_fn
 from ..diffusion.sampler import sample
 from ..diffusion.sigmas import KARRAS_SAMPLERS
@@ -20,6 +23,9 @@ def generate(bundle, cond=None, n: int = 16, guidance_scale: float = 3.0, sample
              grad_fn=None, classifier_scale: float = 0.0, device: str = "cpu", dtype: str = "float32",
              callback=None, noise=None, use_clipped_model_output: bool = True, karras: bool = False):
     """Draw n images (N, C, H, W) in [-1, 1] (clipped) from bundle with condition cond (host array or None).
+
+    bundle: a Bundle, or a path (run directory, checkpoint .npz, diffusers folder) loaded with load_bundle;
+    cond: class ids (N,) of a class model, token ids (N, L) or a list of N prompts of a text model.
 
     guidance_scale s applies when the model is conditioned and s != 1 (s = 1: one conditional
     call per step; s = 0 gives the same samples as the unconditional model). grad_fn(x_t, t, y) ->
@@ -35,6 +41,10 @@ def generate(bundle, cond=None, n: int = 16, guidance_scale: float = 3.0, sample
     sampler: ddpm | ddim | euler | euler_a | heun | dpm++2m (diffusion/karras_sampling.py); karras: Karras
     et al.'s sigmas for the last four (refused with ddpm / ddim).
     """
+    if isinstance(bundle, (str, Path)):  # a run directory, a checkpoint .npz or a diffusers folder
+        bundle = load_bundle(bundle, device=device, dtype=dtype)
+    if cond is not None and bundle.conditioning == "text" and isinstance(cond[0], str):
+        cond = bundle.encode(prompts=list(cond))  # prompts -> token ids (N, L)
     xp = xp_for(device)
     c = bundle.config
     shape = (n, c.in_channels, c.sample_size, c.sample_size)

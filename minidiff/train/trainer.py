@@ -37,6 +37,7 @@ import numpy as np
 from ..backend import set_tf32, to_device, xp_for
 from .bundle import Bundle, build_unet_config, choose_conditioning
 from .accumulate import accumulate
+from .eval_classifier import eval_during_training
 from .checkpoint import (check_config, keep_last_checkpoints, load_checkpoint, prepare_run_dir, rng_from_state,
                          rng_state, save_checkpoint)
 from .config import TrainConfig, resolve_device, validate_train_config
@@ -57,6 +58,9 @@ RESUME_FIELDS = ("data", "preset", "conditioning", "max_prompt_len", "num_train_
                  "gradient_accumulation_steps")
 
 
+IN_MEMORY = "<arrays>"  # cfg.data of a run trained on arrays passed in memory (train(cfg, data=...))
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the message names the step."""
 
@@ -74,11 +78,13 @@ def make_condition(rng, conditioning, labels, captions, tokenizer, num_classes, 
 class Trainer:
     """Holds the state of one run: data, model, optimizer, EMA, rng, step and losses; ops runs the ops."""
 
-    def __init__(self, cfg: TrainConfig, log=print, ops=REFERENCE):
+    def __init__(self, cfg: TrainConfig, log=print, ops=REFERENCE, data=None):
         validate_train_config(cfg)
         cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
-        self.dataset = load_dataset(cfg.data, None if cfg.resolution == -1 else cfg.resolution, cfg.random_crop,
-                                    cfg.seed)
+        if data is not None and not isinstance(data, (str, Path)):  # in-memory arrays: recorded as "<arrays>"
+            cfg = dataclasses.replace(cfg, data=IN_MEMORY)
+        self.dataset = load_dataset(cfg.data if data is None else data, None if cfg.resolution == -1 else
+                                    cfg.resolution, cfg.random_crop, cfg.seed)
         self.rows = cfg.batch_size * cfg.gradient_accumulation_steps  # images per optimizer step
         if cfg.epochs > 0:
             if self.dataset.infinite:
@@ -92,6 +98,8 @@ class Trainer:
         self.dtype = np.dtype(cfg.dtype)
         self.out = prepare_run_dir(cfg)
         self.conditioning = choose_conditioning(cfg.conditioning, self.dataset)
+        if cfg.eval_every and (self.conditioning == "none" or not self.dataset.num_classes):
+            raise ValueError("--eval-every needs a class- or text-conditioned run on labelled data")
         self.tokenizer = None
         if self.conditioning == "text":
             self.tokenizer = Tokenizer.from_captions(self.dataset.all_captions, cfg.max_prompt_len)
@@ -258,6 +266,9 @@ class Trainer:
                     self.save()
                 if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == cfg.steps:
                     self.sample_grid()
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    logf.write(json.dumps({"step": self.step, **eval_during_training(self)}) + "\n")
+                    logf.flush()
         bar.close()
         save_loss_curve(np.arange(1, len(self.losses) + 1), self.losses, self.out / "loss.png")
         elapsed = time.perf_counter() - t0
@@ -294,9 +305,12 @@ def loss_and_grads(batch: dict, params, config, schedule, prediction_type="epsil
     return loss, grads
 
 
-def train(cfg: TrainConfig, stop_after: int | None = None, log=print, ops=REFERENCE) -> dict:
-    """Run (or resume) training with the ops table ops; print a one-line summary of where the files are."""
-    trainer = Trainer(cfg, log, ops)
+def train(cfg: TrainConfig, stop_after: int | None = None, log=print, ops=REFERENCE, data=None) -> dict:
+    """Run (or resume) training with the ops table ops; print a one-line summary of where the files are.
+
+    data: instead of cfg.data, a path, or arrays in memory: {"images": x, "labels": y, "class_names": names}
+    (labels and names optional) or the images alone, in the layouts of an .npz (data/npz.py)."""
+    trainer = Trainer(cfg, log, ops, data)
     summary = trainer.run(stop_after)
     out = trainer.out
     log(f"done: {summary['steps']} steps in {summary['seconds']:.0f}s, final loss {summary['final_loss']:.4f}; "
