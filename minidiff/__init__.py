@@ -21,20 +21,19 @@ _EXPORTS = {
     "model.config": ("UNetConfig", "get_preset", "from_diffusers_config", "to_diffusers_config"),
     "model.unet": ("unet_forward", "unet_backward", "unet_apply", "init_params"),
     "model.pretrained": ("load_pretrained", "save_pretrained"),
-    "train.config": ("TrainConfig", "SampleConfig"),
-    "train.generate": ("generate",),
-    "train.bundle": ("load_bundle",),
+    "training.trainer": ("train",),
+    "training.config": ("TrainConfig", "SampleConfig"),
+    "training.generate": ("generate",),
+    "training.bundle": ("load_bundle",),
     "fixtures": ("write_fixtures", "build_fixtures"),
     "oracle": ("check",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = ["__version__", "train", *_WHERE]
+__all__ = ["__version__", *_WHERE]
 
 
 def __getattr__(name):
     import importlib
-    if name == "train":  # the package minidiff.train is callable: minidiff.train(cfg, data=...) is trainer.train
-        return importlib.import_module(".train", __name__)
     if name not in _WHERE:
         raise AttributeError(f"module 'minidiff' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

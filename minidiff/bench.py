@@ -48,10 +48,10 @@ import numpy as np
 from .fast.cpu.allocator import keep_freed_memory
 from .bench_timing import alternating_ms, cpu_peak_mb, set_blas_threads
 from .backend import BackendError, check_tf32, set_tf32, synchronize, to_device, to_numpy, xp_for
-from .train.bundle import model_output
-from .train.optim import AdamW
-from .train.trainer import loss_and_grads
-from .train.config import SHARD_MODES, check_shards
+from .training.bundle import model_output
+from .training.optim import AdamW
+from .training.trainer import loss_and_grads
+from .training.config import SHARD_MODES, check_shards
 from .fast.cpu.shards import resolve_workers
 from .fast.ops import fast_ops
 from .model.dropout import draw_dropout_masks

@@ -1,6 +1,6 @@
 """The `minidiff` command: train, sample, eval, export, info (and python -m minidiff).
 
-Flags of `train` and `sample` are generated from TrainConfig / SampleConfig (minidiff/train/config.py),
+Flags of `train` and `sample` are generated from TrainConfig / SampleConfig (minidiff/training/config.py),
 so each flag, its type and its default are written once, next to a comment saying what it does.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 from .fast.cpu.allocator import keep_freed_memory
 from .backend import BackendError, check_tf32, set_tf32
 from .nn.ops import REFERENCE
-from .train.config import (SCHEDULER_FLAGS, SHARD_MODES, SampleConfig, TrainConfig, add_dataclass_args,
+from .training.config import (SCHEDULER_FLAGS, SHARD_MODES, SampleConfig, TrainConfig, add_dataclass_args,
                            check_shards, dataclass_from_args, resolve_device, validate_train_config)
 
 
@@ -31,7 +31,7 @@ def choose_ops(reference: bool, threads: int, shards: str, device: str):
 
 def cmd_train(args) -> int:
     """`minidiff train`: build a TrainConfig from the flags and run (or resume) training."""
-    from .train.trainer import train
+    from .training.trainer import train
 
     cfg = dataclass_from_args(TrainConfig, args)
     validate_train_config(cfg)  # before choosing the ops: each bad flag one line naming it
@@ -43,7 +43,7 @@ def cmd_train(args) -> int:
 def cmd_train_classifier(args) -> int:
     """`minidiff train-classifier`: train_classifier with the fast table (its parameters in one flat buffer)."""
     from .fast.ops import fast_ops
-    from .train.classifier import ClassifierTrainConfig, train_classifier
+    from .training.classifier import ClassifierTrainConfig, train_classifier
 
     train_classifier(dataclass_from_args(ClassifierTrainConfig, args), ops=fast_ops())
     return 0
@@ -72,10 +72,10 @@ def _conditions(bundle, cfg: SampleConfig):
 
 def cmd_sample(args) -> int:
     """`minidiff sample`: load a run or a diffusers folder, draw n images with guidance, write a PNG grid, an .npz."""
-    from .train.bundle import load_bundle
-    from .train.report import ProgressBar, save_grid
-    from .train.generate import generate
-    from .train.sample_files import default_out_dir, sample_stem, unused_stem
+    from .training.bundle import load_bundle
+    from .training.report import ProgressBar, save_grid
+    from .training.generate import generate
+    from .training.sample_files import default_out_dir, sample_stem, unused_stem
 
     cfg = dataclass_from_args(SampleConfig, args)
     if not cfg.checkpoint:
@@ -91,7 +91,7 @@ def cmd_sample(args) -> int:
     cond, labels = _conditions(bundle, cfg)
     grad_fn = None
     if cfg.classifier:
-        from .train.classifier import load_classifier
+        from .training.classifier import load_classifier
 
         clf = load_classifier(cfg.classifier, device=cfg.device, dtype=cfg.dtype)
         targets = clf.targets_for(bundle, cond, labels, cfg)
@@ -127,8 +127,8 @@ def load_noise(path) -> np.ndarray:
 
 
 def cmd_export(args) -> int:
-    """`minidiff export`: a run as a diffusers pipeline folder (train/export.py)."""
-    from .train.export import export_pipeline
+    """`minidiff export`: a run as a diffusers pipeline folder (training/export.py)."""
+    from .training.export import export_pipeline
 
     out = export_pipeline(args.checkpoint, args.out, use_ema=not args.no_ema, force=args.force)
     print(f"wrote the diffusers pipeline {out} (model_index.json, unet/, scheduler/, minidiff.json); load it with "
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_dataclass_args(t, TrainConfig)
     t.set_defaults(func=cmd_train)
-    from .train.classifier import add_classifier_parser
+    from .training.classifier import add_classifier_parser
 
     add_classifier_parser(sub).set_defaults(func=cmd_train_classifier)
     s = sub.add_parser("sample", help="sample a PNG grid from a trained model",

@@ -1,6 +1,6 @@
 """`minidiff eval` on any labelled data (an .npz with labels, class subfolders, MNIST, CIFAR-10): per guidance
 scale s, how often a clean-data classifier reads each sample as its prompted class, and the Fréchet distance
-of the samples to held-out real images in that classifier's feature space (train/eval_classifier.py).
+of the samples to held-out real images in that classifier's feature space (training/eval_classifier.py).
 
     accuracy(s) = 1/M sum_m [argmax classifier(x_m, t = 0) == y_m],   x_m ~ p_s(x | y_m)
     frechet(s)  = ||mu_H - mu_x||^2 + Tr(S_H + S_x - 2 (S_H S_x)^{1/2})   (pooled classifier features)
@@ -18,11 +18,11 @@ from .data import BUILTIN, load_dataset
 from .fast.cpu.shards import resolve_workers
 from .fast.ops import fast_ops
 from .nn.ops import REFERENCE
-from .train.bundle import load_bundle, load_run, resolve_checkpoint
-from .train.eval_classifier import get_eval_classifier, sample_and_score
-from .train.pipelines import is_diffusers_folder
-from .train.report import save_grid
-from .train.trainer import IN_MEMORY
+from .training.bundle import load_bundle, load_run, resolve_checkpoint
+from .training.eval_classifier import get_eval_classifier, sample_and_score
+from .training.pipelines import is_diffusers_folder
+from .training.report import save_grid
+from .training.trainer import IN_MEMORY
 
 
 def is_shapes_run(checkpoint) -> bool:

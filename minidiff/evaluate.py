@@ -16,11 +16,11 @@ from pathlib import Path
 from .fast.cpu.shards import resolve_workers
 from .fast.ops import fast_ops
 from .nn.ops import REFERENCE
-from .train.bundle import load_bundle, resolve_checkpoint
-from .train.pipelines import is_diffusers_folder
+from .training.bundle import load_bundle, resolve_checkpoint
+from .training.pipelines import is_diffusers_folder
 from .data import shapes
-from .train.report import save_grid
-from .train.generate import generate
+from .training.report import save_grid
+from .training.generate import generate
 
 
 def evaluate(checkpoint, n_per_class: int = 10, scales=(0.0, 1.0, 3.0), steps: int = 50, sampler: str = "ddim",

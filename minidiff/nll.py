@@ -27,8 +27,8 @@ from .diffusion.vlb import VLB_VARIANCE_TYPES, calc_bpd_loop, strided_timesteps
 from .fast.cpu.shards import resolve_workers
 from .fast.ops import fast_ops
 from .nn.ops import REFERENCE
-from .train.bundle import load_bundle, load_run, resolve_checkpoint
-from .train.pipelines import is_diffusers_folder
+from .training.bundle import load_bundle, load_run, resolve_checkpoint
+from .training.pipelines import is_diffusers_folder
 
 
 def held_out_images(dataset, n: int, seed: int):

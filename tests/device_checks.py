@@ -16,16 +16,16 @@ from gradcheck import grads_rel_error, rel_error
 from minidiff.fast import flat
 from minidiff.backend import is_cupy_array, to_device, to_numpy
 from minidiff.bench import MinidiffSide, make_inputs
-from minidiff.train.config import TrainConfig
+from minidiff.training.config import TrainConfig
 from minidiff.diffusion.loss import diffusion_loss
-from minidiff.train.optim import EMA, Adam, AdamW
+from minidiff.training.optim import EMA, Adam, AdamW
 from minidiff.diffusion import sampler as reference_sampler
 from minidiff.diffusion.sampler import sample
 from minidiff.fast import sampler as fast_sampler
 from minidiff.fast.ops import FAST
 from minidiff.nn.ops import REFERENCE
 from minidiff.diffusion.schedule import add_noise, make_schedule
-from minidiff.train.trainer import Trainer
+from minidiff.training.trainer import Trainer
 from minidiff.model.unet import init_params, unet_backward, unet_forward
 from minidiff.model.config import get_preset
 
@@ -55,7 +55,7 @@ def training_step(device, config, one_buffer=False, ops=REFERENCE):
     return loss, norm, grads, dx, params
 
 
-OPTIMIZERS = {  # name -> make(params, ops): the update variants of train/optim.py
+OPTIMIZERS = {  # name -> make(params, ops): the update variants of training/optim.py
     "adam": lambda p, ops: Adam(p, lr=1e-2, ops=ops),
     "adam_l2": lambda p, ops: Adam(p, lr=1e-2, weight_decay=0.1, ops=ops),  # the L2 term in the gradient
     "adamw": lambda p, ops: AdamW(p, lr=1e-2, weight_decay=0.1, ops=ops),  # decoupled decay

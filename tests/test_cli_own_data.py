@@ -10,7 +10,7 @@ import pytest
 
 from minidiff.cli import build_parser, main
 from minidiff.diffusion.guidance import make_guided_model_fn
-from minidiff.train.report import ProgressBar
+from minidiff.training.report import ProgressBar
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """`minidiff sample/eval --checkpoint FOLDER` and `minidiff export` (issue 18) from the command line: a run
 exported as a diffusers pipeline samples the same images as the run for the same --noise; bad folders,
 files and flags get exit status 2 and one line naming what is wrong; --out is never overwritten without --force.
-Needs neither torch nor diffusers (tests/train/test_pipelines.py compares with diffusers)."""
+Needs neither torch nor diffusers (tests/training/test_pipelines.py compares with diffusers)."""
 
 import json
 
@@ -12,8 +12,8 @@ from minidiff.cli import main
 from minidiff.model.config import get_preset
 from minidiff.model.pretrained import save_pretrained
 from minidiff.model.unet import init_params
-from minidiff.train.config import TrainConfig
-from minidiff.train.trainer import train
+from minidiff.training.config import TrainConfig
+from minidiff.training.trainer import train
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""minidiff eval on any labelled data (eval_labelled.py, train/eval_classifier.py), --eval-every, and the
+"""minidiff eval on any labelled data (eval_labelled.py, training/eval_classifier.py), --eval-every, and the
 Python API with in-memory arrays (train(cfg, data=...), generate(path, ...))."""
 
 import json
@@ -8,8 +8,8 @@ import pytest
 
 import minidiff
 from minidiff.cli import main
-from minidiff.train.config import TrainConfig
-from minidiff.train.eval_classifier import EvalClassifierConfig, get_eval_classifier, heldout_split
+from minidiff.training.config import TrainConfig
+from minidiff.training.eval_classifier import EvalClassifierConfig, get_eval_classifier, heldout_split
 from minidiff.data import load_dataset
 
 

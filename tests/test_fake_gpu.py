@@ -106,7 +106,7 @@ def test_the_fake_records_host_reads_of_device_values(fake):
 def test_classifier_training_on_the_gpu_path_reads_its_losses_once_per_log(fake, tmp_path, monkeypatch):
     """train-classifier keeps each step's loss and accuracy on the device and reads them in one copy per
     --log-every (here once, at the last of 3 steps); its numbers are the CPU run's."""
-    from minidiff.train.classifier import ClassifierTrainConfig, train_classifier
+    from minidiff.training.classifier import ClassifierTrainConfig, train_classifier
 
     rng = np.random.default_rng(0)
     labels = np.arange(16) % 2
@@ -130,8 +130,8 @@ def test_classifier_training_on_the_gpu_path_reads_its_losses_once_per_log(fake,
 def test_the_fused_kernels_cut_the_device_operations_of_a_step(fake, tmp_path, monkeypatch, capsys, preset):
     """Device operations (each about one kernel launch or cuBLAS call on CuPy, counted by the fake) of one
     Trainer step and one DDIM sampling step, with the REFERENCE ops (plain array ops) and with FAST (the kernels)."""
-    from minidiff.train.config import TrainConfig
-    from minidiff.train.trainer import Trainer
+    from minidiff.training.config import TrainConfig
+    from minidiff.training.trainer import Trainer
 
     counts = {}
     for fused in (False, True):

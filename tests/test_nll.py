@@ -8,9 +8,9 @@ import numpy as np
 
 from minidiff.cli import main
 from minidiff.nll import evaluate_nll
-from minidiff.train.checkpoint import load_checkpoint, save_checkpoint
-from minidiff.train.config import TrainConfig
-from minidiff.train.trainer import train
+from minidiff.training.checkpoint import load_checkpoint, save_checkpoint
+from minidiff.training.config import TrainConfig
+from minidiff.training.trainer import train
 
 
 def write_npz(path, n, seed, size=8):

@@ -49,8 +49,8 @@ def trace_reference_steps(run_dir) -> dict:
     from minidiff.diffusion.sampler import sample
     from minidiff.model.unet import unet_forward
     from minidiff.nn.ops import REFERENCE
-    from minidiff.train.config import TrainConfig
-    from minidiff.train.trainer import Trainer
+    from minidiff.training.config import TrainConfig
+    from minidiff.training.trainer import Trainer
 
     # set-up, not traced: the run as `minidiff train --preset tiny --reference` builds it (shapes data, text)
     trainer = Trainer(TrainConfig(preset="tiny", out=str(Path(run_dir) / "run"), batch_size=4, seed=0),

@@ -1,7 +1,7 @@
 """A noise-aware classifier p(y | x_t, t) for classifier guidance (Dhariwal & Nichol 2021, sec. 4.1):
 the U-Net's encoder walk (encoder.py, shared with unet.py) with a pooled linear head, its hand-written
 backward, and grad_x log p(y | x_t). Training, and the loader that turns a checkpoint into the grad_fn
-that sampling uses, are in train/classifier.py.
+that sampling uses, are in training/classifier.py.
 
     temb   = linear_2(silu(linear_1(sinusoid(t))))                   the U-Net's time embedding
     h      = mid_block(down_blocks(conv_in(x_t), temb), temb)         the U-Net's encoder (skips unused)

@@ -1,5 +1,5 @@
 """The update rules of Adam / AdamW and of the weights' EMA, stateless: the state (m, v, the step
-count, the EMA's average) is passed in and updated in place. train/optim.py holds the state.
+count, the EMA's average) is passed in and updated in place. training/optim.py holds the state.
 
 Adam (Kingma & Ba 2015, Alg. 1, with torch.optim.Adam's placement of eps), step t = 1, 2, ...:
     g   = grad + weight_decay * p                       (Adam: L2 penalty folded into the gradient)

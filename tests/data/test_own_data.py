@@ -8,7 +8,7 @@ from PIL import Image
 from minidiff.data import load_dataset
 from minidiff.data.npz import images_to_nchw_u8
 from minidiff.data.resize import MAX_RESOLUTION, check_resolution
-from minidiff.train.bundle import choose_conditioning
+from minidiff.training.bundle import choose_conditioning
 
 
 def rand_u8(*shape, seed=0):

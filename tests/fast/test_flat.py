@@ -17,7 +17,7 @@ from minidiff.nn.optim import clip_grad_norm
 from minidiff.diffusion.schedule import make_schedule
 from minidiff.model.unet import init_params
 from minidiff.model.config import get_preset
-from minidiff.train.trainer import loss_and_grads
+from minidiff.training.trainer import loss_and_grads
 
 shapes = st.lists(st.lists(st.integers(1, 7), min_size=0, max_size=4).map(tuple), min_size=1, max_size=6)
 
@@ -106,8 +106,8 @@ def test_map_batch_returns_one_buffer_equal_to_the_per_key_grads(workers):
 
 
 def test_the_trainer_keeps_params_moments_and_ema_on_one_buffer_through_steps_and_resume(tmp_path):
-    from minidiff.train.config import TrainConfig
-    from minidiff.train.trainer import Trainer
+    from minidiff.training.config import TrainConfig
+    from minidiff.training.trainer import Trainer
 
     cfg = dict(out=str(tmp_path / "run"), preset="tiny", steps=4, batch_size=4, save_every=2, sample_every=0,
                log_every=1, warmup_steps=2, lr=1e-3, grad_clip=1.0)

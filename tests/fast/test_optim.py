@@ -13,7 +13,7 @@ from minidiff.fast import optim as fast
 from minidiff.fast.ops import FAST
 from minidiff.nn import optim as reference
 from minidiff.nn.ops import REFERENCE
-from minidiff.train.optim import EMA, Adam, AdamW
+from minidiff.training.optim import EMA, Adam, AdamW
 
 SHAPES = [(4, 3, 3, 3), (4,), (7, 5), (1,), (65,)]  # 65: a tensor past one ALIGN block
 RULES = {  # name -> adam_update's keyword arguments
@@ -121,7 +121,7 @@ def test_ema_on_flat_buffers_is_bit_for_bit_the_per_tensor_rule(flat_params):
                                   lambda p, ops: Adam(p, lr=1e-2, ops=ops)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_optimizer_with_fast_holds_its_state_in_flat_buffers(make, dtype):
-    """train/optim.py with ops=FAST: the state arranged like the params (one buffer each), the same
+    """training/optim.py with ops=FAST: the state arranged like the params (one buffer each), the same
     numbers as with the reference table, and a state_dict that loads into a per-tensor optimizer."""
     plain = random_arrays(0, dtype)
     flat_p = FAST.arrange_params(plain)

@@ -22,9 +22,9 @@ from minidiff.model.dropout import draw_dropout_masks
 from minidiff.model.unet import init_params, unet_backward, unet_forward
 from minidiff.nn.dropout import dropout_mask
 from minidiff.nn.ops import REFERENCE
-from minidiff.train.bundle import model_output
-from minidiff.train.config import TrainConfig
-from minidiff.train.trainer import Trainer, loss_and_grads
+from minidiff.training.bundle import model_output
+from minidiff.training.config import TrainConfig
+from minidiff.training.trainer import Trainer, loss_and_grads
 
 SCHEDULE = make_schedule(1000, "linear")
 

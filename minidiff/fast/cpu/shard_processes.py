@@ -9,7 +9,7 @@ Python and dispatch overhead holds it; two shards' overheads then queue for it. 
 
 Each worker is a fresh interpreter (the "spawn" start method: safe beside the parent's threads,
 OpenBLAS's and PyTorch's included) that runs the same function on its rows as a thread would (for
-training, train/trainer.py's loss_and_grads), so the results are the threads' bit for bit. The worker
+training, training/trainer.py's loss_and_grads), so the results are the threads' bit for bit. The worker
 imports that function by its module and name, and gets the ops table by its name ("fast": FAST, run
 in one piece). What travels:
   weights    one shared file in /dev/shm (where there is one) holding the flat buffer, copied in

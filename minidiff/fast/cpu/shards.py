@@ -38,7 +38,7 @@ import numpy as np
 from .. import flat
 from . import shard_processes
 from ...backend import get_array_module
-from ...train.config import SHARD_MODES, check_shards, check_threads  # noqa: F401  (SHARD_MODES: re-exported)
+from ...training.config import SHARD_MODES, check_shards, check_threads  # noqa: F401  (SHARD_MODES: re-exported)
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 # While shards run, a thread that holds the GIL through a run of small NumPy ops is asked to hand it

@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from minidiff.train import checkpoint
-from minidiff.train.checkpoint import check_config, load_checkpoint, rng_from_state, rng_state, save_checkpoint
+from minidiff.training import checkpoint
+from minidiff.training.checkpoint import check_config, load_checkpoint, rng_from_state, rng_state, save_checkpoint
 from minidiff.data.tokenizer import Tokenizer
-from minidiff.train.optim import EMA, AdamW
+from minidiff.training.optim import EMA, AdamW
 
 
 def training_state(seed=0):

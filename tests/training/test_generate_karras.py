@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from minidiff.cli import main
-from minidiff.train.bundle import load_bundle
-from minidiff.train.generate import generate
+from minidiff.training.bundle import load_bundle
+from minidiff.training.generate import generate
 
 
 @pytest.fixture(scope="module")

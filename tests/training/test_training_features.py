@@ -9,11 +9,11 @@ import pytest
 
 from minidiff.cli import main
 from minidiff.nn.ops import REFERENCE
-from minidiff.train import trainer as trainer_mod
-from minidiff.train.checkpoint import load_checkpoint
-from minidiff.train.config import TrainConfig
-from minidiff.train.optim import lr_at, warmup_lr
-from minidiff.train.trainer import Trainer, train
+from minidiff.training import trainer as trainer_mod
+from minidiff.training.checkpoint import load_checkpoint
+from minidiff.training.config import TrainConfig
+from minidiff.training.optim import lr_at, warmup_lr
+from minidiff.training.trainer import Trainer, train
 
 
 def tiny(out, **kw):

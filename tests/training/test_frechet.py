@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from minidiff.train.frechet import feature_stats, frechet_distance, sqrtm_psd
+from minidiff.training.frechet import feature_stats, frechet_distance, sqrtm_psd
 
 
 def _spd(rng, d):

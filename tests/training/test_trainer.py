@@ -9,9 +9,9 @@ import pytest
 from minidiff.cli import main
 from minidiff.fast.ops import fast_ops
 from minidiff.nn.ops import REFERENCE
-from minidiff.train import trainer as trainer_mod
-from minidiff.train.config import TrainConfig
-from minidiff.train.trainer import Trainer, TrainingDiverged, train
+from minidiff.training import trainer as trainer_mod
+from minidiff.training.config import TrainConfig
+from minidiff.training.trainer import Trainer, TrainingDiverged, train
 
 
 def tiny_cfg(out, **kw):
@@ -35,7 +35,7 @@ def test_interrupted_and_resumed_run_repeats_the_losses(tmp_path, conditioning):
     assert len(full["losses"]) == 6
     assert rest["losses"] == full["losses"]  # bit-identical, not approximately equal
     # and the final weights agree too
-    from minidiff.train.checkpoint import load_checkpoint
+    from minidiff.training.checkpoint import load_checkpoint
 
     a, _ = load_checkpoint(tmp_path / "a" / "checkpoints" / "latest.npz")
     b, _ = load_checkpoint(tmp_path / "b" / "checkpoints" / "latest.npz")
@@ -80,7 +80,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     poison_loss(monkeypatch, 3, np.nan)
     with pytest.raises(TrainingDiverged, match="step 3"):
         train(tiny_cfg(out, threads=1), log=quiet)  # REFERENCE: one loss call per step
-    from minidiff.train.checkpoint import load_checkpoint
+    from minidiff.training.checkpoint import load_checkpoint
 
     _, meta = load_checkpoint(out / "checkpoints" / "latest.npz")
     assert meta["step"] == 2 and all(np.isfinite(meta["losses"]))
@@ -95,7 +95,7 @@ def test_losses_read_in_batches_still_stop_at_the_first_bad_step(tmp_path, monke
     trainer.flush_every = 4  # as on a GPU (cfg.log_every)
     with pytest.raises(TrainingDiverged, match="loss became inf at step 5"):
         trainer.run()
-    from minidiff.train.checkpoint import load_checkpoint
+    from minidiff.training.checkpoint import load_checkpoint
 
     _, meta = load_checkpoint(out / "checkpoints" / "latest.npz")
     assert meta["step"] == 4 and len(meta["losses"]) == 4 and all(np.isfinite(meta["losses"]))

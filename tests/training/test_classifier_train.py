@@ -17,15 +17,15 @@ import math
 import numpy as np
 import pytest
 
-from minidiff.train.bundle import Bundle
-from minidiff.train.checkpoint import load_checkpoint, save_checkpoint
+from minidiff.training.bundle import Bundle
+from minidiff.training.checkpoint import load_checkpoint, save_checkpoint
 from minidiff.model.classifier import classifier_forward, classifier_init_params, classifier_param_shapes, log_prob_grad
-from minidiff.train.classifier import ClassifierTrainConfig, add_classifier_parser, load_classifier, train_classifier
-from minidiff.train.config import SampleConfig
+from minidiff.training.classifier import ClassifierTrainConfig, add_classifier_parser, load_classifier, train_classifier
+from minidiff.training.config import SampleConfig
 from minidiff.data import load_dataset
 from minidiff.diffusion.guidance import make_classifier_guided_model_fn
 from minidiff.nn import softmax_cross_entropy_forward
-from minidiff.train.generate import generate
+from minidiff.training.generate import generate
 from minidiff.diffusion.sampler import sample
 from minidiff.diffusion.schedule import add_noise, make_schedule
 from minidiff.model.config import get_preset
@@ -231,7 +231,7 @@ def test_cli_and_bad_training_input(tmp_path):
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import minidiff.train.classifier as ct
+    import minidiff.training.classifier as ct
 
     data, _ = _two_colors(tmp_path, n=8)
     calls = {"n": 0}

@@ -12,8 +12,8 @@ from minidiff.diffusion.sampler import sample
 from minidiff.fast.ops import fast_ops
 from minidiff.nll import evaluate_nll
 from minidiff.nn.ops import REFERENCE
-from minidiff.train.config import TrainConfig, validate_train_config
-from minidiff.train.trainer import Trainer, learned_variance_args, train
+from minidiff.training.config import TrainConfig, validate_train_config
+from minidiff.training.trainer import Trainer, learned_variance_args, train
 
 
 def tiny_cfg(out, **kw):

@@ -1,4 +1,4 @@
-"""diffusers pipeline folders in and out (train/pipelines.py, train/export.py): minidiff's samples equal
+"""diffusers pipeline folders in and out (training/pipelines.py, training/export.py): minidiff's samples equal
 DDPMPipeline's and DDIMPipeline's for the same noise, and bad folders get one line naming the file or type.
 
 The comparisons feed both libraries the same draws: minidiff through generate(noise=...), diffusers by
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from minidiff.diffusion.schedule import make_schedule
-from minidiff.train.bundle import load_bundle
-from minidiff.train.generate import generate
+from minidiff.training.bundle import load_bundle
+from minidiff.training.generate import generate
 
 N, SIZE = 2, 4  # two 4x4 RGB images: CI time goes to the 1000 steps, not to pixels
 UNET = dict(sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
@@ -30,8 +30,8 @@ NUM_CLASSES = 3
 @pytest.fixture
 def tiny_run(tmp_path):
     """tiny_run(conditioning) -> a 2-step run of the tiny preset on shapes16 (16x16 RGB, 9 classes)."""
-    from minidiff.train.config import TrainConfig
-    from minidiff.train.trainer import train
+    from minidiff.training.config import TrainConfig
+    from minidiff.training.trainer import train
 
     def make(conditioning):
         out = tmp_path / f"run-{conditioning}"
@@ -187,7 +187,7 @@ def test_use_clipped_model_output_changes_ddim_samples(tmp_path):
 
 def test_export_loads_in_diffusers_and_reproduces_minidiff(tmp_path, tiny_run):
     torch, diffusers = _torch()
-    from minidiff.train.export import export_pipeline
+    from minidiff.training.export import export_pipeline
 
     for conditioning in ("none", "class"):
         run = tiny_run(conditioning)
@@ -208,7 +208,7 @@ def test_export_loads_in_diffusers_and_reproduces_minidiff(tmp_path, tiny_run):
 
 
 def test_text_export_is_read_back_by_minidiff_and_refused_by_diffusers(tmp_path, tiny_run):
-    from minidiff.train.export import export_pipeline
+    from minidiff.training.export import export_pipeline
 
     run = tiny_run("text")
     out = export_pipeline(run, tmp_path / "export")

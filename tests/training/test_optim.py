@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from minidiff.nn.optim import clip_grad_norm
-from minidiff.train.optim import EMA, Adam, AdamW, warmup_lr
+from minidiff.training.optim import EMA, Adam, AdamW, warmup_lr
 from gradcheck import rel_error
 
 SHAPES = {"conv.weight": (4, 3, 3, 3), "conv.bias": (4,), "linear.weight": (5, 7)}

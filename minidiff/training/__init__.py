@@ -1,0 +1,2 @@
+"""Training, sampling and run files: the trainer (Algorithm 1), the optimizer state, checkpoints,
+bundles and sampling from them, configs, reports, pipelines in and out, classifier training."""
