@@ -26,10 +26,13 @@ from .cuda.sampler import reverse_step_cuda
 FIXED_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 
 
-def _one_kernel(variance_type, prediction_type, t, prev_t, model_output, sample) -> bool:
-    """The kernel's case, before any check: CuPy, one timestep for the whole batch, a fixed variance."""
+def _one_kernel(schedule, variance_type, prediction_type, t, prev_t, model_output, sample) -> bool:
+    """The kernel's case, before any check: CuPy, one timestep for the whole batch, a fixed variance, and the
+    float64 schedule arithmetic (make_schedule(schedule_dtype="float32"), diffusers' float32 coefficients for
+    oracle use, rounds its host arithmetic as diffusers does: that mode runs the reference step)."""
     return (get_array_module(model_output, sample) is not np and np.ndim(t) == 0 and np.ndim(prev_t) == 0
-            and variance_type in FIXED_VARIANCES and prediction_type in PREDICTION_TYPES)
+            and variance_type in FIXED_VARIANCES and prediction_type in PREDICTION_TYPES
+            and getattr(schedule, "schedule_dtype", "float64") == "float64")
 
 
 def _checked(schedule, model_output, t, prev_t, sample):
@@ -45,7 +48,7 @@ def ddpm_step(schedule, model_output, t, prev_t, sample, noise, variance_type="f
     """diffusion.sampler.ddpm_step (DDPM Alg. 2); on CuPy with one t and a fixed variance, in one kernel."""
     args = (schedule, model_output, t, prev_t, sample, noise, variance_type, prediction_type, clip_sample,
             clip_sample_range)
-    if not _one_kernel(variance_type, prediction_type, t, prev_t, model_output, sample):
+    if not _one_kernel(schedule, variance_type, prediction_type, t, prev_t, model_output, sample):
         return reference.ddpm_step(*args)
     t, prev_t = _checked(schedule, model_output, t, prev_t, sample)
     noisy = bool(t > 0)
@@ -74,7 +77,8 @@ def ddim_step(schedule, model_output, t, prev_t, sample, eta=0.0, noise=None, se
     """diffusion.sampler.ddim_step (DDIM eq. 12); on CuPy with one t, in one kernel."""
     args = (schedule, model_output, t, prev_t, sample, eta, noise, set_alpha_to_one, prediction_type, clip_sample,
             clip_sample_range, use_clipped_model_output)
-    if not float(eta) >= 0 or not _one_kernel("fixed_small", prediction_type, t, prev_t, model_output, sample):
+    if not float(eta) >= 0 or not _one_kernel(schedule, "fixed_small", prediction_type, t, prev_t,
+                                              model_output, sample):
         return reference.ddim_step(*args)  # (which raises on a negative eta)
     t, prev_t = _checked(schedule, model_output, t, prev_t, sample)
     # 1. alphas of this (possibly skipping) step and sigma_t (DDIM eq. 16): the reference's line 1

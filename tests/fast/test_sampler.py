@@ -51,6 +51,21 @@ def test_on_cupy_one_kernel_per_step_bit_for_bit(fake, monkeypatch, dtype):
     assert set(fake.kernels_called) == {"minidiff_reverse_step"}
 
 
+@pytest.mark.parametrize("case", range(len(REVERSE_STEPS)))
+def test_on_cupy_the_float32_schedule_runs_the_reference_step(fake, case):
+    """make_schedule(schedule_dtype="float32") rounds the step's host arithmetic as diffusers does; the kernel
+    takes float64 coefficients, so that oracle mode runs the reference step, bit for bit its numbers."""
+    schedule = make_schedule(1000, "linear", schedule_dtype="float32")
+    name, t, prev_t, kwargs = REVERSE_STEPS[case]
+    out, x, z = inputs(case)
+    want = getattr(reference, f"{name}_step")(schedule, out, t, prev_t, x, noise=z, **kwargs)
+    got = getattr(fast, f"{name}_step")(schedule, *(to_device(a, "gpu") for a in (out,)), t, prev_t,
+                                         to_device(x, "gpu"), noise=to_device(z, "gpu"), **kwargs)
+    assert "minidiff_reverse_step" not in fake.kernels_called
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(to_numpy(g), w)
+
+
 def test_on_cupy_a_step_is_one_device_operation(fake):
     x = fake.asarray(np.ones((2, 3, 4, 4)))
     assert fake_cupy.count(lambda: fast.ddim_step(SCHEDULE, x, 500, 480, x))["ops"] == 1  # 6 in the reference
