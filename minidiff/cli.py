@@ -106,6 +106,10 @@ def cmd_sample(args) -> int:
     bar.close()
     from .backend import to_numpy
 
+    if not np.isfinite(to_numpy(x)).all():
+        raise RuntimeError(f"the model at {cfg.checkpoint} gave non-finite pixels (a diverged run); nothing was "
+                           "written. Use an earlier checkpoint or train again with a lower --lr or --grad-clip")
+
     stem = unused_stem(out, sample_stem(cfg, bundle.conditioning, labels))  # never overwrites a file
     save_grid(x, out / f"{stem}.png", labels=labels, ncol=9)
     given = {"labels": np.asarray(cond, np.int64)} if bundle.conditioning == "class" else {}

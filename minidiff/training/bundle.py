@@ -173,10 +173,16 @@ def load_bundle(path, use_ema: bool = True, device: str = "cpu", dtype: str = "f
 
 def load_run(path) -> tuple:
     """(arrays, meta) of a diffusion-model run directory or checkpoint file; ValueError for anything else."""
-    arrays, meta = load_checkpoint(resolve_checkpoint(path))
+    file = resolve_checkpoint(path)
+    arrays, meta = load_checkpoint(file)
     if meta.get("kind") == "classifier":
         raise ValueError(f"{path} is a classifier checkpoint (minidiff train-classifier); pass it as --classifier "
                          "and a diffusion model run as --checkpoint")
     if "model_config" not in meta or "train_config" not in meta:
         raise ValueError(f"{path} is not a diffusion-model checkpoint written by minidiff train")
+    for group in ("params", "ema"):
+        for k, v in (arrays.get(group) or {}).items():
+            if not np.isfinite(v).all():
+                raise ValueError(f"{file}: the checkpoint's {group} {k!r} are not finite (a diverged run); "
+                                 "use an earlier checkpoint or train again with a lower --lr or --grad-clip")
     return arrays, meta

@@ -130,8 +130,12 @@ class Trainer:
                 "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None}
 
     def save(self) -> Path:
-        """Write checkpoints/latest.npz atomically: weights, EMA, Adam moments, rng state, step, losses."""
+        """Write checkpoints/latest.npz atomically: weights, EMA, Adam moments, rng state, step, losses.
+
+        Never writes weights that are not finite or whose output is not (check_savable): the last good
+        checkpoint stays."""
         opt = self.opt.state_dict()
+        self.check_savable(opt)
         meta = self.meta() | {"step": self.step, "losses": self.losses, "rng": rng_state(self.rng),
                               "ema_num_updates": self.ema.num_updates, "opt_step": opt["step"]}
         arrays = {"params": self.params, "ema": self.ema.shadow,
@@ -140,6 +144,42 @@ class Trainer:
         if self.cfg.checkpoints_total_limit > 0:
             keep_last_checkpoints(path, self.step, self.cfg.checkpoints_total_limit)
         return path
+
+    def check_savable(self, opt: dict) -> None:
+        """Raise TrainingDiverged if the weights (or EMA weights, or Adam moments opt) are not all finite, or if
+        the weights and the EMA weights give a non-finite output on a probe batch. The probe batch is
+        drawn from its own generator (seeded by the step), so the training rng is untouched: a diverged
+        step can leave finite but huge weights (--lr 1e6: |w| ~ 1e4) whose next loss is NaN."""
+        xp = self.xp
+        groups = {"weights": self.params, "EMA weights": self.ema.shadow,
+                  "Adam moments": {**{f"m.{k}": v for k, v in opt["exp_avg"].items()},
+                                   **{f"v.{k}": v for k, v in opt["exp_avg_sq"].items()}}}
+        bad = next(((g, k) for g, arrays in groups.items() for k, v in arrays.items()
+                    if not bool((np if isinstance(v, np.ndarray) else xp).isfinite(v).all())), None)
+        if bad is not None:
+            bad = (bad[0], f"are not finite ({bad[1]})")
+        if bad is None:
+            rng = np.random.default_rng(self.step)
+            x0, cond = self.draw_data(rng)
+            t = sample_timesteps(rng, self.rows, self.cfg.num_train_timesteps)
+            x_t = add_noise(self.schedule, xp.asarray(x0, self.dtype),
+                            xp.asarray(rng.standard_normal(x0.shape), self.dtype), t)
+            with np.errstate(all="ignore"):  # an overflow here is the answer, not a warning to print
+                for name, params in (("weights", self.params), ("EMA weights", self.ema.shadow)):
+                    out = unet_forward(params, self.model_config, x_t, t,
+                                       cond if self.conditioning == "class" else None,
+                                       cond if self.conditioning == "text" else None,
+                                       for_backward=False, ops=self.ops)[0]
+                    if not bool(xp.isfinite(out).all()):
+                        bad = (name, "give a non-finite output on a probe batch")
+                        break
+        if bad is not None:
+            latest = self.out / "checkpoints" / "latest.npz"
+            kept = (f"the last good checkpoint ({latest}) is kept" if latest.exists()
+                    else "no checkpoint was written")
+            raise TrainingDiverged(
+                f"the {bad[0]} after step {self.step} {bad[1]}; training stopped, they were not "
+                f"saved and {kept}. Try a lower --lr or --grad-clip")
 
     def _load(self, path: Path) -> None:
         arrays, meta = load_checkpoint(path)

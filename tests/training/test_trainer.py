@@ -219,3 +219,62 @@ def test_cli_reference_trains(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["train_config"]["reference"] is True
     assert main(["sample", "--reference", "--checkpoint", str(out), "--out", str(tmp_path / "s"), "--steps", "2",
                  "--n", "2"]) == 0
+
+
+def test_issue17_diverged_weights_are_never_saved(tmp_path):
+    """Issue 17 item 2: --lr 1e6 gives a finite loss at step 1 but huge weights whose output is NaN;
+    that step is not saved (the kept checkpoint is the last one whose weights give a finite output)."""
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="after step 1 give a non-finite output.*no checkpoint was written"):
+        train(tiny_cfg(out, lr=1e6, save_every=1, warmup_steps=0, threads=1), log=quiet)
+    assert not (out / "checkpoints" / "latest.npz").exists()
+
+
+def test_issue17_non_finite_weights_are_never_saved(tmp_path):
+    """A NaN in the weights, the EMA weights or the Adam moments is refused at save; latest.npz stays."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_cfg(out, threads=1), log=quiet)
+    trainer.run(stop_after=2)
+    before = (out / "checkpoints" / "latest.npz").read_bytes()
+    for group in (trainer.params, trainer.ema.shadow, trainer.opt.exp_avg_sq):
+        k = next(iter(group))
+        keep = group[k].copy()
+        group[k].flat[0] = np.nan
+        with pytest.raises(TrainingDiverged, match="are not finite.*last good checkpoint"):
+            trainer.save()
+        group[k][...] = keep
+    assert (out / "checkpoints" / "latest.npz").read_bytes() == before
+
+
+def _poisoned_checkpoint(tmp_path, value):
+    from minidiff.training.checkpoint import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "run"
+    train(tiny_cfg(out, steps=2, threads=1), log=quiet)
+    path = out / "checkpoints" / "latest.npz"
+    arrays, meta = load_checkpoint(path)
+    for group in ("params", "ema"):
+        for k in arrays[group]:
+            arrays[group][k] = arrays[group][k] * value if np.isfinite(value) else arrays[group][k] + value
+    save_checkpoint(path, arrays, meta)
+    return out
+
+
+@pytest.mark.parametrize("command", ["sample", "export"])
+def test_issue17_sample_and_export_refuse_a_checkpoint_with_nan_weights(tmp_path, capsys, command):
+    out = _poisoned_checkpoint(tmp_path, np.nan)
+    capsys.readouterr()
+    args = ["--checkpoint", str(out), "--out", str(tmp_path / "o")]
+    rc = main([command] + args + (["--n", "2", "--steps", "2"] if command == "sample" else []))
+    err = capsys.readouterr().err
+    assert rc == 2 and "not finite" in err and "latest.npz" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_issue17_sample_refuses_to_write_non_finite_pixels(tmp_path, capsys):
+    out = _poisoned_checkpoint(tmp_path, 1e30)  # finite weights, NaN/inf output
+    capsys.readouterr()
+    rc = main(["sample", "--checkpoint", str(out), "--out", str(tmp_path / "o"), "--n", "2", "--steps", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and "non-finite pixels" in err[-1]
+    assert not any((tmp_path / "o").iterdir())
