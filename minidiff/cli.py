@@ -7,6 +7,7 @@ so each flag, its type and its default are written once, next to a comment sayin
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -183,7 +184,8 @@ def cmd_info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `minidiff` argument parser with every subcommand."""
-    p = argparse.ArgumentParser(prog="minidiff", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="minidiff", description=__doc__.splitlines()[0], epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a diffusion model (default: the built-in shapes data)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -251,8 +253,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_CODES = """exit status:
+  0    done
+  1    training diverged, or the model gave non-finite output (try a lower --lr or an earlier checkpoint)
+  2    bad input: a flag, a missing or malformed file (image, .npz, checkpoint, JSON, safetensors)
+  3    the system refused: disk full, permission denied, a path that is a file where a folder is needed
+       (or the reverse), any other OS error; the message names the path
+  4    out of memory (try a smaller --batch-size, --n or input)
+  130  interrupted (Ctrl-C)
+every error is one line on stderr: "minidiff COMMAND: error: ..." """
+
+OS_HINTS = {  # errno -> what to do
+    errno.ENOSPC: "the disk is full; free some space or pass another --out",
+    errno.EDQUOT: "the disk quota is exhausted; free some space or pass another --out",
+    errno.EACCES: "permission denied; pass a path you can write (or read) or change its permissions",
+    errno.EPERM: "operation not permitted; pass another path or change its permissions",
+    errno.EROFS: "the file system is read-only; pass another --out",
+    errno.ENOTDIR: "a part of this path is a file, not a folder; pass another path",
+    errno.EISDIR: "this is a folder where a file is needed; pass a file",
+    errno.ENAMETOOLONG: "the name is too long; pass a shorter path",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n) or use fewer --threads",
+}
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for an OSError: the path(s), the system's words, what to do."""
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None) or "(path not known)"
+    what = err.strerror or str(err) or type(err).__name__
+    hint = OS_HINTS.get(err.errno, "check the path and try again")
+    return f"{paths}: {what}; {hint}"
+
+
+def classify_error(err: BaseException) -> tuple[int, str] | None:
+    """(exit status, message) for an error the CLI reports in one line; None: a bug, keep the traceback."""
+    name = type(err).__name__
+    if isinstance(err, (FileNotFoundError, FileExistsError)) and err.strerror is None:
+        return 2, str(err)  # minidiff's own messages
+    if name == "DecompressionBombError" or name == "UnidentifiedImageError":  # PIL's (the latter an OSError)
+        return 2, f"cannot read an image ({err}); remove or replace the file"
+    if name == "SafetensorError":  # safetensors' Rust errors
+        return 2, f"malformed .safetensors file ({err}); replace the file"
+    if isinstance(err, (ValueError, BackendError)):  # json.JSONDecodeError included
+        return 2, str(err)
+    if isinstance(err, FileNotFoundError):
+        return 2, os_error_line(err)
+    if isinstance(err, OSError):
+        return 3, os_error_line(err)
+    if isinstance(err, MemoryError):
+        return 4, f"out of memory ({err or 'an allocation failed'}); try a smaller --batch-size, --n or input"
+    if isinstance(err, RuntimeError):  # TrainingDiverged and friends
+        return 1, str(err)
+    return None
+
+
 def main(argv=None) -> int:
-    """Run one subcommand; bad input becomes one error line and exit status 2 (a diverged run: 1)."""
+    """Run one subcommand; every expected failure is one error line and an exit status from EXIT_CODES."""
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # this process's malloc keeps what a step frees for the next (allocator.py)
     try:
@@ -260,9 +315,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; the latest checkpoint is kept (continue with --resume)", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, BackendError) as err:
-        print(f"minidiff {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:  # TrainingDiverged and friends
-        print(f"minidiff {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:  # sorted by classify_error; anything else (a bug) keeps its traceback
+        known = classify_error(err)
+        if known is None:
+            raise
+        code, msg = known
+        print(f"minidiff {args.command}: error: {' '.join(str(msg).split())}", file=sys.stderr)
+        return code

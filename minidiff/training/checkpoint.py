@@ -89,8 +89,10 @@ def save_checkpoint(path, arrays: dict, meta: dict | None = None) -> Path:
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)  # atomic swap: old file or new file, never half of one
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:  # a write or fsync (ENOSPC): name the file
+            raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
         raise
     _fsync_dir(path.parent)
     return path

@@ -1,0 +1,95 @@
+"""Issue 17 item 3: every OSError, MemoryError, PIL, safetensors and JSON error is one line on stderr
+naming the path, with the exit status documented in `minidiff --help` (cli.EXIT_CODES); no traceback."""
+
+import errno
+import json
+
+import numpy as np
+import pytest
+
+from minidiff import cli
+from minidiff.cli import main
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+class SafetensorError(Exception):
+    """Stands in for safetensors_rust.SafetensorError (matched by name: safetensors is optional)."""
+
+
+class DecompressionBombError(Exception):
+    """Stands in for PIL.Image.DecompressionBombError (matched by name)."""
+
+
+CASES = [
+    (OSError(errno.ENOSPC, "No space left on device", "/r/checkpoints/latest.npz"), 3, "disk is full"),
+    (PermissionError(errno.EACCES, "Permission denied", "/r/out"), 3, "permission denied"),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/r/file/out"), 3, "is a file, not a folder"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "/r/out"), 3, "is a folder where a file"),
+    (OSError(errno.EROFS, "Read-only file system", "/r/out"), 3, "read-only"),
+    (OSError(errno.EIO, "Input/output error", "/r/x"), 3, "check the path"),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/r/x"), 2, "No such file"),
+    (FileExistsError(errno.EEXIST, "File exists", "/r/x"), 3, "File exists"),
+    (MemoryError("Unable to allocate 7.45 GiB"), 4, "out of memory"),
+    (DecompressionBombError("Image size (2500000000 pixels) exceeds limit"), 2, "cannot read an image"),
+    (SafetensorError("Error while deserializing header: HeaderTooLarge"), 2, "malformed .safetensors"),
+    (json.JSONDecodeError("Expecting value", "x", 0), 2, "Expecting value"),
+    (ValueError("a bad flag\nover two lines"), 2, "a bad flag over two lines"),
+]
+
+
+@pytest.mark.parametrize("exc,code,words", CASES, ids=[type(c[0]).__name__ + str(i) for i, c in enumerate(CASES)])
+def test_issue17_every_expected_error_is_one_line_with_its_exit_status(monkeypatch, capsys, exc, code, words):
+    def fails(args):
+        raise exc
+
+    monkeypatch.setattr(cli, "cmd_export", fails)
+    assert main(["export", "--checkpoint", "c", "--out", "o"]) == code
+    line = one_line(capsys)
+    assert line.startswith("minidiff export: error: ") and words in line
+    if getattr(exc, "filename", None):
+        assert exc.filename in line
+
+
+def test_issue17_a_bug_keeps_its_traceback(monkeypatch):
+    def fails(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_export", fails)
+    with pytest.raises(KeyError):
+        main(["export", "--checkpoint", "c", "--out", "o"])
+
+
+def test_issue17_exit_codes_are_documented(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for code in ("0", "1", "2", "3", "4", "130"):
+        assert f"\n  {code} " in out
+
+
+def test_issue17_out_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    rc = main(["train", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "file" / "run")])
+    line = one_line(capsys)
+    assert rc in (2, 3) and str(tmp_path / "file") in line
+
+
+def test_issue17_disk_full_during_a_checkpoint_is_one_line_and_leaves_no_temp(tmp_path, capsys, monkeypatch):
+    from minidiff.training import checkpoint
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    out = tmp_path / "run"
+    rc = main(["train", "--preset", "tiny", "--steps", "1", "--batch-size", "2", "--sample-every", "0",
+               "--reference", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3 and "Traceback" not in "".join(err)
+    assert "latest.npz" in err[-1] and "disk is full" in err[-1]
+    assert not list((out / "checkpoints").glob("*.tmp-*"))
