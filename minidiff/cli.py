@@ -17,7 +17,8 @@ from .fast.cpu.allocator import keep_freed_memory
 from .backend import BackendError, check_tf32, set_tf32
 from .nn.ops import REFERENCE
 from .training.config import (SCHEDULER_FLAGS, SHARD_MODES, SampleConfig, TrainConfig, add_dataclass_args,
-                           check_shards, dataclass_from_args, resolve_device, validate_train_config)
+                           check_finite, check_shards, dataclass_from_args, resolve_device, validate_sample_config,
+                           validate_train_config)
 
 
 def choose_ops(reference: bool, threads: int, shards: str, device: str):
@@ -62,6 +63,9 @@ def _conditions(bundle, cfg: SampleConfig):
         prompts = [prompts[i % len(prompts)] for i in range(n)]
         return bundle.encode(prompts=prompts), prompts
     if bundle.conditioning == "class":
+        if cfg.class_id >= bundle.num_classes:
+            raise ValueError(f"--class {cfg.class_id} is not a class of this model: use -1 (every class) or an id "
+                             f"in 0..{bundle.num_classes - 1}")
         ids = [cfg.class_id] * n if cfg.class_id >= 0 else bundle.default_prompts(n)
         names = bundle.class_names or [str(i) for i in range(bundle.num_classes)]
         cond = bundle.encode(class_ids=ids, n=n)
@@ -79,6 +83,7 @@ def cmd_sample(args) -> int:
     from .training.sample_files import default_out_dir, sample_stem, unused_stem
 
     cfg = dataclass_from_args(SampleConfig, args)
+    validate_sample_config(cfg)
     if not cfg.checkpoint:
         raise ValueError("--checkpoint is required: a run directory, a checkpoint .npz or a diffusers folder")
     cfg.device = resolve_device(cfg.device)
@@ -146,6 +151,8 @@ def cmd_eval(args) -> int:
     data, with a Frechet distance); with --nll, bits/dim (nll.py)."""
     from .evaluate import evaluate
 
+    for scale in args.scales:
+        check_finite("--scales", scale)
     if check_tf32(args.tf32, args.device, args.dtype):
         set_tf32(True)
     if args.nll:

@@ -93,3 +93,43 @@ def test_issue17_disk_full_during_a_checkpoint_is_one_line_and_leaves_no_temp(tm
     assert rc == 3 and "Traceback" not in "".join(err)
     assert "latest.npz" in err[-1] and "disk is full" in err[-1]
     assert not list((out / "checkpoints").glob("*.tmp-*"))
+
+
+FLAG_CASES = [
+    (["sample", "--checkpoint", "c", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+    (["sample", "--checkpoint", "c", "--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
+    (["sample", "--checkpoint", "c", "--classifier-scale", "inf"], "--classifier-scale must be a finite"),
+    (["sample", "--checkpoint", "c", "--eta", "nan"], "--eta must be a finite number"),
+    (["sample", "--checkpoint", "c", "--eta", "-1"], "--eta must be >= 0.0"),
+    (["sample", "--checkpoint", "c", "--guidance-rescale", "2"], "--guidance-rescale must be in [0.0, 1.0]"),
+    (["sample", "--checkpoint", "c", "--class", "-5"], "--class must be -1"),
+    (["train", "--grad-clip", "nan"], "--grad-clip must be a finite number"),
+    (["train", "--grad-clip", "-1"], "--grad-clip must be >= 0.0"),
+    (["train", "--lr", "nan"], "--lr must be a finite number"),
+    (["train", "--lr", "inf"], "--lr must be a finite number"),
+    (["train", "--ema-decay", "nan"], "--ema-decay must be a finite number"),
+    (["train", "--ema-decay", "1.5"], "--ema-decay must be in [0, 1)"),
+    (["train", "--dropout", "inf"], "--dropout must be a finite number"),
+    (["train-classifier", "--lr", "nan"], "--lr must be a finite number"),
+    (["eval", "--checkpoint", "c", "--scales", "1", "nan"], "--scales must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("argv,words", FLAG_CASES, ids=[" ".join(a[0:1] + a[-2:]) for a, _ in FLAG_CASES])
+def test_issue17_every_float_flag_is_finite_and_in_range(tmp_path, capsys, argv, words):
+    argv = argv + (["--out", str(tmp_path / "o")] if argv[0] != "eval" else [])
+    assert main(argv) == 2
+    assert words in one_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_issue17_class_must_be_a_class_of_the_model(tmp_path, capsys):
+    from minidiff.training.config import TrainConfig
+    from minidiff.training.trainer import train
+
+    train(TrainConfig(out=str(tmp_path / "run"), preset="tiny", steps=1, batch_size=2, sample_every=0,
+                      conditioning="class", threads=1), log=lambda *a, **k: None)
+    capsys.readouterr()
+    rc = main(["sample", "--checkpoint", str(tmp_path / "run"), "--class", "99", "--n", "2", "--steps", "2",
+               "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--class 99 is not a class of this model" in one_line(capsys)

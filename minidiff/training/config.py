@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import numbers
 import re
 import typing
@@ -158,7 +159,32 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, exclude=(), renames
 def dataclass_from_args(cls, args: argparse.Namespace):
     """Build the dataclass from parsed args (fields missing from args keep their defaults)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
+    values = {k: v for k, v in vars(args).items() if k in names}
+    for k, v in values.items():
+        if isinstance(v, float):
+            check_finite(f"--{k.replace('_', '-')}", v)
+    return cls(**values)
+
+
+def check_finite(flag: str, value, low: float | None = None, high: float | None = None) -> None:
+    """ValueError naming flag unless value is a finite number (issue 17: nan/inf flags ran to garbage),
+    and within [low, high] where given."""
+    if not (isinstance(value, numbers.Real) and math.isfinite(value)):
+        raise ValueError(f"{flag} must be a finite number, got {value}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        rng = f"[{low}, {high}]" if low is not None and high is not None else (f">= {low}" if low is not None
+                                                                              else f"<= {high}")
+        raise ValueError(f"{flag} must be {'in ' if rng.startswith('[') else ''}{rng}, got {value}")
+
+
+def validate_sample_config(cfg: SampleConfig) -> None:
+    """Clear errors for bad `minidiff sample` float flags and --class, each naming the flag."""
+    check_finite("--guidance-scale", cfg.guidance_scale)
+    check_finite("--guidance-rescale", cfg.guidance_rescale, 0.0, 1.0)
+    check_finite("--eta", cfg.eta, 0.0)
+    check_finite("--classifier-scale", cfg.classifier_scale)
+    if cfg.class_id < -1:
+        raise ValueError(f"--class must be -1 (every class in turn) or a class id >= 0, got {cfg.class_id}")
 
 
 def check_shards(shards) -> str:
@@ -220,3 +246,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    for flag, value, low, high in (("--lr", cfg.lr, 0.0, None), ("--grad-clip", cfg.grad_clip, 0.0, None),
+                                   ("--weight-decay", cfg.weight_decay, 0.0, None),
+                                   ("--snr-gamma", cfg.snr_gamma, 0.0, None), ("--dropout", cfg.dropout, None, 1.0),
+                                   ("--guidance-scale", cfg.guidance_scale, None, None)):
+        check_finite(flag, value, low, high)
