@@ -38,6 +38,9 @@ def _check_batch_args(rng, n) -> int:
     return int(n)
 
 
+MAX_CLASSES = 10_000  # labels 0..K-1 with K at most this (a label of 2**40 would make 2**40 class names)
+
+
 class ArrayDataset:
     """Images held in memory as uint8 (N, C, S, S); converted to float per batch (4x less memory)."""
 
@@ -70,11 +73,17 @@ class ArrayDataset:
                                  f"{labels.shape}")
             if labels.min() < 0:
                 raise ValueError(f"labels must be >= 0, got a minimum of {labels.min()}")
+            if labels.max() >= MAX_CLASSES:  # before one class name per label up to the largest is made
+                raise ValueError(f"dataset {name!r}: a label of {labels.max()} means {int(labels.max()) + 1} classes; "
+                                 f"labels must be 0..K-1 with K <= {MAX_CLASSES} (MAX_CLASSES)")
             self.labels = labels.astype(np.int64)
             self.num_classes = int(self.labels.max()) + 1
             if class_names is None:
                 class_names = [str(i) for i in range(self.num_classes)]
             class_names = [str(c) for c in class_names]
+            if len(class_names) > MAX_CLASSES:
+                raise ValueError(f"dataset {name!r}: {len(class_names)} class names; at most {MAX_CLASSES} "
+                                 "(MAX_CLASSES)")
             if len(class_names) < self.num_classes:
                 raise ValueError(f"class_names has {len(class_names)} names but labels go up to "
                                  f"{self.num_classes - 1}")

@@ -51,6 +51,15 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
+def to_8bit_gray(im):
+    """A 16-bit gray image (PIL mode I;16*, or I from a 16-bit PNG) scaled to 8 bits: round(v * 255 / 65535).
+    PIL's convert("L") clips instead (a 16-bit gradient came out 99.6% white: issue 17)."""
+    from PIL import Image
+
+    a = np.clip(np.asarray(im, np.int64), 0, 65535)
+    return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+
+
 def load_folder(path, image_size=None, rng=None) -> ArrayDataset:
     """One subfolder per class (labels in sorted name order), or a flat folder of images (no labels)."""
     from PIL import Image, UnidentifiedImageError
@@ -67,7 +76,8 @@ def load_folder(path, image_size=None, rng=None) -> ArrayDataset:
     for _, f in files:
         try:
             with Image.open(f) as im:
-                pics.append(im.convert("L") if im.mode in ("1", "L", "I;16", "I") else im.convert("RGB"))
+                pics.append(to_8bit_gray(im) if im.mode.startswith("I") else
+                            im.convert("L") if im.mode in ("1", "L") else im.convert("RGB"))
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise ValueError(f"cannot read image {f} ({err}); remove or replace the file") from None
     if len({p.mode for p in pics}) > 1:  # some gray, some color: make all RGB
