@@ -185,7 +185,10 @@ def read_cifar_batch(path) -> tuple[np.ndarray, np.ndarray]:
     try:
         top = scan_pickle(path.read_bytes())
         data = array_from_scan(_get(top, "data"))
-        labels = np.asarray(_get(top, "labels"), np.int64)
+        raw_labels = _get(top, "labels")
+        if not isinstance(raw_labels, list) or not all(type(v) is int for v in raw_labels):  # before asarray:
+            raise ValueError("labels must be a flat list of ints")  # nested shared lists would expand to GiBs
+        labels = np.asarray(raw_labels, np.int64)
         if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
             raise ValueError(f"data {data.shape} and labels {labels.shape} do not fit (N, 3072), (N,)")
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:

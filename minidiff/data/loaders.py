@@ -31,7 +31,7 @@ import numpy as np
 
 from .cifar import read_cifar_batch, read_cifar_label_names
 from .dataset import ArrayDataset, ShapesDataset
-from .npz import dataset_from_arrays, load_npz
+from .npz import MAX_DATA_BYTES, dataset_from_arrays, load_npz
 from .resize import MAX_RESOLUTION, check_resolution, finish as _finish, resize_u8
 
 BUILTIN = {"shapes16": 16, "shapes32": 32, "shapes": None}
@@ -102,22 +102,35 @@ def load_folder(path, image_size=None, rng=None) -> ArrayDataset:
 # ----------------------------------------------------------------------------- MNIST IDX
 
 
-def read_idx(path) -> np.ndarray:
-    """An IDX file (gzipped or raw) -> uint8 array of its dims."""
-    path = Path(path)
+def read_idx(path, cap: int | None = None) -> np.ndarray:
+    """An IDX file (gzipped or raw, streamed) -> uint8 array of its dims. The dims the header declares are
+    checked against cap (MAX_DATA_BYTES) before the body is read, and the body must end there: a gzip
+    bomb is never decompressed past its declared size."""
+    path, cap = Path(path), MAX_DATA_BYTES if cap is None else cap
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:2] != b"\x00\x00" or head[2] != 0x08:
+                raise ValueError(f"{path} is not a uint8 IDX file (magic {head[:4].hex()}, want 000008nn)")
+            ndim = head[3]
+            dim_bytes = f.read(4 * ndim)
+            if len(dim_bytes) != 4 * ndim:
+                raise ValueError(f"IDX file {path} is truncated or has extra bytes; re-download it")
+            dims = np.frombuffer(dim_bytes, ">i4").tolist()
+            size = 1
+            for d in dims:
+                size *= d
+            if size > cap:
+                raise ValueError(f"IDX file {path} declares dims {dims} = {size:,} bytes; at most {cap:,} "
+                                 "(MAX_DATA_BYTES)")
+            body = f.read(size + 1)
     except (OSError, EOFError, gzip.BadGzipFile) as err:
         raise ValueError(f"cannot read IDX file {path} ({err}); re-download it") from None
-    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
-        raise ValueError(f"{path} is not a uint8 IDX file (magic {raw[:4].hex()}, want 000008nn)")
-    ndim = raw[3]
-    dims = np.frombuffer(raw, ">i4", count=ndim, offset=4) if len(raw) >= 4 + 4 * ndim else None
-    if dims is None or len(raw) != 4 + 4 * ndim + int(np.prod(dims)):
+    if len(body) != size:
         raise ValueError(f"IDX file {path} is truncated or has extra bytes; re-download it")
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims.tolist()).copy()
+    return np.frombuffer(body, np.uint8).reshape(dims).copy()
 
 
 def _idx_partner(images_file: Path) -> Path | None:

@@ -46,12 +46,42 @@ def images_to_nchw_u8(images: np.ndarray, where: str) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
+MAX_DATA_BYTES = 2 << 30  # 2 GiB: the most one data file (or .npz member, or IDX body) may declare
+
+
+class TooLarge(ValueError):
+    """A file declares more than a stated cap (its own message, not wrapped)."""
+
+
+def check_npz_sizes(path: Path, cap: int = MAX_DATA_BYTES) -> None:
+    """ValueError naming the file and the cap if an .npz member's header declares more than cap bytes
+    (read from each .npy header, before anything is allocated)."""
+    with zipfile.ZipFile(path) as zf:
+        total = 0
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            total += nbytes
+            if total > cap:
+                raise TooLarge(f"{path}: member {info.filename[:-4]!r} declares {shape} {dtype} = {nbytes:,} "
+                                 f"bytes; the data may hold at most {cap:,} bytes (MAX_DATA_BYTES)")
+
+
 def load_npz(path, image_size=None, rng=None):
     """The ArrayDataset held in an .npz (see the module docstring for the keys and layouts)."""
     path = Path(path)
     try:
+        check_npz_sizes(path)
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
+    except TooLarge:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"cannot read {path} as an .npz without pickle ({err}); save it with {HOW}") from None
     return dataset_from_arrays(arrays, image_size, rng, where=str(path), name=path.stem)
