@@ -320,7 +320,11 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("\ninterrupted; the latest checkpoint is kept (continue with --resume)", file=sys.stderr)
+        out = getattr(args, "out", None)
+        if args.command == "train" and out and not (Path(out).expanduser() / "checkpoints" / "latest.npz").exists():
+            print("\ninterrupted before the first checkpoint; start again with the same command", file=sys.stderr)
+        else:
+            print("\ninterrupted; the latest checkpoint is kept (continue with --resume)", file=sys.stderr)
         return 130
     except Exception as err:  # sorted by classify_error; anything else (a bug) keeps its traceback
         known = classify_error(err)

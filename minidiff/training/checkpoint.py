@@ -195,16 +195,60 @@ def rng_from_state(state: dict) -> np.random.Generator:
     return np.random.Generator(bit_gen)
 
 
+LOCK_NAME = ".minidiff-lock"  # one writer per run folder: an fcntl.flock on this file, which holds its PID
+RUN_FILES = {"config.json", "log.jsonl", "loss.png", "checkpoints", "samples", LOCK_NAME}  # what a run writes
+
+
+def has_checkpoint(out: Path) -> bool:
+    """Whether the run folder holds a checkpoint (latest.npz or a kept step_XXXXXX.npz)."""
+    ckpts = out / "checkpoints"
+    return ckpts.is_dir() and any(p.name == "latest.npz" or STEP_FILE.match(p.name) for p in ckpts.iterdir())
+
+
+def lock_run_dir(out: Path):
+    """Take the run folder's advisory lock (fcntl.flock, LOCK_EX | LOCK_NB) and write our PID into it; the
+    returned open file holds the lock until it is closed (or the process ends). A second writer gets a
+    RuntimeError naming the holder's PID. Without fcntl (Windows) no lock is taken: None."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RuntimeError(f"--out {str(out)!r} is in use by another minidiff process (PID {holder}); wait for it "
+                           "to finish or stop it, or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def prepare_run_dir(cfg) -> Path:
-    """Create the run directory; refuse to reuse one that holds an earlier run unless --resume."""
+    """Create the run directory; refuse to reuse one that holds an earlier run (a checkpoint) unless --resume.
+
+    A folder with only a run's own files and no checkpoint (a run stopped or failed before its first
+    save) is started again: its log and loss curve are removed. Stale checkpoint temp files
+    (latest.npz.tmp-<pid> from a killed save) are removed; call it with the run folder's lock held."""
     out = Path(cfg.out).expanduser()
     latest = out / "checkpoints" / "latest.npz"
     if cfg.resume:
         if not latest.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {latest}; start a new run without --resume")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and (has_checkpoint(out) or any(p.name not in RUN_FILES for p in out.iterdir())):
         raise FileExistsError(f"--out {str(out)!r} already holds a run; pass --resume to continue it or choose "
                               "a new --out (nothing was overwritten)")
+    elif out.exists():  # a run that never saved: start it again
+        for name in ("log.jsonl", "loss.png"):
+            (out / name).unlink(missing_ok=True)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out / "samples").mkdir(exist_ok=True)
+    for tmp in (out / "checkpoints").glob("*.tmp-*"):  # one writer per folder: any temp file is stale
+        tmp.unlink(missing_ok=True)
     return out

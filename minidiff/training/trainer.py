@@ -38,8 +38,8 @@ from ..backend import set_tf32, to_device, xp_for
 from .bundle import Bundle, build_unet_config, choose_conditioning
 from .accumulate import accumulate
 from .eval_classifier import eval_during_training
-from .checkpoint import (check_config, keep_last_checkpoints, load_checkpoint, prepare_run_dir, rng_from_state,
-                         rng_state, save_checkpoint)
+from .checkpoint import (check_config, keep_last_checkpoints, load_checkpoint, lock_run_dir, prepare_run_dir,
+                         rng_from_state, rng_state, save_checkpoint)
 from .config import TrainConfig, resolve_device, validate_train_config
 from ..data import load_dataset
 from ..data.tokenizer import Tokenizer
@@ -96,7 +96,12 @@ class Trainer:
         if cfg.tf32:
             set_tf32(True)  # for the rest of the process: every float32 matmul on the GPU
         self.dtype = np.dtype(cfg.dtype)
-        self.out = prepare_run_dir(cfg)
+        self.lock = lock_run_dir(Path(cfg.out).expanduser())  # one writer per run folder
+        try:
+            self.out = prepare_run_dir(cfg)
+        except BaseException:
+            self.close()
+            raise
         self.conditioning = choose_conditioning(cfg.conditioning, self.dataset)
         if cfg.eval_every and (self.conditioning == "none" or not self.dataset.num_classes):
             raise ValueError("--eval-every needs a class- or text-conditioned run on labelled data")
@@ -144,6 +149,12 @@ class Trainer:
         if self.cfg.checkpoints_total_limit > 0:
             keep_last_checkpoints(path, self.step, self.cfg.checkpoints_total_limit)
         return path
+
+    def close(self) -> None:
+        """Release the run folder's lock (also released when the process ends)."""
+        if getattr(self, "lock", None) is not None:
+            self.lock.close()
+            self.lock = None
 
     def check_savable(self, opt: dict) -> None:
         """Raise TrainingDiverged if the weights (or EMA weights, or Adam moments opt) are not all finite, or if
@@ -280,7 +291,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop_after: int | None = None) -> dict:
-        """Train until cfg.steps (or stop_after more steps, to simulate an interruption)."""
+        """Train until cfg.steps (or stop_after more steps, to simulate an interruption); the run folder's
+        lock is held from __init__ (taken again here if released) until run returns."""
+        if getattr(self, "lock", None) is None:
+            self.lock = lock_run_dir(self.out)
+        try:
+            return self._run(stop_after)
+        finally:
+            self.close()
+
+    def _run(self, stop_after: int | None) -> dict:
         cfg = self.cfg
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         self.log(f"minidiff train: {self.dataset.name} ({self.conditioning}), preset {cfg.preset}, "
@@ -351,7 +371,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None, log=print, ops=REFERE
     data: instead of cfg.data, a path, or arrays in memory: {"images": x, "labels": y, "class_names": names}
     (labels and names optional) or the images alone, in the layouts of an .npz (data/npz.py)."""
     trainer = Trainer(cfg, log, ops, data)
-    summary = trainer.run(stop_after)
+    try:
+        summary = trainer.run(stop_after)
+    finally:
+        trainer.close()
     out = trainer.out
     log(f"done: {summary['steps']} steps in {summary['seconds']:.0f}s, final loss {summary['final_loss']:.4f}; "
         f"checkpoint {out / 'checkpoints' / 'latest.npz'}, samples {out / 'samples'}, "

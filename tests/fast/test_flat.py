@@ -118,6 +118,7 @@ def test_the_trainer_keeps_params_moments_and_ema_on_one_buffer_through_steps_an
     trainer.save()
     state = (trainer.params, trainer.opt.exp_avg, trainer.opt.exp_avg_sq, trainer.ema.shadow)
     assert flat.buffers(*state) is not None  # the one-buffer update ran, no key was cut loose
+    trainer.close()  # the run folder's lock: one writer at a time (issue 17)
     resumed = Trainer(TrainConfig(**cfg | {"resume": True}), log=lambda *a, **k: None, ops=fast_ops())
     again = (resumed.params, resumed.opt.exp_avg, resumed.opt.exp_avg_sq, resumed.ema.shadow)
     assert flat.buffers(*again) is not None

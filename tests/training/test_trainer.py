@@ -278,3 +278,40 @@ def test_issue17_sample_refuses_to_write_non_finite_pixels(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and "non-finite pixels" in err[-1]
     assert not any((tmp_path / "o").iterdir())
+
+
+def test_issue17_a_run_that_never_saved_starts_again_without_resume(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "samples").mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "log.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
+    train(tiny_cfg(out, steps=2), log=quiet)
+    assert [json.loads(s)["step"] for s in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file")
+    with pytest.raises(FileExistsError, match="already holds a run"):  # not a run's files: never touched
+        Trainer(tiny_cfg(tmp_path / "mine", steps=2), log=quiet)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "a user's file"
+
+
+def test_issue17_stale_temp_files_are_removed_at_the_next_start(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(out, steps=2), log=quiet)
+    stale = out / "checkpoints" / "latest.npz.tmp-999999"
+    stale.write_bytes(b"half a checkpoint")
+    train(tiny_cfg(out, steps=3, resume=True), log=quiet)
+    assert not list((out / "checkpoints").glob("*.tmp-*"))
+
+
+def test_issue17_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
+    import os
+
+    out = tmp_path / "run"
+    train(tiny_cfg(out, steps=2), log=quiet)
+    first = Trainer(tiny_cfg(out, steps=4, resume=True), log=quiet)
+    with pytest.raises(RuntimeError, match=f"in use by another minidiff process \\(PID {os.getpid()}\\)"):
+        Trainer(tiny_cfg(out, steps=4, resume=True), log=quiet)
+    first.close()
+    second = Trainer(tiny_cfg(out, steps=4, resume=True), log=quiet)  # free again
+    second.close()
