@@ -68,6 +68,7 @@ FUNCTIONS = ("schedule", "add_noise", "posterior", "ddpm_step", "ddim_step", "ti
 
 @dataclass
 class Result:
+    """One case's outcome: pass / fail / skip, its max abs and relative error against the tolerance, and why."""
     name: str
     function: str
     status: str  # "pass" | "fail" | "skip"
@@ -175,6 +176,7 @@ def _outputs(case, out):
 
 
 def run_case(adapter, case, precision, conventions) -> Result:
+    """Run one case through the adapter and compare its outputs with the fixture at precision's tolerance."""
     tol = TOLERANCES[precision][case.kind]
     res = Result(case.name, case.function, "pass", tolerance=tol)
     try:

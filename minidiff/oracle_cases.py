@@ -44,6 +44,7 @@ def _prefixes(arrays, depth):
 
 
 def schedule_cases(fx):
+    """The schedule cases: betas, alphas_cumprod and the posterior terms of each beta_schedule at T steps."""
     for name in ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"):
         c = _case(fx["schedules"], name)
         pv = c["posterior_variance"]
@@ -54,12 +55,14 @@ def schedule_cases(fx):
 
 
 def add_noise_cases(fx):
+    """The q_sample cases: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps at the fixtures' timesteps."""
     for t in FORWARD_T:
         c = _case(fx["forward"], f"q_sample.t{t}")
         yield Case(f"add_noise.t{t}", "add_noise", (c["x0"], c["noise"], t), {}, {"x_t": c["x_t"]}, "step")
 
 
 def posterior_cases(fx):
+    """The posterior cases: mean mu~_t(x_t, x_0), variance beta~_t and its log, at the fixtures' timesteps."""
     for t in FORWARD_T:
         c = _case(fx["forward"], f"posterior.t{t}")
         alts = (("posterior_log_variance_t0", "floor_1e-20", lambda c=c: {"log_variance": c["log_variance_floor"]}),)
@@ -69,6 +72,7 @@ def posterior_cases(fx):
 
 
 def ddpm_cases(fx):
+    """The DDPM step cases (DDPM Alg. 2): x_prev and x0^ per prediction type, variance type, skip and clip."""
     s = make_schedule(T)
     for key in _prefixes(fx["ddpm_step"], 4):
         c, (_, pred, vt, _) = _case(fx["ddpm_step"], key), key.split(".")
@@ -88,6 +92,7 @@ def ddpm_cases(fx):
 
 
 def ddim_cases(fx):
+    """The DDIM step cases (DDIM eq. 12): x_prev and x0^ per prediction type, eta, skip and clip."""
     s = make_schedule(T)
     for key in _prefixes(fx["ddim_step"], 5):
         c, pred = _case(fx["ddim_step"], key), key.split(".")[1]
@@ -110,6 +115,7 @@ def _timestep_keys(fx):
 
 
 def timesteps_cases(fx):
+    """The inference-timestep cases: each spacing's emitted timesteps for n steps of T."""
     for key in _timestep_keys(fx):
         c, (spacing, n, offset) = _case(fx["timesteps"], key), key.split(".")
         n, offset = int(n[1:]), int(offset[len("offset"):])
@@ -121,6 +127,7 @@ def timesteps_cases(fx):
 
 
 def prev_timesteps_cases(fx):
+    """The previous-timestep cases: the next-entry rule for each emitted timestep list."""
     for key in _timestep_keys(fx):
         c, n = _case(fx["timesteps"], key), int(key.split(".")[1][1:])
         yield Case(f"prev_timesteps.{key}", "prev_timesteps", (c["timesteps"].copy(), T, n), {},
@@ -129,6 +136,7 @@ def prev_timesteps_cases(fx):
 
 
 def embedding_cases(fx):
+    """The sinusoidal-embedding cases: each flip_sin_to_cos / downscale_freq_shift / dim of the fixtures."""
     e = fx["embeddings"]
     for key in _prefixes({k: v for k, v in e.items() if k != "temb.t"}, 4):
         _, flip, shift, dim = key.split(".")
@@ -141,6 +149,7 @@ def embedding_cases(fx):
 
 
 def cfg_cases(fx):
+    """The guidance cases: eps = eps_uncond + s (eps_cond - eps_uncond) at the fixtures' scales s."""
     g = fx["guidance"]
     for key in sorted({k.rsplit(".", 1)[0] for k in g if k.startswith("cfg.s_")}):
         u, c, s = g["cfg.eps_uncond"], g["cfg.eps_cond"], float(g[f"{key}.guidance_scale"])
@@ -149,6 +158,7 @@ def cfg_cases(fx):
 
 
 def unet_cases(fx, which):
+    """The U-Net case of which: unet_forward's output y, or unet_backward's gradients and dx for the upstream dy."""
     u = fx["unet"]
     params = {k[len("param."):]: v for k, v in u.items() if k.startswith("param.")}
     if which == "unet_forward":

@@ -47,6 +47,7 @@ from .trainer import TrainingDiverged
 
 @dataclass
 class ClassifierTrainConfig:
+    """Every option of `minidiff train-classifier` (one flag per field)."""
     # --- data and model ---
     data: str = "shapes16"           # built-in name or a path, as for `minidiff train`; must have class labels
     out: str = "runs/classifier16"   # run directory: config.json, log.jsonl, checkpoints/latest.npz

@@ -43,6 +43,7 @@ CHUNK = 256  # images per classifier call when reading features
 
 @dataclass
 class EvalClassifierConfig:
+    """The settings of the clean-data classifier that minidiff eval trains once per dataset."""
     preset: str = "small"     # U-Net preset whose encoder the classifier uses
     steps: int = 300          # AdamW steps on clean images
     batch_size: int = 64
@@ -70,6 +71,7 @@ def fingerprint(dataset) -> str:
 
 @dataclass
 class EvalClassifier:
+    """The trained eval classifier with its class names and the held-out data's feature statistics."""
     params: dict
     config: UNetConfig
     class_names: list
