@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -257,6 +259,8 @@ def add_oracle_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_oracle(args) -> int:
+    if "" not in sys.path and os.getcwd() not in sys.path:  # the console script finds ./adapter.py, as python -m does
+        sys.path.insert(0, os.getcwd())
     report = check(load_adapter(args.adapter), precision=args.precision)
     print(report.table(args.failures_only))
     return 0 if report.ok else 1

@@ -196,3 +196,18 @@ def test_diffusers_float32_timesteps_pass_only_at_float32_precision():
     assert not check(torch_unet(shipped)).ok
     r = check(torch_unet(shipped), precision="float32")
     assert r["unet.forward"].status == r["unet.backward"].status == "pass", r.table()
+
+
+def test_the_console_script_finds_an_adapter_in_the_current_folder(tmp_path):
+    """`minidiff oracle --adapter adapter:X` run from the adapter's folder (a console script, whose sys.path
+    lacks the current folder; python -P runs the same way) imports ./adapter.py as `python -m` would."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    (tmp_path / "my_adapter.py").write_text("class Nothing:\n    pass\n")
+    root = Path(__file__).resolve().parents[1]
+    code = "import sys; from minidiff.cli import main; sys.exit(main(['oracle', '--adapter', 'my_adapter:Nothing']))"
+    r = subprocess.run([sys.executable, "-P", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert "ModuleNotFoundError" not in r.stderr + r.stdout, r.stderr
+    assert "not provided by the adapter" in r.stdout and r.returncode == 0, (r.returncode, r.stdout, r.stderr)
