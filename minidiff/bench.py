@@ -16,7 +16,10 @@ the same process one after the other, each after its own warm-up: alternating th
 made their thread pools (OpenBLAS's, PyTorch's OpenMP) spin against each other on 2 cores.
 --rounds R alternates them in blocks instead (minidiff, torch, minidiff, ...; each block
 --warmup + --repeats steps), so that load that comes and goes on a shared machine falls on both
-sides; the median is then over all R blocks, and the ratio of each round is printed too.
+sides; the median is then over all R blocks (default 3), and the ratio of each round is printed too.
+On the CPU it also prints the GEMM-limited time (bench_flops.py): the step's conv/linear/attention FLOPs
+over np.matmul's rate on the network's GEMM shapes, measured in the same run, threads and clock, and
+each side's time as a multiple of it.
 On a shared machine elapsed time measures the neighbours too: --clock cpu with --threads 1 then
 gives the CPU time each side needs, which load does not inflate.
 Peak memory is the extra memory one step needs on top of the weights and optimizer state:
@@ -46,7 +49,8 @@ from pathlib import Path
 import numpy as np
 
 from .fast.cpu.allocator import keep_freed_memory
-from .bench_timing import alternating_ms, cpu_peak_mb, set_blas_threads
+from .bench_flops import gemm_limited, gemm_lines
+from .bench_timing import COLUMNS, alternating_ms, cpu_peak_mb, format_rows, row, set_blas_threads  # noqa: F401
 from .backend import BackendError, check_tf32, set_tf32, synchronize, to_device, to_numpy, xp_for
 from .training.bundle import model_output
 from .training.optim import AdamW
@@ -62,7 +66,6 @@ from .model.config import PRESETS, get_preset
 
 T_SAMPLE, T_PREV = 500, 480  # one step of 50-step DDIM with "leading" spacing (timesteps 980, 960, ..., 0)
 LR = 2e-4  # AdamW learning rate of the timed step (weight decay 0.01 on both sides, PyTorch's default)
-COLUMNS = ("what", "device", "preset", "batch", "minidiff", "torch", "ratio")
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -82,7 +85,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=int, default=3,
                    help="time the two sides in this many alternating blocks (minidiff, torch, minidiff, ...), each "
                         "--warmup untimed then --repeats timed steps, so that load that comes and goes on a shared "
                         "machine falls on both; the median is over all the blocks' steps")
@@ -195,7 +198,7 @@ def make_inputs(config, batch: int, size: int, dtype, seed: int, schedule) -> di
 
 
 def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="float32", repeats=5, warmup=2,
-              threads=None, use_torch=True, memory=True, seed=0, clock="wall", tf32=False, rounds=1,
+              threads=None, use_torch=True, memory=True, seed=0, clock="wall", tf32=False, rounds=3,
               shards="processes", reference=False, log=print) -> list[dict]:
     """Time both steps on both sides; return one dict per measurement (the printed rows)."""
     for name, value, low in (("batch", batch, 1), ("repeats", repeats, 1), ("warmup", warmup, 0),
@@ -251,34 +254,25 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
     for what, step in (("train step (ms)", "train_step"), ("sample step (ms)", "sample_step")):
         times = alternating_ms(sides, step, warmup, repeats, rounds, timer)  # [side][round][repeat]
         ms = [statistics.median(t for block in side for t in block) for side in times]
-        rows.append(_row(what, device, preset, batch, ms[0], ms[1] if th else None))
+        rows.append(row(what, device, preset, batch, ms[0], ms[1] if th else None))
         rows[-1]["rounds_ms"] = [[statistics.median(block) for block in side] for side in times]  # [side][round]
         if rounds > 1 and th is not None:
             log(f"  {what[:-5]} ratio in each round: " + " ".join(
                 f"{a / b:.2f}" for a, b in zip(*rows[-1]["rounds_ms"])))
+    if device == "cpu":  # the matmuls' FLOPs at np.matmul's rate on their shapes, measured now (bench_flops.py)
+        limit = gemm_limited(config, batch, size, np.dtype(dtype), timer)
+        for r, key in zip(rows, ("train", "sample")):
+            r.update(flops=limit[f"{key}_flops"], gemm_gflops=limit["gemm_gflops"], gemm_limited_ms=limit[f"{key}_ms"])
+        for line in gemm_lines(limit, rows):
+            log(line)
     if memory:
         for what, step in (("train peak memory (MB)", "train_step"), ("sample peak memory (MB)", "sample_step")):
             mbs = [s.peak_mb(getattr(s, step)) for s in sides]
-            rows.append(_row(what, device, preset, batch, mbs[0], mbs[1] if th else None))
+            rows.append(row(what, device, preset, batch, mbs[0], mbs[1] if th else None))
     for r in rows:
         r.update(image_size=size, dtype=dtype, repeats=repeats, warmup=warmup, rounds=rounds, threads=threads,
                  clock=clock)
     return rows
-
-
-def _row(what, device, preset, batch, a, b) -> dict:
-    ratio = a / b if a is not None and b else None
-    return dict(what=what, device=device, preset=preset, batch=batch, minidiff=a, torch=b, ratio=ratio)
-
-
-def format_rows(rows) -> str:
-    """The rows as a fixed-width table, one line per measurement; '-' where a side was not measured."""
-    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    lines = [f"{'what':<24} {'device':<6} {'preset':<12} {'batch':>5} {'minidiff':>10} {'torch':>10} {'ratio':>6}"]
-    for r in rows:
-        lines.append(f"{r['what']:<24} {r['device']:<6} {r['preset']:<12} {r['batch']:>5} "
-                     f"{f(r['minidiff'], '.1f'):>10} {f(r['torch'], '.1f'):>10} {f(r['ratio'], '.2f'):>6}")
-    return "\n".join(lines)
 
 
 def cmd_bench(args) -> int:

@@ -1,4 +1,5 @@
-"""The clocks of `minidiff bench` (bench.py): timed calls, sides taking turns, peak host memory, BLAS threads.
+"""The clocks of `minidiff bench` (bench.py): timed calls, sides taking turns, peak host memory, BLAS threads,
+and the printed table.
 
     median over repeats of  [sync; t0 = clock(); step(); sync; clock() - t0]   after warmup untimed steps
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import os
 import tracemalloc
+
+COLUMNS = ("what", "device", "preset", "batch", "minidiff", "torch", "ratio")
 
 
 def set_blas_threads(n: int | None) -> str:
@@ -63,3 +66,19 @@ def cpu_peak_mb(fn) -> float:
         return (tracemalloc.get_traced_memory()[1] - base) / 2**20
     finally:
         tracemalloc.stop()
+
+
+def row(what, device, preset, batch, a, b) -> dict:
+    """One printed row: minidiff's value a, torch's b (None: not measured) and their ratio."""
+    ratio = a / b if a is not None and b else None
+    return dict(what=what, device=device, preset=preset, batch=batch, minidiff=a, torch=b, ratio=ratio)
+
+
+def format_rows(rows) -> str:
+    """The rows as a fixed-width table, one line per measurement; '-' where a side was not measured."""
+    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"{'what':<24} {'device':<6} {'preset':<12} {'batch':>5} {'minidiff':>10} {'torch':>10} {'ratio':>6}"]
+    for r in rows:
+        lines.append(f"{r['what']:<24} {r['device']:<6} {r['preset']:<12} {r['batch']:>5} "
+                     f"{f(r['minidiff'], '.1f'):>10} {f(r['torch'], '.1f'):>10} {f(r['ratio'], '.2f'):>6}")
+    return "\n".join(lines)
