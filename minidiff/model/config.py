@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
@@ -69,10 +70,12 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
         """Build from to_dict()'s output; an unknown key is a ValueError that names it."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a UNetConfig is a JSON object of its fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         for key in d:
             if key not in known:
-                raise ValueError(f"unknown UNetConfig field {key!r}; known fields: {sorted(known)}")
+                raise ValueError(f"unknown UNetConfig field {_short(key)}; known fields: {sorted(known)}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -91,23 +94,45 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+# The largest value of each size field: far above any real model, low enough that a config read from a
+# file (config.json, a checkpoint) cannot make minidiff build millions of layers before any weight is read.
+LIMITS = dict(sample_size=4096, in_channels=65536, out_channels=65536, layers_per_block=64,
+              norm_num_groups=65536, attention_head_dim=65536, time_embedding_dim=4 * 65536,
+              num_class_embeds=1_000_000, cross_attention_dim=65536, context_vocab_size=1_000_000)
+MAX_BLOCK_CHANNELS = 65536  # each block_out_channels entry
+MAX_LEVELS = 13  # entries of block_out_channels: 12 halvings take sample_size 4096 to 1
+
+
+def _check_size(name: str, v, optional: bool = False) -> None:
+    if optional and v is None:
+        return
+    if not _is_int(v) or not 1 <= v <= LIMITS[name]:
+        raise ValueError(f"{name} must be an int in 1..{LIMITS[name]:,}{' or None' if optional else ''} "
+                         f"(minidiff's bound, config.LIMITS), got {_short(v)}")
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def validate_config(c: UNetConfig) -> None:
-    """Raise ValueError naming the first field that makes the network impossible to build."""
+    """Raise ValueError naming the first field that makes the network impossible to build (or exceeds LIMITS)."""
     for name in ("sample_size", "in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
-        v = getattr(c, name)
-        if not _is_int(v) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        _check_size(name, getattr(c, name))
     boc = c.block_out_channels
-    if not isinstance(boc, tuple) or not boc or not all(_is_int(v) and v > 0 for v in boc):
-        raise ValueError(f"block_out_channels must be a non-empty tuple of positive ints, got {boc!r}")
+    if not isinstance(boc, tuple) or not 1 <= len(boc) <= MAX_LEVELS or not all(
+            _is_int(v) and 1 <= v <= MAX_BLOCK_CHANNELS for v in boc):
+        raise ValueError(f"block_out_channels must be a list of 1..{MAX_LEVELS} ints in 1..{MAX_BLOCK_CHANNELS:,} "
+                         f"(minidiff's bounds), got {_short(boc)}")
     n = len(boc)
     for name, allowed in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
         types = getattr(c, name)
         if not isinstance(types, tuple) or len(types) != n:
-            raise ValueError(f"{name} must have one entry per block_out_channels entry ({n}), got {types!r}")
+            raise ValueError(f"{name} must have one entry per block_out_channels entry ({n}), got {_short(types)}")
         for t in types:
             if t not in allowed:
-                raise ValueError(f"{name} entry {t!r} is not supported; allowed: {allowed}")
+                raise ValueError(f"{name} entry {_short(t)} is not supported; allowed: {allowed}")
     for ch in sorted(set(boc)):
         if ch % c.norm_num_groups:
             raise ValueError(f"norm_num_groups={c.norm_num_groups} must divide every block_out_channels "
@@ -115,9 +140,10 @@ def validate_config(c: UNetConfig) -> None:
     if c.sample_size % 2 ** (n - 1):
         raise ValueError(f"sample_size={c.sample_size} must be a multiple of 2**(len(block_out_channels) - 1)"
                          f" = {2 ** (n - 1)} so that each of the {n - 1} downsamplings halves it exactly")
+    for name in ("attention_head_dim", "time_embedding_dim", "num_class_embeds", "cross_attention_dim",
+                 "context_vocab_size"):
+        _check_size(name, getattr(c, name), optional=True)
     if c.attention_head_dim is not None:
-        if not _is_int(c.attention_head_dim) or c.attention_head_dim < 1:
-            raise ValueError(f"attention_head_dim must be a positive int or None, got {c.attention_head_dim!r}")
         attn_channels = [ch for ch, t in zip(boc, c.down_block_types) if t.startswith("Attn")]
         attn_channels += [ch for ch, t in zip(boc[::-1], c.up_block_types) if t.startswith("Attn")]
         attn_channels += [boc[-1]] if c.add_attention else []
@@ -126,29 +152,29 @@ def validate_config(c: UNetConfig) -> None:
                 raise ValueError(f"attention_head_dim={c.attention_head_dim} must divide the channels of "
                                  f"every attention block, got {ch}")
     if not isinstance(c.add_attention, bool):
-        raise ValueError(f"add_attention must be a bool, got {c.add_attention!r}")
+        raise ValueError(f"add_attention must be a bool, got {_short(c.add_attention)}")
     if not isinstance(c.flip_sin_to_cos, bool):
-        raise ValueError(f"flip_sin_to_cos must be a bool, got {c.flip_sin_to_cos!r}")
-    if not _is_number(c.norm_eps) or not c.norm_eps > 0:
+        raise ValueError(f"flip_sin_to_cos must be a bool, got {_short(c.flip_sin_to_cos)}")
+    for name in ("norm_eps", "freq_shift", "dropout", "mid_block_scale_factor"):
+        v = getattr(c, name)
+        if not _is_number(v) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {_short(v)}")
+    if not c.norm_eps > 0:
         raise ValueError(f"norm_eps must be a positive number, got {c.norm_eps!r}")
     if not _is_number(c.freq_shift) or c.freq_shift == c.block_out_channels[0] // 2:
         raise ValueError(f"freq_shift must be a number other than block_out_channels[0] // 2 = "
                          f"{c.block_out_channels[0] // 2} (the frequencies divide by their difference), "
                          f"got {c.freq_shift!r}")
     if c.downsample_padding not in (0, 1) or isinstance(c.downsample_padding, bool):
-        raise ValueError(f"downsample_padding must be 0 or 1, got {c.downsample_padding!r}")
+        raise ValueError(f"downsample_padding must be 0 or 1, got {_short(c.downsample_padding)}")
     if not _is_number(c.dropout) or not 0 <= c.dropout < 1:
         raise ValueError(f"dropout must be a number in [0, 1), got {c.dropout!r}")
     if not _is_number(c.mid_block_scale_factor) or c.mid_block_scale_factor == 0:
         raise ValueError(f"mid_block_scale_factor must be a nonzero number, got {c.mid_block_scale_factor!r}")
-    for name in ("time_embedding_dim", "num_class_embeds", "cross_attention_dim", "context_vocab_size"):
-        v = getattr(c, name)
-        if v is not None and (not _is_int(v) or v < 1):
-            raise ValueError(f"{name} must be a positive int or None, got {v!r}")
     if c.time_embedding_type != "positional":
-        raise ValueError(f"time_embedding_type must be 'positional', got {c.time_embedding_type!r}")
+        raise ValueError(f"time_embedding_type must be 'positional', got {_short(c.time_embedding_type)}")
     if c.center_input_sample is not False:
-        raise ValueError(f"center_input_sample must be False, got {c.center_input_sample!r}")
+        raise ValueError(f"center_input_sample must be False, got {_short(c.center_input_sample)}")
     if (c.cross_attention_dim is None) != (c.context_vocab_size is None):
         raise ValueError("cross_attention_dim and context_vocab_size must be set together (text conditioning)"
                          f" or both be None, got {c.cross_attention_dim!r} and {c.context_vocab_size!r}")
@@ -208,24 +234,24 @@ _IGNORED = ("num_train_timesteps",)  # used by UNet2DModel only with time_embedd
 def from_diffusers_config(d: dict) -> UNetConfig:
     """UNetConfig from a UNet2DModel config dict (config.json); unsupported fields -> ValueError naming them."""
     if d.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ValueError(f"_class_name must be 'UNet2DModel', got {d['_class_name']!r}")
+        raise ValueError(f"_class_name must be 'UNet2DModel', got {_short(d['_class_name'])}")
     full = dict(_DIFFUSERS_DEFAULTS)
     for key, value in d.items():
         if key.startswith("_"):
             continue  # _class_name, _diffusers_version, _name_or_path, _use_default_values
         if key not in _DIFFUSERS_DEFAULTS:
-            raise ValueError(f"UNet2DModel config field {key!r} is not supported by minidiff")
+            raise ValueError(f"UNet2DModel config field {_short(key)} is not supported by minidiff")
         full[key] = value
     for key, allowed in _FIXED.items():
         if full.pop(key) not in allowed:
-            raise ValueError(f"{key} must be one of {allowed} in minidiff, got {d[key]!r}")
+            raise ValueError(f"{key} must be one of {allowed} in minidiff, got {_short(d[key])}")
     for key in _IGNORED:
         full.pop(key)
     attn_groups = full.pop("attn_norm_num_groups")
     if attn_groups not in (None, full["norm_num_groups"]):
-        raise ValueError(f"attn_norm_num_groups must be None or norm_num_groups, got {attn_groups!r}")
+        raise ValueError(f"attn_norm_num_groups must be None or norm_num_groups, got {_short(attn_groups)}")
     if isinstance(full["sample_size"], (list, tuple)):
-        raise ValueError(f"sample_size must be one int (square images), got {full['sample_size']!r}")
+        raise ValueError(f"sample_size must be one int (square images), got {_short(full['sample_size'])}")
     if full["sample_size"] is None:
         raise ValueError("sample_size must be set (an int), got None")
     return UNetConfig(**full)

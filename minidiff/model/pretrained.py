@@ -2,14 +2,19 @@
 
     path.npz           np.savez: one array per state-dict key, plus "__config__" (a 0-d unicode
                        array holding the UNetConfig as JSON); read back with allow_pickle=False
-    path.safetensors   safetensors' NumPy API; the config JSON in the header metadata
-                       ("minidiff_config")
+    path.safetensors   written with safetensors' NumPy API, read by safetensors_file.py; the config
+                       JSON in the header metadata ("minidiff_config")
     any other path     a diffusers UNet2DModel folder: config.json + diffusion_pytorch_model.safetensors
                        (what UNet2DModel.save_pretrained writes and from_pretrained reads); a text model
                        (cross-attention, no UNet2DModel twin) writes _class_name TEXT_UNET_CLASS there
 
 Every file is written to a temporary file in the same folder and then moved over the target with
 os.replace, so a failed save never leaves a half-written file or corrupts an existing one.
+
+Reading trusts nothing in a file. Every declared size is checked before it is allocated: the .npz
+members' .npy headers against their zip entries, the safetensors header against the file's size,
+the config against config.LIMITS. The weights' names and shapes are checked against the config
+before any weight is read. Every failure is one ValueError line naming the file and the field.
 
 Shape legend: none; arrays keep the shapes of unet.param_shapes(config).
 """
@@ -19,6 +24,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +33,7 @@ import numpy as np
 from ..backend import to_numpy
 from .config import UNetConfig, from_diffusers_config, to_diffusers_config
 from .params import param_shapes
+from .safetensors_file import read_header, read_safetensors, read_tensors  # noqa: F401 (read_safetensors: API)
 
 CONFIG_KEY = "__config__"  # the npz entry that holds the config JSON
 METADATA_KEY = "minidiff_config"  # the safetensors metadata entry that holds the config JSON
@@ -37,6 +45,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickl
 CONVERT_HINT = ("convert it once, where you trust the file, with diffusers: "
                 "UNet2DModel.from_pretrained(FOLDER).save_pretrained(FOLDER, safe_serialization=True) "
                 "(a pipeline: DDPMPipeline.from_pretrained(FOLDER).save_pretrained(FOLDER))")
+MAX_JSON_BYTES = 16 * 2**20  # 16 MiB: the largest JSON file read (a config.json is a few KB)
+DEFLATE_MAX_RATIO = 1032  # deflate expands at most ~1032-fold: an .npz member's size is bounded by its bytes
 
 
 def refuse_pickle(path: Path) -> None:
@@ -46,23 +56,25 @@ def refuse_pickle(path: Path) -> None:
 
 
 def read_json(path: Path) -> dict:
-    """The JSON object in path; a missing, malformed or non-object file is a one-line ValueError naming it."""
+    """The JSON object in path (at most MAX_JSON_BYTES); a missing, malformed, oversized or non-object file
+    is a one-line ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is not a readable JSON file: "
+                         f"{'it is not a regular file' if path.exists() else 'it does not exist'}")
     try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(path)!r} is not a readable JSON file: {str(err).splitlines()[0]}") from None
+        with open(path, "rb") as f:
+            data = f.read(min(os.fstat(f.fileno()).st_size, MAX_JSON_BYTES) + 1)  # read(n) allocates n
+        if len(data) <= MAX_JSON_BYTES:
+            d = json.loads(data.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as err:  # UnicodeDecodeError, JSONDecodeError: ValueErrors
+        why = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{str(path)!r} is not a readable JSON file: {why}") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise ValueError(f"{str(path)!r} is larger than {MAX_JSON_BYTES:,} bytes (MAX_JSON_BYTES): not a config")
     if not isinstance(d, dict):
         raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(d).__name__}")
     return d
-
-
-def read_safetensors(path: Path) -> dict:
-    """{name: np.ndarray} of a .safetensors file; a truncated or malformed file is a ValueError naming it."""
-    stn = _safetensors_numpy()
-    try:
-        return stn.load_file(str(path))
-    except Exception as err:  # safetensors raises its own SafetensorError (and others) on a bad header
-        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {str(err).splitlines()[0]}") from None
 
 
 def folder_config(config: UNetConfig) -> dict:
@@ -162,32 +174,99 @@ def save_pretrained(params: dict, config: UNetConfig, path, allow_text: bool = F
     return path
 
 
-def _finish(arrays: dict, config: UNetConfig, source: str, dtype) -> dict:
-    """Check the loaded arrays against param_shapes(config) and return them in that order."""
+def _parse_config(text: str, source: str) -> UNetConfig:
+    """UNetConfig from its JSON text; a malformed or impossible config is one line naming source."""
+    try:
+        return UNetConfig.from_json(text)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{source}: {(str(err).splitlines() or [type(err).__name__])[0]}") from None
+
+
+def _match(declared: dict, config: UNetConfig, source: str) -> None:
+    """Check {name: (shape, is_float)} read from a file's header is exactly param_shapes(config), before any
+    weight is read; a ValueError names the first name that differs."""
     shapes = param_shapes(config)
-    missing, extra = sorted(set(shapes) - set(arrays)), sorted(set(arrays) - set(shapes))
+    missing, extra = sorted(set(shapes) - set(declared)), sorted(set(declared) - set(shapes))
     if missing or extra:
-        raise ValueError(f"{source} does not match its config: missing keys {missing[:3]}, unexpected {extra[:3]}")
-    params = {}
+        parts = [f"missing keys {missing[:3]} ({len(missing)} in all)"] if missing else []
+        parts += [f"unexpected keys {[k[:80] for k in extra[:3]]} ({len(extra)} in all)"] if extra else []
+        raise ValueError(f"{source} does not match its config: {'; '.join(parts)}")
     for key, shape in shapes.items():
+        if tuple(declared[key][0]) != shape:
+            raise ValueError(f"{source}: {key!r} has shape {tuple(declared[key][0])}, its config needs {shape}")
+        if not declared[key][1]:
+            raise ValueError(f"{source}: {key!r} is not a float array (a float is needed)")
+
+
+def _finish(arrays: dict, config: UNetConfig, source: str, dtype) -> dict:
+    """The arrays in param_shapes(config) order, as dtype (None: float32/float64 kept, float16 -> float32),
+    after checking every weight is finite (NaN or inf weights sample black images)."""
+    params = {}
+    for key in param_shapes(config):
         a = arrays[key]
-        if a.shape != shape:
-            raise ValueError(f"{source}: {key!r} has shape {a.shape}, its config needs {shape}")
-        if not np.issubdtype(a.dtype, np.floating):
-            raise ValueError(f"{source}: {key!r} has dtype {a.dtype}, a float is needed")
+        if not np.isfinite(a).all():
+            raise ValueError(f"{source}: weight {key!r} holds NaN or inf (a diverged model); use another file")
         target = dtype if dtype is not None else (a.dtype if a.dtype in (np.float32, np.float64) else np.float32)
         params[key] = a.astype(target, copy=False)
     return params
+
+
+def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple:
+    """(shape, dtype) declared by an .npz member's .npy header, after checking its data fits the member."""
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)  # headers are at most 10,000 bytes (NumPy's max_header_size)
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    stored = info.compress_type == zipfile.ZIP_STORED
+    if nbytes > info.file_size or info.file_size > (1 if stored else DEFLATE_MAX_RATIO) * info.compress_size:
+        raise ValueError(f"member {info.filename!r} declares {shape} {dtype} = {nbytes:,} bytes in an entry of "
+                         f"{info.compress_size:,} bytes")
+    return shape, dtype
+
+
+def _read_npz(path: Path) -> tuple:
+    """(arrays, config) of an .npz written by save_pretrained: headers, config and names checked first."""
+    source = repr(str(path))
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = {i.filename[:-4]: i for i in zf.infolist() if i.filename.endswith(".npy")}
+            if sum(i.compress_size for i in zf.infolist()) > os.path.getsize(path):
+                raise ValueError("its entries declare more bytes than the file holds")
+            heads = {name: _npy_header(zf, info) for name, info in infos.items()}
+            if CONFIG_KEY not in heads:
+                raise LookupError(f"it holds no {CONFIG_KEY!r} entry: not written by save_pretrained")
+            if heads[CONFIG_KEY][0] != () or heads[CONFIG_KEY][1].kind != "U":
+                raise ValueError(f"its {CONFIG_KEY!r} entry is not a string")
+            text = str(np.lib.format.read_array(zf.open(infos[CONFIG_KEY]), allow_pickle=False))
+            config = _parse_config(text, f"{source} {CONFIG_KEY!r}")
+            _match({k: (s, d.kind == "f") for k, (s, d) in heads.items() if k != CONFIG_KEY}, config, source)
+            arrays = {k: np.lib.format.read_array(zf.open(infos[k]), allow_pickle=False) for k in param_shapes(config)}
+    except (OSError, EOFError, LookupError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error) as err:
+        raise ValueError(f"{source} is not a readable .npz file: {(str(err).splitlines() or [''])[0]}") from None
+    except ValueError as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(msg if msg.startswith(source) else f"{source} is not a readable .npz file: {msg}") from None
+    return arrays, config
+
+
+def _read_weights(path: Path, config: UNetConfig) -> dict:
+    """The arrays of a .safetensors file after checking its header against config."""
+    header = read_header(path)
+    _match({k: (e.shape, e.dtype in ("F16", "BF16", "F32", "F64")) for k, e in header.entries.items()}, config,
+           repr(str(path)))
+    return read_tensors(path, header, param_shapes(config))
 
 
 def load_pretrained(path, dtype=None) -> tuple:
     """Read (params, config) written by save_pretrained, or a diffusers UNet2DModel folder.
 
     Inputs:  path (.npz, .safetensors, or a folder with config.json and
-             diffusion_pytorch_model.safetensors); dtype None (keep float32/float64; float16 -> float32)
-             or float32 / float64.
+             diffusion_pytorch_model.safetensors); dtype None (keep float32/float64; float16, bfloat16
+             -> float32) or float32 / float64.
     Returns: params {key: np.ndarray} in param_shapes order, config UNetConfig.
-    A diffusers config minidiff cannot build raises ValueError naming the field.
+    Raises FileNotFoundError for a missing path, and for a malformed file (or one whose config minidiff
+    cannot build or whose weights do not fit their config) a one-line ValueError naming the file and field.
     """
     path = Path(path)
     if dtype is not None and np.dtype(dtype) not in (np.float32, np.float64):
@@ -198,26 +277,18 @@ def load_pretrained(path, dtype=None) -> tuple:
         refuse_pickle(path)
     kind = "diffusers" if path.is_dir() else _kind(path)
     if kind == "npz":
-        with np.load(path, allow_pickle=False) as f:
-            if CONFIG_KEY not in f.files:
-                raise ValueError(f"{str(path)!r} holds no {CONFIG_KEY!r} entry: not written by save_pretrained")
-            config = UNetConfig.from_json(str(f[CONFIG_KEY]))
-            arrays = {k: f[k] for k in f.files if k != CONFIG_KEY}
+        arrays, config = _read_npz(path)
     elif kind == "safetensors":
-        stn = _safetensors_numpy()
-        from safetensors import safe_open  # noqa: PLC0415  (present: _safetensors_numpy checked)
-
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
+        meta = read_header(path).metadata
         if METADATA_KEY not in meta:
             raise ValueError(f"{str(path)!r} has no {METADATA_KEY!r} metadata: not written by save_pretrained "
                              "(for a diffusers model, pass its folder)")
-        config = UNetConfig.from_json(meta[METADATA_KEY])
-        arrays = stn.load_file(str(path))
+        config = _parse_config(meta[METADATA_KEY], f"{str(path)!r} metadata {METADATA_KEY!r}")
+        arrays = _read_weights(path, config)
     elif path.is_dir():
         if not (path / DIFFUSERS_CONFIG).is_file():
             raise ValueError(f"folder {str(path)!r} has no {DIFFUSERS_CONFIG}: not a diffusers model folder")
-        if not (path / DIFFUSERS_WEIGHTS).is_file():
+        if not (path / DIFFUSERS_WEIGHTS).exists():
             pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
             if pickles:
                 refuse_pickle(path / pickles[0])
@@ -227,7 +298,8 @@ def load_pretrained(path, dtype=None) -> tuple:
             config = config_from_folder(d)
         except ValueError as err:
             raise ValueError(f"{str(path / DIFFUSERS_CONFIG)!r}: {err}") from None
-        arrays = read_safetensors(path / DIFFUSERS_WEIGHTS)
+        path = path / DIFFUSERS_WEIGHTS  # the file the weights' errors name
+        arrays = _read_weights(path, config)
     else:
         raise ValueError(f"path {str(path)!r} must end in .npz or .safetensors, or be a diffusers model folder")
     return _finish(arrays, config, repr(str(path)), dtype), config
