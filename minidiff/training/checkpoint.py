@@ -18,6 +18,7 @@ kill at any moment leaves either the old complete file or the new complete file 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import to_numpy
+from ..data.npz import MAX_DATA_BYTES, TooLarge
 
 META_KEY = "__meta__"
 FORMAT = 1  # meta["checkpoint_format"]; bump when the layout changes
@@ -136,12 +138,41 @@ class _NotCheckpoint(Exception):
     """A readable .npz that save_checkpoint did not write."""
 
 
+# The most a checkpoint's members may declare in all: 4 x npz.MAX_DATA_BYTES = 8 GiB. The largest preset's
+# checkpoint (ddpm-cifar10 in float64: weights, EMA and two Adam moments of 35.7M params) is 1.1 GB.
+MAX_CHECKPOINT_BYTES = 4 * MAX_DATA_BYTES
+
+
+def check_member_sizes(path: Path, cap: int = MAX_CHECKPOINT_BYTES) -> None:
+    """TooLarge naming the file and the member if an .npy member's header declares more bytes than the member
+    holds (a stored member holds them verbatim) or the members more than cap in all: read from the headers,
+    before np.load allocates what a header declares (a 1 KiB file could declare 1 TiB)."""
+    total = 0
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+                nbytes = math.prod(shape) * dtype.itemsize
+                total += nbytes
+                held = info.file_size - f.tell()
+            if nbytes > held or total > cap:
+                limit = (f"the member holds {held:,}" if nbytes > held
+                         else f"the cap is {cap:,} in all (MAX_CHECKPOINT_BYTES)")
+                raise TooLarge(f"checkpoint {str(path)!r}: member {info.filename.removesuffix('.npy')!r} declares "
+                               f"{shape} {dtype} = {nbytes:,} bytes and {limit}; it is damaged or not a minidiff "
+                               "checkpoint, nothing was loaded")
+
+
 def load_checkpoint(path) -> tuple[dict, dict]:
     """(arrays as a nested dict of NumPy arrays, meta dict) from a file written by save_checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; check the path (or drop --resume)")
     try:
+        check_member_sizes(path)
         with np.load(path, allow_pickle=False) as z:
             flat = {k: z[k] for k in z.files}  # read every member now, so a bad one fails here
         if META_KEY not in flat:
@@ -150,12 +181,12 @@ def load_checkpoint(path) -> tuple[dict, dict]:
         meta = json.loads(str(flat.pop(META_KEY)[()]))
         if not isinstance(meta, dict):
             raise ValueError("metadata is not a JSON object")
-    except _NotCheckpoint as err:
+    except (_NotCheckpoint, TooLarge) as err:
         raise ValueError(str(err)) from None
-    except (zipfile.BadZipFile, ValueError, EOFError, KeyError, OSError) as err:
+    except (zipfile.BadZipFile, ValueError, EOFError, KeyError, OSError, RecursionError) as err:
         raise ValueError(f"checkpoint {str(path)!r} is corrupt or truncated ({type(err).__name__}: {err}); "
                          "delete it and resume from an earlier checkpoint, or start a new run") from None
-    if meta.get("checkpoint_format") != FORMAT:
+    if meta.get("checkpoint_format") != FORMAT or isinstance(meta.get("checkpoint_format"), bool):
         raise ValueError(f"checkpoint {str(path)!r} has format {meta.get('checkpoint_format')!r}, this "
                          f"minidiff reads format {FORMAT}; use the minidiff version that wrote it")
     return unflatten(flat), meta
@@ -183,72 +214,34 @@ _BIT_GENERATORS = {"PCG64": np.random.PCG64, "PCG64DXSM": np.random.PCG64DXSM, "
                    "SFC64": np.random.SFC64, "MT19937": np.random.MT19937}
 
 
+def _layout_differs(state, template, where: str) -> str | None:
+    """Where state's nesting differs from template's (same keys, ints where ints, lists of the same length of
+    ints, equal strings), or None: a state that numpy would take only after rounding or truncating is refused."""
+    if isinstance(template, dict):
+        if not isinstance(state, dict) or set(state) != set(template):
+            return f"{where} must have the keys {sorted(template)}, got {str(state)[:60]}"
+        return next((d for k in template if (d := _layout_differs(state[k], template[k], f"{where}.{k}"))), None)
+    if isinstance(template, list):
+        if not isinstance(state, list) or len(state) != len(template):
+            return f"{where} must be a list of {len(template)} ints, got {str(state)[:60]}"
+        return next((d for i, v in enumerate(state) if (d := _layout_differs(v, 0, f"{where}[{i}]"))), None)
+    if isinstance(template, str):
+        return None if state == template else f"{where} must be {template!r}, got {str(state)[:60]}"
+    if not isinstance(state, int) or isinstance(state, bool) or state < 0:
+        return f"{where} must be an int >= 0, got {str(state)[:60]}"
+    return None
+
+
 def rng_from_state(state: dict) -> np.random.Generator:
     """A Generator that continues exactly where the one that gave rng_state(...) stopped."""
     name = state.get("bit_generator") if isinstance(state, dict) else None
     if name not in _BIT_GENERATORS:
         raise ValueError(f"rng state must name a bit generator in {sorted(_BIT_GENERATORS)}, got {name!r}")
     bit_gen = _BIT_GENERATORS[name]()
+    wrong = _layout_differs(state, rng_state(np.random.Generator(bit_gen)), "rng")
+    if wrong:
+        raise ValueError(f"rng state of {name} has the wrong layout: {wrong}")
     if name == "MT19937":  # its 'key' must be a uint32 array again
         state = dict(state, state=dict(state["state"], key=np.asarray(state["state"]["key"], np.uint32)))
     bit_gen.state = state
     return np.random.Generator(bit_gen)
-
-
-LOCK_NAME = ".minidiff-lock"  # one writer per run folder: an fcntl.flock on this file, which holds its PID
-RUN_FILES = {"config.json", "log.jsonl", "loss.png", "checkpoints", "samples", LOCK_NAME}  # what a run writes
-
-
-def has_checkpoint(out: Path) -> bool:
-    """Whether the run folder holds a checkpoint (latest.npz or a kept step_XXXXXX.npz)."""
-    ckpts = out / "checkpoints"
-    return ckpts.is_dir() and any(p.name == "latest.npz" or STEP_FILE.match(p.name) for p in ckpts.iterdir())
-
-
-def lock_run_dir(out: Path):
-    """Take the run folder's advisory lock (fcntl.flock, LOCK_EX | LOCK_NB) and write our PID into it; the
-    returned open file holds the lock until it is closed (or the process ends). A second writer gets a
-    RuntimeError naming the holder's PID. Without fcntl (Windows) no lock is taken: None."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    f = open(out / LOCK_NAME, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise RuntimeError(f"--out {str(out)!r} is in use by another minidiff process (PID {holder}); wait for it "
-                           "to finish or stop it, or choose another --out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
-
-
-def prepare_run_dir(cfg) -> Path:
-    """Create the run directory; refuse to reuse one that holds an earlier run (a checkpoint) unless --resume.
-
-    A folder with only a run's own files and no checkpoint (a run stopped or failed before its first
-    save) is started again: its log and loss curve are removed. Stale checkpoint temp files
-    (latest.npz.tmp-<pid> from a killed save) are removed; call it with the run folder's lock held."""
-    out = Path(cfg.out).expanduser()
-    latest = out / "checkpoints" / "latest.npz"
-    if cfg.resume:
-        if not latest.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {latest}; start a new run without --resume")
-    elif out.exists() and (has_checkpoint(out) or any(p.name not in RUN_FILES for p in out.iterdir())):
-        raise FileExistsError(f"--out {str(out)!r} already holds a run; pass --resume to continue it or choose "
-                              "a new --out (nothing was overwritten)")
-    elif out.exists():  # a run that never saved: start it again
-        for name in ("log.jsonl", "loss.png"):
-            (out / name).unlink(missing_ok=True)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (out / "samples").mkdir(exist_ok=True)
-    for tmp in (out / "checkpoints").glob("*.tmp-*"):  # one writer per folder: any temp file is stale
-        tmp.unlink(missing_ok=True)
-    return out

@@ -38,8 +38,8 @@ from ..backend import set_tf32, to_device, xp_for
 from .bundle import Bundle, build_unet_config, choose_conditioning
 from .accumulate import accumulate
 from .eval_classifier import eval_during_training
-from .checkpoint import (check_config, keep_last_checkpoints, load_checkpoint, lock_run_dir, prepare_run_dir,
-                         rng_from_state, rng_state, save_checkpoint)
+from .run_folder import lock_run_dir, ops_record, prepare_run_dir, write_atomic
+from .run_state import TrainingDiverged, restore_state, save_state
 from .config import TrainConfig, resolve_device, validate_train_config
 from ..data import load_dataset
 from ..data.tokenizer import Tokenizer
@@ -52,17 +52,7 @@ from ..model.dropout import draw_dropout_masks
 from ..model.unet import count_params, init_params, unet_backward, unet_forward
 from ..nn.ops import REFERENCE
 
-# the settings a resumed run must share with the run it continues
-RESUME_FIELDS = ("data", "preset", "conditioning", "max_prompt_len", "num_train_timesteps", "beta_schedule",
-                 "prediction_type", "batch_size", "optimizer", "seed", "dtype", "dropout", "resolution", "random_crop",
-                 "gradient_accumulation_steps")
-
-
 IN_MEMORY = "<arrays>"  # cfg.data of a run trained on arrays passed in memory (train(cfg, data=...))
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the message names the step."""
 
 
 def make_condition(rng, conditioning, labels, captions, tokenizer, num_classes, p_uncond):
@@ -99,9 +89,13 @@ class Trainer:
         self.lock = lock_run_dir(Path(cfg.out).expanduser())  # one writer per run folder
         try:
             self.out = prepare_run_dir(cfg)
-        except BaseException:
+            self._build(cfg, ops)
+        except BaseException:  # the lock is released at once, not when this half-built object is collected
             self.close()
             raise
+
+    def _build(self, cfg: TrainConfig, ops) -> None:
+        """The model, optimizer, EMA and rng of a new run, or those of its checkpoint with --resume."""
         self.conditioning = choose_conditioning(cfg.conditioning, self.dataset)
         if cfg.eval_every and (self.conditioning == "none" or not self.dataset.num_classes):
             raise ValueError("--eval-every needs a class- or text-conditioned run on labelled data")
@@ -121,90 +115,29 @@ class Trainer:
         self.rng = np.random.default_rng(cfg.seed)
         self.step, self.losses, self.pending = 0, [], []
         self.flush_every = 1 if self.xp is np else cfg.log_every  # host reads: free on a CPU, a sync on a GPU
-        if cfg.resume:
-            self._load(self.out / "checkpoints" / "latest.npz")
+        if cfg.resume:  # checked field by field; log.jsonl trimmed to its step; a line if the ops differ
+            restore_state(self, self.out / "checkpoints" / "latest.npz")
         else:
-            (self.out / "config.json").write_text(json.dumps(self.meta(), indent=2))
+            write_atomic(self.out / "config.json", json.dumps(self.meta(), indent=2).encode())
 
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> dict:
-        """JSON metadata of the run: both configs, conditioning, classes and the tokenizer."""
+        """JSON metadata of the run: both configs, conditioning, classes, the tokenizer, and the ops record
+        (run_folder.ops_record: the ops table's name and CPU shard count, which decide the bits of a step)."""
         return {"train_config": dataclasses.asdict(self.cfg), "model_config": self.model_config.to_dict(),
                 "conditioning": self.conditioning, "num_classes": self.dataset.num_classes,
                 "class_names": self.dataset.class_names,
-                "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None}
+                "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None, "ops": ops_record(self.ops)}
 
     def save(self) -> Path:
-        """Write checkpoints/latest.npz atomically: weights, EMA, Adam moments, rng state, step, losses.
-
-        Never writes weights that are not finite or whose output is not (check_savable): the last good
-        checkpoint stays."""
-        opt = self.opt.state_dict()
-        self.check_savable(opt)
-        meta = self.meta() | {"step": self.step, "losses": self.losses, "rng": rng_state(self.rng),
-                              "ema_num_updates": self.ema.num_updates, "opt_step": opt["step"]}
-        arrays = {"params": self.params, "ema": self.ema.shadow,
-                  "opt": {"exp_avg": opt["exp_avg"], "exp_avg_sq": opt["exp_avg_sq"]}}
-        path = save_checkpoint(self.out / "checkpoints" / "latest.npz", arrays, meta)
-        if self.cfg.checkpoints_total_limit > 0:
-            keep_last_checkpoints(path, self.step, self.cfg.checkpoints_total_limit)
-        return path
+        """Write checkpoints/latest.npz atomically, never weights that are not finite (run_state.save_state)."""
+        return save_state(self)
 
     def close(self) -> None:
         """Release the run folder's lock (also released when the process ends)."""
         if getattr(self, "lock", None) is not None:
             self.lock.close()
             self.lock = None
-
-    def check_savable(self, opt: dict) -> None:
-        """Raise TrainingDiverged if the weights (or EMA weights, or Adam moments opt) are not all finite, or if
-        the weights and the EMA weights give a non-finite output on a probe batch. The probe batch is
-        drawn from its own generator (seeded by the step), so the training rng is untouched: a diverged
-        step can leave finite but huge weights (--lr 1e6: |w| ~ 1e4) whose next loss is NaN."""
-        xp = self.xp
-        groups = {"weights": self.params, "EMA weights": self.ema.shadow,
-                  "Adam moments": {**{f"m.{k}": v for k, v in opt["exp_avg"].items()},
-                                   **{f"v.{k}": v for k, v in opt["exp_avg_sq"].items()}}}
-        bad = next(((g, k) for g, arrays in groups.items() for k, v in arrays.items()
-                    if not bool((np if isinstance(v, np.ndarray) else xp).isfinite(v).all())), None)
-        if bad is not None:
-            bad = (bad[0], f"are not finite ({bad[1]})")
-        if bad is None:
-            rng = np.random.default_rng(self.step)
-            x0, cond = self.draw_data(rng)
-            t = sample_timesteps(rng, self.rows, self.cfg.num_train_timesteps)
-            x_t = add_noise(self.schedule, xp.asarray(x0, self.dtype),
-                            xp.asarray(rng.standard_normal(x0.shape), self.dtype), t)
-            with np.errstate(all="ignore"):  # an overflow here is the answer, not a warning to print
-                for name, params in (("weights", self.params), ("EMA weights", self.ema.shadow)):
-                    out = unet_forward(params, self.model_config, x_t, t,
-                                       cond if self.conditioning == "class" else None,
-                                       cond if self.conditioning == "text" else None,
-                                       for_backward=False, ops=self.ops)[0]
-                    if not bool(xp.isfinite(out).all()):
-                        bad = (name, "give a non-finite output on a probe batch")
-                        break
-        if bad is not None:
-            latest = self.out / "checkpoints" / "latest.npz"
-            kept = (f"the last good checkpoint ({latest}) is kept" if latest.exists()
-                    else "no checkpoint was written")
-            raise TrainingDiverged(
-                f"the {bad[0]} after step {self.step} {bad[1]}; training stopped, they were not "
-                f"saved and {kept}. Try a lower --lr or --grad-clip")
-
-    def _load(self, path: Path) -> None:
-        arrays, meta = load_checkpoint(path)
-        saved = meta["train_config"]
-        defaults = dataclasses.asdict(TrainConfig())  # a field newer than the checkpoint: its default
-        check_config({k: saved.get(k, defaults[k]) for k in RESUME_FIELDS},
-                     {k: getattr(self.cfg, k) for k in RESUME_FIELDS}, "training config", path)
-        check_config(meta["model_config"], self.model_config.to_dict(), "model config", path)
-        for k, v in arrays["params"].items():
-            self.params[k][...] = self.xp.asarray(v, dtype=self.dtype)
-        self.ema.load_state_dict({"shadow": arrays["ema"], "num_updates": meta["ema_num_updates"]})
-        self.opt.load_state_dict({"step": meta["opt_step"], **arrays["opt"]})
-        self.rng = rng_from_state(meta["rng"])
-        self.step, self.losses = int(meta["step"]), list(meta["losses"])
 
     # ------------------------------------------------------------------ one step
     def train_step(self):
