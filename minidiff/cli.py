@@ -38,6 +38,10 @@ def cmd_train(args) -> int:
     cfg = dataclass_from_args(TrainConfig, args)
     validate_train_config(cfg)  # before choosing the ops: each bad flag one line naming it
     cfg.device = resolve_device(cfg.device)
+    if cfg.resume and cfg.threads == 0:  # auto: keep the shard count the checkpoint records (it decides the bits)
+        from .training.run_folder import recorded_shards
+
+        cfg.threads = recorded_shards(cfg.out)  # 0 (auto) when none is recorded
     train(cfg, ops=choose_ops(cfg.reference, cfg.threads, cfg.shards, cfg.device))
     return 0
 
