@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,7 @@ def cmd_train(args) -> int:
 
     cfg = dataclass_from_args(TrainConfig, args)
     validate_train_config(cfg)  # before choosing the ops: each bad flag one line naming it
+    check_model_flags(cfg)  # before the run folder is made: a bad preset or schedule leaves nothing behind
     cfg.device = resolve_device(cfg.device)
     if cfg.resume and cfg.threads == 0:  # auto: keep the shard count the checkpoint records (it decides the bits)
         from .training.run_folder import recorded_shards
@@ -46,12 +49,36 @@ def cmd_train(args) -> int:
     return 0
 
 
+MAX_TRAIN_TIMESTEPS = 100_000  # --num-train-timesteps' upper bound (DDPM uses 1000; each T costs T floats)
+
+
+def check_model_flags(cfg) -> None:
+    """--preset, --beta-schedule, --prediction-type, --warmup-steps and --num-train-timesteps, checked before anything
+    is written
+    (train checks them only after it made the run folder, or at the first loss)."""
+    from .diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES
+    from .model.config import PRESETS
+
+    for flag, value, allowed in (("--preset", cfg.preset, PRESETS), ("--beta-schedule", cfg.beta_schedule,
+                                 BETA_SCHEDULES), ("--prediction-type", getattr(cfg, "prediction_type", "epsilon"),
+                                                   PREDICTION_TYPES)):
+        if value not in allowed:
+            raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    if getattr(cfg, "warmup_steps", 0) < 0:
+        raise ValueError(f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
+    if not 1 <= cfg.num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
+        raise ValueError(f"--num-train-timesteps must be in [1, {MAX_TRAIN_TIMESTEPS:,}] (cli.MAX_TRAIN_TIMESTEPS), "
+                         f"got {cfg.num_train_timesteps}")
+
+
 def cmd_train_classifier(args) -> int:
     """`minidiff train-classifier`: train_classifier with the fast table (its parameters in one flat buffer)."""
     from .fast.ops import fast_ops
     from .training.classifier import ClassifierTrainConfig, train_classifier
 
-    train_classifier(dataclass_from_args(ClassifierTrainConfig, args), ops=fast_ops())
+    cfg = dataclass_from_args(ClassifierTrainConfig, args)
+    check_model_flags(cfg)
+    train_classifier(cfg, ops=fast_ops())
     return 0
 
 
@@ -88,6 +115,11 @@ def cmd_sample(args) -> int:
 
     cfg = dataclass_from_args(SampleConfig, args)
     validate_sample_config(cfg)
+    for flag, value in (("--n", cfg.n), ("--steps", cfg.steps)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if cfg.dtype not in ("float32", "float64"):
+        raise ValueError(f"--dtype must be float32 or float64, got {cfg.dtype!r}")
     if not cfg.checkpoint:
         raise ValueError("--checkpoint is required: a run directory, a checkpoint .npz or a diffusers folder")
     cfg.device = resolve_device(cfg.device)
@@ -107,7 +139,7 @@ def cmd_sample(args) -> int:
         targets = clf.targets_for(bundle, cond, labels, cfg)
         grad_fn = clf.make_grad_fn(targets)
     out = Path(cfg.out) if cfg.out else default_out_dir(cfg.checkpoint)  # default: RUN/samples
-    out.mkdir(parents=True, exist_ok=True)
+    check_can_create(out)  # fail before sampling, but make the folder only when there is something to write
     bar = ProgressBar(cfg.steps, unit="step")
     x = generate(bundle, cond, cfg.n, cfg.guidance_scale, cfg.sampler, cfg.steps, cfg.eta, cfg.seed,
                  cfg.guidance_rescale, grad_fn, cfg.classifier_scale, cfg.device, cfg.dtype, karras=cfg.karras,
@@ -120,6 +152,7 @@ def cmd_sample(args) -> int:
         raise RuntimeError(f"the model at {cfg.checkpoint} gave non-finite pixels (a diverged run); nothing was "
                            "written. Use an earlier checkpoint or train again with a lower --lr or --grad-clip")
 
+    out.mkdir(parents=True, exist_ok=True)
     stem = unused_stem(out, sample_stem(cfg, bundle.conditioning, labels))  # never overwrites a file
     save_grid(x, out / f"{stem}.png", labels=labels, ncol=9)
     given = {"labels": np.asarray(cond, np.int64)} if bundle.conditioning == "class" else {}
@@ -127,6 +160,21 @@ def cmd_sample(args) -> int:
     np.savez(out / f"{stem}.npz", images=to_numpy(x), **given)
     print(f"wrote {cfg.n} samples to {out / (stem + '.png')} and {out / (stem + '.npz')}")
     return 0
+
+
+def check_can_create(folder: Path) -> None:
+    """OSError naming folder (ENOTDIR, EACCES) unless it is a folder, or could be made, and is writable; makes
+    nothing (a failed command leaves no empty output folder behind)."""
+    folder = Path(folder).expanduser()
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.exists():
+        return
+    if not probe.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probe if probe == folder else folder))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(probe))
 
 
 def load_noise(path) -> np.ndarray:
@@ -137,6 +185,8 @@ def load_noise(path) -> np.ndarray:
         raise ValueError(f"--noise {path!r} is not a readable .npy file: {str(err).splitlines()[0]}") from None
     if not isinstance(noise, np.ndarray) or not np.issubdtype(noise.dtype, np.floating):
         raise ValueError(f"--noise {path!r} must hold one float array (np.save), got {getattr(noise, 'dtype', noise)}")
+    if not np.isfinite(noise).all():
+        raise ValueError(f"--noise {path!r} holds non-finite values (NaN or inf); pass finite Gaussian noise")
     return noise
 
 
@@ -157,6 +207,11 @@ def cmd_eval(args) -> int:
 
     for scale in args.scales:
         check_finite("--scales", scale)
+    for flag, value, low in (("--n-per-class", args.n_per_class, 1), ("--steps", args.steps, 1), ("--n", args.n, 1),
+                             ("--batch-size", args.batch_size, 1), ("--nll-timesteps", args.nll_timesteps, 0),
+                             ("--threads", args.threads, 0)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
     if check_tf32(args.tf32, args.device, args.dtype):
         set_tf32(True)
     if args.nll:
@@ -193,9 +248,17 @@ def cmd_info(args) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr ("minidiff train: error: argument --steps: ..."),
+    exit status 2, like every other error (the usage is in --help). Subcommands inherit the class."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `minidiff` argument parser with every subcommand."""
-    p = argparse.ArgumentParser(prog="minidiff", description=__doc__.splitlines()[0], epilog=EXIT_CODES,
+    p = OneLineParser(prog="minidiff", description=__doc__.splitlines()[0], epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a diffusion model (default: the built-in shapes data)",
@@ -321,6 +384,17 @@ def main(argv=None) -> int:
     """Run one subcommand; every expected failure is one error line and an exit status from EXIT_CODES."""
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # this process's malloc keeps what a step frees for the next (allocator.py)
+    with warnings.catch_warnings(record=True) as caught:  # held back: nothing is printed before an error line
+        code = _run(args)
+    if code == 0:  # a run that succeeded shows its warnings (each once), after its own output
+        for w in {(w.category.__name__, str(w.message)): w for w in caught}.values():
+            print(f"minidiff {args.command}: warning: {w.category.__name__}: {' '.join(str(w.message).split())}",
+                  file=sys.stderr)
+    return code
+
+
+def _run(args) -> int:
+    """args.func(args), every expected failure turned into one error line and its exit status."""
     try:
         return args.func(args)
     except KeyboardInterrupt:

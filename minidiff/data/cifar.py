@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .dataset import MAX_CLASSES
 
 @dataclass(eq=False)
 class Global:
@@ -188,6 +189,9 @@ def read_cifar_batch(path) -> tuple[np.ndarray, np.ndarray]:
         raw_labels = _get(top, "labels")
         if not isinstance(raw_labels, list) or not all(type(v) is int for v in raw_labels):  # before asarray:
             raise ValueError("labels must be a flat list of ints")  # nested shared lists would expand to GiBs
+        if raw_labels and not 0 <= min(raw_labels) <= max(raw_labels) < MAX_CLASSES:  # before int64 (2**70)
+            raise ValueError(f"labels must be 0..K-1 with K <= {MAX_CLASSES} (MAX_CLASSES), got "
+                             f"{min(raw_labels)}..{max(raw_labels)}")
         labels = np.asarray(raw_labels, np.int64)
         if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
             raise ValueError(f"data {data.shape} and labels {labels.shape} do not fit (N, 3072), (N,)")

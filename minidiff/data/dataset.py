@@ -41,12 +41,22 @@ def _check_batch_args(rng, n) -> int:
 MAX_CLASSES = 10_000  # labels 0..K-1 with K at most this (a label of 2**40 would make 2**40 class names)
 
 
+def check_labels(labels: np.ndarray, where: str) -> None:
+    """Labels must be 0..K-1 with K <= MAX_CLASSES: checked before one class name per label up to the largest is
+    made (a label of 2**40 would make 2**40 names); one line naming `where` (the file) otherwise."""
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"{where}: labels must be >= 0, got a label of {labels.min()}")
+    if labels.size and labels.max() >= MAX_CLASSES:
+        raise ValueError(f"{where}: a label of {labels.max()} means {int(labels.max()) + 1} classes; labels must be "
+                         f"0..K-1 with K <= {MAX_CLASSES} (MAX_CLASSES)")
+
+
 class ArrayDataset:
     """Images held in memory as uint8 (N, C, S, S); converted to float per batch (4x less memory)."""
 
     infinite = False
 
-    def __init__(self, images_u8, labels=None, class_names=None, name: str = "array"):
+    def __init__(self, images_u8, labels=None, class_names=None, name: str = "array", source: str | None = None):
         images_u8 = np.asarray(images_u8)
         if images_u8.dtype != np.uint8 or images_u8.ndim != 4 or images_u8.shape[1] not in (1, 3):
             raise ValueError(f"images must be uint8 (N, C, H, W) with C 1 or 3, got {images_u8.dtype} "
@@ -66,26 +76,23 @@ class ArrayDataset:
         self.captions = None
         self.all_captions = []
         self.has_captions = class_names is not None and labels is not None  # numbers alone are no captions
+        where = source or f"dataset {name!r}"  # the file the labels came from, where there is one
         if labels is not None:
             labels = np.asarray(labels)
             if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-                raise ValueError(f"labels must be integers of shape (N,) = ({n},), got {labels.dtype} "
+                raise ValueError(f"{where}: labels must be integers of shape (N,) = ({n},), got {labels.dtype} "
                                  f"{labels.shape}")
-            if labels.min() < 0:
-                raise ValueError(f"labels must be >= 0, got a minimum of {labels.min()}")
-            if labels.max() >= MAX_CLASSES:  # before one class name per label up to the largest is made
-                raise ValueError(f"dataset {name!r}: a label of {labels.max()} means {int(labels.max()) + 1} classes; "
-                                 f"labels must be 0..K-1 with K <= {MAX_CLASSES} (MAX_CLASSES)")
+            check_labels(labels, where)
             self.labels = labels.astype(np.int64)
             self.num_classes = int(self.labels.max()) + 1
             if class_names is None:
                 class_names = [str(i) for i in range(self.num_classes)]
             class_names = [str(c) for c in class_names]
             if len(class_names) > MAX_CLASSES:
-                raise ValueError(f"dataset {name!r}: {len(class_names)} class names; at most {MAX_CLASSES} "
+                raise ValueError(f"{where}: {len(class_names)} class names; at most {MAX_CLASSES} "
                                  "(MAX_CLASSES)")
             if len(class_names) < self.num_classes:
-                raise ValueError(f"class_names has {len(class_names)} names but labels go up to "
+                raise ValueError(f"{where}: class_names has {len(class_names)} names but labels go up to "
                                  f"{self.num_classes - 1}")
             self.num_classes = len(class_names)
             self.class_names = class_names

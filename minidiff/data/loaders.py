@@ -24,7 +24,10 @@ type 0x08 is uint8. Images have ndim 3 (N, H, W), labels ndim 1 (N,).
 from __future__ import annotations
 
 import gzip
+import struct
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -60,10 +63,34 @@ def to_8bit_gray(im):
     return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
 
 
-def load_folder(path, image_size=None, rng=None) -> ArrayDataset:
-    """One subfolder per class (labels in sorted name order), or a flat folder of images (no labels)."""
-    from PIL import Image, UnidentifiedImageError
+MAX_IMAGE_PIXELS = 1 << 26  # 67,108,864 (8192 x 8192): the most one image file may declare (checked on its header)
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error, zlib.error)  # PIL's
 
+
+def open_image(f: Path):
+    """PIL's lazy open of f (the header only: nothing is decoded); one line naming f when the header declares more
+    than MAX_IMAGE_PIXELS pixels (a 50000 x 50000 PNG header is a few dozen bytes) or cannot be read."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # PIL's own bomb check warns at 89 M pixels: ours below is stricter
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(f)
+    except (Image.DecompressionBombError, *IMAGE_ERRORS) as err:
+        raise ValueError(f"cannot read image {f} ({' '.join(str(err).split())}); remove or replace the file"
+                         ) from None
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        im.close()
+        raise ValueError(f"image {f} declares {w} x {h} = {w * h:,} pixels; at most {MAX_IMAGE_PIXELS:,} per image "
+                         "(loaders.MAX_IMAGE_PIXELS): shrink it or remove it")
+    return im
+
+
+def load_folder(path, image_size=None, rng=None) -> ArrayDataset:
+    """One subfolder per class (labels in sorted name order), or a flat folder of images (no labels). Every
+    header is read first: each image's pixels (MAX_IMAGE_PIXELS) and the decoded total (MAX_DATA_BYTES) are
+    checked before anything is decoded."""
     path = Path(path)
     classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     groups = [(i, _list_images(d)) for i, d in enumerate(classes)] if classes else [(None, _list_images(path))]
@@ -72,14 +99,23 @@ def load_folder(path, image_size=None, rng=None) -> ArrayDataset:
         raise ValueError(f"no images found in {path}; expected image files ({'/'.join(sorted(IMAGE_EXTS))}), with "
                          "or without one subfolder per class, MNIST's train-images-idx3-ubyte[.gz] + "
                          "train-labels-idx1-ubyte[.gz], or CIFAR-10's cifar-10-batches-py/data_batch_1..5")
+    total = 0
+    for _, f in files:  # headers only
+        with open_image(f) as im:
+            total += im.size[0] * im.size[1] * 3
+        if total > MAX_DATA_BYTES:
+            raise ValueError(f"the images in {path} declare more than {MAX_DATA_BYTES:,} bytes of pixels (up to "
+                             f"{f.name}); at most {MAX_DATA_BYTES:,} (MAX_DATA_BYTES): use fewer or smaller images")
     pics = []
     for _, f in files:
+        im = open_image(f)
         try:
-            with Image.open(f) as im:
+            with im:
                 pics.append(to_8bit_gray(im) if im.mode.startswith("I") else
                             im.convert("L") if im.mode in ("1", "L") else im.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            raise ValueError(f"cannot read image {f} ({err}); remove or replace the file") from None
+        except IMAGE_ERRORS as err:
+            raise ValueError(f"cannot read image {f} ({' '.join(str(err).split())}); remove or replace the file"
+                             ) from None
     if len({p.mode for p in pics}) > 1:  # some gray, some color: make all RGB
         pics = [p.convert("RGB") for p in pics]
     sizes = {p.size for p in pics}
@@ -96,7 +132,7 @@ def load_folder(path, image_size=None, rng=None) -> ArrayDataset:
     if labels is not None and len(set(labels.tolist())) < len(classes):
         empty = [d.name for i, d in enumerate(classes) if i not in set(labels.tolist())]
         raise ValueError(f"class folders {empty} in {path} hold no images; add images or remove them")
-    return _finish(np.stack(arrays), labels, names, path.name, image_size, rng)
+    return _finish(np.stack(arrays), labels, names, path.name, image_size, rng, source=str(path))
 
 
 # ----------------------------------------------------------------------------- MNIST IDX
@@ -119,6 +155,8 @@ def read_idx(path, cap: int | None = None) -> np.ndarray:
             if len(dim_bytes) != 4 * ndim:
                 raise ValueError(f"IDX file {path} is truncated or has extra bytes; re-download it")
             dims = np.frombuffer(dim_bytes, ">i4").tolist()
+            if any(d < 0 for d in dims):
+                raise ValueError(f"IDX file {path} declares negative dims {dims}; re-download it")
             size = 1
             for d in dims:
                 size *= d
@@ -126,7 +164,7 @@ def read_idx(path, cap: int | None = None) -> np.ndarray:
                 raise ValueError(f"IDX file {path} declares dims {dims} = {size:,} bytes; at most {cap:,} "
                                  "(MAX_DATA_BYTES)")
             body = f.read(size + 1)
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise ValueError(f"cannot read IDX file {path} ({err}); re-download it") from None
     if len(body) != size:
         raise ValueError(f"IDX file {path} is truncated or has extra bytes; re-download it")
@@ -161,7 +199,8 @@ def load_idx(path, image_size=None) -> ArrayDataset:
     names = FASHION_NAMES if fashion else [str(i) for i in range(10)]
     if labels is not None and labels.size and labels.max() >= 10:
         names = None
-    return _finish(images[:, None], labels, names, "fashion-mnist" if fashion else "mnist", image_size)
+    return _finish(images[:, None], labels, names, "fashion-mnist" if fashion else "mnist", image_size,
+                   source=str(partner))
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
@@ -181,7 +220,7 @@ def load_cifar10(path, image_size=None) -> ArrayDataset:
     names = read_cifar_label_names(path.parent / "batches.meta" if path.is_file() else path / "batches.meta")
     if names is None or len(names) <= labels.max(initial=0):
         names = CIFAR10_NAMES if labels.max(initial=0) < 10 else None
-    return _finish(images, labels, names, "cifar10", image_size)
+    return _finish(images, labels, names, "cifar10", image_size, source=str(path))
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .dataset import check_labels
 from .resize import finish
 
 KEYS = ("images", "labels", "class_names")
@@ -84,10 +85,11 @@ def load_npz(path, image_size=None, rng=None):
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"cannot read {path} as an .npz without pickle ({err}); save it with {HOW}") from None
-    return dataset_from_arrays(arrays, image_size, rng, where=str(path), name=path.stem)
+    return dataset_from_arrays(arrays, image_size, rng, where=str(path), name=path.stem, source=str(path))
 
 
-def dataset_from_arrays(arrays, image_size=None, rng=None, where: str = "data", name: str = "arrays"):
+def dataset_from_arrays(arrays, image_size=None, rng=None, where: str = "data", name: str = "arrays",
+                        source: str | None = None):
     """The ArrayDataset of {"images": x[, "labels": y][, "class_names": names]} or of an images array alone
     (the layouts of the module docstring)."""
     arrays = {"images": arrays} if isinstance(arrays, np.ndarray) else dict(arrays)
@@ -101,9 +103,11 @@ def dataset_from_arrays(arrays, image_size=None, rng=None, where: str = "data", 
     if labels is not None and (labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer)):
         raise ValueError(f"{where}: labels must be integers of shape (N,) = ({images.shape[0]},), got "
                          f"{labels.dtype} {labels.shape}")
+    if labels is not None:
+        check_labels(labels, where)  # before class_names' count (max(labels) + 1) is compared
     if names is not None:
         names = check_class_names(names, labels, where)
-    return finish(images, labels, names, name, image_size, rng)
+    return finish(images, labels, names, name, image_size, rng, source=source)
 
 
 def check_class_names(names, labels, where: str) -> list:

@@ -46,8 +46,9 @@ def resize_u8(images: np.ndarray, size: int | None, rng=None) -> np.ndarray:
     return out
 
 
-def finish(images_u8, labels, class_names, name, image_size, rng=None):
-    """Crop (and resize, with image_size) to squares, wrap in an ArrayDataset."""
+def finish(images_u8, labels, class_names, name, image_size, rng=None, source=None):
+    """Crop (and resize, with image_size) to squares, wrap in an ArrayDataset (source: the file or folder that
+    errors about the labels name)."""
     if image_size is not None or images_u8.shape[2] != images_u8.shape[3]:
         images_u8 = resize_u8(images_u8, image_size, rng)
-    return ArrayDataset(images_u8, labels, class_names, name=name)
+    return ArrayDataset(images_u8, labels, class_names, name=name, source=source)
