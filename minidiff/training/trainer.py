@@ -19,8 +19,8 @@ by rows over the CPU cores with the pieces' losses and gradients summed (fast/cp
 With --gradient-accumulation-steps K the batch of line 2 has K B rows and line 5's gradient is the
 mean over K micro-batches of B rows (accumulate.py): the same step as one batch of K B rows.
 
-Run directory: config.json, log.jsonl, loss.png, samples/step_XXXXXX.png, checkpoints/latest.npz
-(and checkpoints/step_XXXXXX.npz of the last N saves with --checkpoints-total-limit N).
+Run directory (run_folder.py): config.json, log.jsonl, loss.png, samples/step_XXXXXX.png (previews.py) and
+checkpoints/latest.npz (run_state.py: saved behind a NaN guard; --resume checks it field by field).
 Shape legend: B batch, C channels, S image side, L prompt tokens.
 """
 
@@ -45,8 +45,8 @@ from ..data import load_dataset
 from ..data.tokenizer import Tokenizer
 from ..diffusion.loss import diffusion_loss, drop_condition, hybrid_loss, sample_timesteps
 from .optim import EMA, Adam, AdamW, lr_at
-from .report import ProgressBar, save_grid, save_loss_curve
-from .generate import generate
+from .previews import preview_grid, trainer_bundle
+from .report import ProgressBar, save_loss_curve
 from ..diffusion.schedule import add_noise, make_schedule
 from ..model.dropout import draw_dropout_masks
 from ..model.unet import count_params, init_params, unet_backward, unet_forward
@@ -201,26 +201,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ pictures
     def bundle(self, use_ema: bool = True) -> Bundle:
-        """The model as a Bundle for sampling (EMA weights by default; shares the arrays, no copy)."""
-        b = Bundle(self.ema.shadow if use_ema else self.params, self.model_config, self.schedule,
-                   self.conditioning, self.cfg.prediction_type, self.tokenizer, self.dataset.num_classes,
-                   self.dataset.class_names, self.dataset.image_size, ops=self.ops)
-        if self.cfg.variance_type != "fixed_small":  # DDPM sampling with the trained (or fixed_large) variance
-            b.sampler_options = {"variance_type": self.cfg.variance_type}
-        return b
+        """The model as a Bundle for sampling (EMA weights by default; shares the arrays): previews.py."""
+        return trainer_bundle(self, use_ema)
 
     def sample_grid(self, n: int = 18) -> Path:
-        """Save samples/step_XXXXXX.png: n EMA samples (DDIM, CFG scale cfg.guidance_scale), captioned."""
-        b = self.bundle()
-        labels = b.default_prompts(n)
-        cond = b.encode(prompts=labels, class_ids=labels if b.conditioning == "class" else None, n=n)
-        x = generate(b, cond, n, self.cfg.guidance_scale, "ddim", self.cfg.sample_steps, seed=self.cfg.seed,
-                     device=self.cfg.device, dtype=self.cfg.dtype)
-        path = self.out / "samples" / f"step_{self.step:06d}.png"
-        names = b.class_names or [str(i) for i in range(b.num_classes)]
-        save_grid(x, path, labels=[names[i] if b.conditioning == "class" else str(i) for i in labels], ncol=9)
-        save_loss_curve(np.arange(1, len(self.losses) + 1), self.losses, self.out / "loss.png")
-        return path
+        """Save samples/step_XXXXXX.png (n EMA samples, captioned) and redraw loss.png: previews.py."""
+        return preview_grid(self, n)
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop_after: int | None = None) -> dict:

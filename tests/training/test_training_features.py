@@ -9,7 +9,7 @@ import pytest
 
 from minidiff.cli import main
 from minidiff.nn.ops import REFERENCE
-from minidiff.training import trainer as trainer_mod
+from minidiff.training import previews
 from minidiff.training.checkpoint import load_checkpoint
 from minidiff.training.config import TrainConfig
 from minidiff.training.optim import lr_at, warmup_lr
@@ -81,7 +81,7 @@ def test_preview_grid_is_captioned_with_class_names_and_updates_the_loss_curve(t
     np.savez(tmp_path / "d.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0, 1, 0, 1]),
              class_names=np.array(["zero", "one"]))
     seen = {}
-    monkeypatch.setattr(trainer_mod, "save_grid", lambda x, path, labels, ncol: seen.setdefault("labels", labels))
+    monkeypatch.setattr(previews, "save_grid", lambda x, path, labels, ncol: seen.setdefault("labels", labels))
     t = Trainer(tiny(tmp_path / "r", data=str(tmp_path / "d.npz"), conditioning="class"), quiet)
     t.train_step()
     t.flush_losses()
