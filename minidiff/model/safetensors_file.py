@@ -113,7 +113,8 @@ def _tiled(path, entries: dict, data_size: int) -> None:
     at, last = 0, None
     for name, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
         if e.begin < at:
-            _fail(path, f"tensor {_short(name)} (bytes {e.begin}..{e.end}) overlaps tensor {_short(last)} (ends at {at})")
+            _fail(path, f"tensor {_short(name)} (bytes {e.begin}..{e.end}) overlaps tensor {_short(last)} "
+                        f"(ends at {at})")
         if e.begin > at:
             _fail(path, f"no tensor holds data bytes {at}..{e.begin} (a hole before tensor {_short(name)})")
         at, last = e.end, name

@@ -18,6 +18,7 @@ A scheduler's options keep their diffusers names in minidiff (diffusion/schedule
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from ..data.tokenizer import Tokenizer
 from ..diffusion.sampler import VARIANCE_TYPES
 from ..diffusion.schedule import PREDICTION_TYPES, check_choice, make_schedule
 from ..diffusion.timesteps import TIMESTEP_SPACINGS
+from ..model.config import LIMITS
 from ..model.pretrained import DIFFUSERS_CONFIG, load_pretrained, read_json
 
 MODEL_INDEX = "model_index.json"
@@ -41,6 +43,32 @@ SAMPLER_FIELDS = dict(variance_type="fixed_small", clip_sample=True, clip_sample
                       steps_offset=0, set_alpha_to_one=True)
 # fields that change nothing here: the thresholding knobs while thresholding is off; diffusers < 0.3's array type
 IGNORED_FIELDS = ("dynamic_thresholding_ratio", "sample_max_value", "tensor_format")
+# the JSON type of each field a scheduler_config.json may set ("number": finite int or float)
+FIELD_KINDS = dict(num_train_timesteps="int", beta_start="number", beta_end="number", beta_schedule="str",
+                   trained_betas="betas", rescale_betas_zero_snr="bool", variance_type="str", clip_sample="bool",
+                   clip_sample_range="number", timestep_spacing="str", steps_offset="int", set_alpha_to_one="bool",
+                   prediction_type="str")
+MAX_TRAIN_TIMESTEPS = 1_000_000  # num_train_timesteps of a file: DDPM's is 1000; the schedule holds T floats
+CONDITIONINGS = ("text", "class", "none")
+MAX_PROMPT_TOKENS = 4096  # a tokenizer's max_len: every prompt is encoded to that many ids
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_field(key: str, value, source: str) -> None:
+    """ValueError naming source and key unless value has the JSON type FIELD_KINDS gives key."""
+    kind = FIELD_KINDS[key]
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool), "number": _is_number(value),
+          "bool": isinstance(value, bool), "str": isinstance(value, str),
+          "betas": value is None or isinstance(value, list) and all(_is_number(b) for b in value)}[kind]
+    if not ok:
+        kind = "a list of numbers or null" if kind == "betas" else f"a {'finite ' * (kind == 'number')}{kind}"
+        raise ValueError(f"{source}: {key} must be {kind}, got {repr(value)[:80]}")
+    if key == "num_train_timesteps" and not 1 <= value <= MAX_TRAIN_TIMESTEPS:
+        raise ValueError(f"{source}: num_train_timesteps must be in 1..{MAX_TRAIN_TIMESTEPS:,} "
+                         f"(MAX_TRAIN_TIMESTEPS), got {value}")
 
 
 def is_diffusers_folder(path) -> bool:
@@ -62,6 +90,8 @@ def scheduler_options(d: dict, source: str = "scheduler") -> tuple:
     schedule, sampler = dict(SCHEDULE_FIELDS), dict(SAMPLER_FIELDS)
     prediction_type = "epsilon"
     for key, value in d.items():
+        if key in FIELD_KINDS:
+            check_field(key, value, source)
         if key in SCHEDULE_FIELDS:
             schedule[key] = value
         elif key in SAMPLER_FIELDS:
@@ -103,6 +133,40 @@ def check_pipeline(folder: Path) -> dict:
     return index
 
 
+def pipeline_meta(meta: dict, config, source: str) -> tuple:
+    """(conditioning, tokenizer or None, num_classes) of minidiff.json's contents, checked against the U-Net's
+    config; a field of the wrong type or one that does not fit the U-Net is a ValueError naming it."""
+    text, cls = config.cross_attention_dim is not None, config.num_class_embeds is not None
+    fits = {"text": text, "class": cls, "none": not (text or cls)}
+    conditioning = meta.get("conditioning") or next(c for c in CONDITIONINGS if fits[c])
+    if not isinstance(conditioning, str) or not fits.get(conditioning):
+        raise ValueError(f"{source}: conditioning {repr(conditioning)[:80]} does not fit this U-Net "
+                         f"(cross_attention_dim={config.cross_attention_dim}, "
+                         f"num_class_embeds={config.num_class_embeds})")
+    tokenizer = None
+    if meta.get("tokenizer"):
+        try:
+            tokenizer = Tokenizer.from_dict(meta["tokenizer"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: tokenizer: {str(err)[:200]}") from None
+        if tokenizer.max_len > MAX_PROMPT_TOKENS:
+            raise ValueError(f"{source}: the tokenizer's max_len must be at most {MAX_PROMPT_TOKENS:,} "
+                             f"(MAX_PROMPT_TOKENS), got {tokenizer.max_len:,}")
+        if config.context_vocab_size is not None and tokenizer.vocab_size != config.context_vocab_size:
+            raise ValueError(f"{source}: the tokenizer has {tokenizer.vocab_size} words, the U-Net's "
+                             f"context_vocab_size is {config.context_vocab_size}")
+    # a minidiff class model's last class id is the null class; a diffusers one has none (guidance scale 1)
+    num_classes = meta.get("num_classes", config.num_class_embeds or 0)
+    top = config.num_class_embeds if conditioning == "class" else LIMITS["num_class_embeds"]
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 0 <= num_classes <= top:
+        bound = "the U-Net's num_class_embeds" if conditioning == "class" else "config.LIMITS"
+        raise ValueError(f"{source}: num_classes must be an int in 0..{top:,} ({bound}), got {repr(num_classes)[:80]}")
+    names = meta.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{source}: class_names must be a list of strings, got {repr(names)[:80]}")
+    return conditioning, tokenizer, num_classes
+
+
 def bundle_fields(path, use_ema: bool = True, device: str = "cpu", dtype: str = "float32",
                   scheduler: dict | None = None) -> dict:
     """Bundle(**fields) of a diffusers pipeline folder or a bare UNet2DModel folder (is_diffusers_folder).
@@ -127,14 +191,10 @@ def bundle_fields(path, use_ema: bool = True, device: str = "cpu", dtype: str = 
         scheduler, source, unet = dict(scheduler or {}), "scheduler flags", folder
     schedule_kw, prediction_type, sampler_kw = scheduler_options(scheduler, source)
     params, config = load_pretrained(unet, dtype=np.dtype(dtype))
-    conditioning = meta.get("conditioning") or ("text" if config.cross_attention_dim else
-                                                "class" if config.num_class_embeds else "none")
-    tokenizer = Tokenizer.from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
+    conditioning, tokenizer, num_classes = pipeline_meta(meta, config, str(folder / MINIDIFF_META))
     if conditioning == "text" and tokenizer is None:
         raise ValueError(f"{str(folder)!r}: a text-conditioned U-Net needs the tokenizer of {MINIDIFF_META} "
                          "(written by minidiff export)")
-    # a minidiff class model's last class id is the null class; a diffusers one has none (guidance scale 1)
-    num_classes = meta.get("num_classes", config.num_class_embeds or 0)
     return dict(params={k: to_device(v, device) for k, v in params.items()}, config=config,
                 schedule=make_schedule(**schedule_kw), conditioning=conditioning, prediction_type=prediction_type,
                 tokenizer=tokenizer, num_classes=num_classes, class_names=meta.get("class_names"),

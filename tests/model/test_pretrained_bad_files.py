@@ -164,7 +164,7 @@ def test_good_safetensors_files_read_exactly(tmp_path):
 # ------------------------------------------------------------------------------- config.json of a folder
 def diffusers_folder(folder: Path, config=TINY, edit=None, edit_config=None) -> Path:
     """A UNet2DModel folder of config (weights written by st_bytes); edit(arrays), edit_config(dict) first."""
-    folder.mkdir()
+    folder.mkdir(parents=True)
     arrays = init_params(config, seed=0)
     if edit:
         edit(arrays)
@@ -368,3 +368,44 @@ def test_issue17_minidiff_sample_on_a_bad_folder_is_one_line_exit_2(tmp_path, ca
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
     assert lines[0].startswith("minidiff sample: error: ") and str(folder / file) in lines[0] and words in lines[0]
+
+
+# ------------------------------------------- a diffusers pipeline folder: scheduler_config.json and minidiff.json
+CLASS_TINY = dataclasses.replace(TINY, num_class_embeds=3)
+PIPELINE_CASES = {  # id: (file, its contents, words)
+    "scheduler_T_10**12": ("scheduler/scheduler_config.json", {"num_train_timesteps": 10**12},
+                           "num_train_timesteps must be in 1..1,000,000 (MAX_TRAIN_TIMESTEPS)"),
+    "scheduler_beta_start_a_string": ("scheduler/scheduler_config.json", {"beta_start": "x"},
+                                      "beta_start must be a finite number"),
+    "scheduler_clip_sample_range_a_string": ("scheduler/scheduler_config.json", {"clip_sample_range": "x"},
+                                             "clip_sample_range must be a finite number"),
+    "scheduler_trained_betas_a_dict": ("scheduler/scheduler_config.json", {"trained_betas": {"a": 1}},
+                                       "trained_betas must be a list of numbers or null"),
+    "meta_conditioning_unknown": ("minidiff.json", {"conditioning": "weird"}, "conditioning 'weird' does not fit"),
+    "meta_conditioning_text_on_a_class_model": ("minidiff.json", {"conditioning": "text"}, "does not fit"),
+    "meta_num_classes_a_string": ("minidiff.json", {"num_classes": "x"}, "num_classes must be an int in 0..3"),
+    "meta_num_classes_10**12": ("minidiff.json", {"num_classes": 10**12}, "num_classes must be an int in 0..3"),
+    "meta_class_names_an_int": ("minidiff.json", {"class_names": 5}, "class_names must be a list of strings"),
+    "meta_tokenizer_vocab_an_int": ("minidiff.json", {"tokenizer": {"vocab": 5, "max_len": 3}}, "tokenizer:"),
+    "meta_tokenizer_max_len_10**9": ("minidiff.json", {"tokenizer": {"vocab": ["<pad>", "a"], "max_len": 10**9}},
+                                     "max_len must be at most 4,096 (MAX_PROMPT_TOKENS)"),
+}
+
+
+@pytest.mark.parametrize("case", list(PIPELINE_CASES))
+def test_issue17_bad_pipeline_files_are_one_line_exit_2(tmp_path, capsys, case):
+    from minidiff.cli import main
+
+    file, contents, words = PIPELINE_CASES[case]
+    pipe = tmp_path / "pipe"
+    diffusers_folder(pipe / "unet", config=CLASS_TINY)
+    (pipe / "scheduler").mkdir()
+    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler"}))
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline",
+                                                        "unet": ["diffusers", "UNet2DModel"],
+                                                        "scheduler": ["diffusers", "DDPMScheduler"]}))
+    (pipe / "minidiff.json").write_text(json.dumps({"conditioning": "class", "num_classes": 2}))
+    (pipe / file).write_text(json.dumps(dict(json.loads((pipe / file).read_text()), **contents)))
+    assert main(["sample", "--checkpoint", str(pipe), "--out", str(tmp_path / "out"), "--n", "1", "--steps", "1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(pipe / file) in lines[0] and words in lines[0], lines
