@@ -1,10 +1,11 @@
 """fast/norm.py against nn/'s reference GroupNorm, SiLU and GroupNorm + SiLU, in float64.
 
-Paths: NumPy runs the CPU fold (fast/cpu/groupnorm.py) for GroupNorm and the reference itself for SiLU;
+Paths: NumPy runs the CPU fold (fast/cpu/groupnorm.py) for GroupNorm and SiLU with sigma(x) cached
+(fast/cpu/activations.py);
 CuPy runs the CUDA kernels (fast/cuda/groupnorm.py, fast/cuda/silu.py), here on the fake CuPy
 (tests/fake_cupy.py: the kernels emulated from their bodies), and on a real GPU where there is one.
 
-Tolerance: SiLU on NumPy is the reference function, bit for bit. GroupNorm is not: the fold does the
+Tolerance: SiLU on NumPy is the reference's arithmetic with sigma(x) kept, bit for bit. GroupNorm is not: the fold does the
 same algebra in another order (var as a BLAS dot product; y = (x - mean) (rstd gamma) + beta instead
 of gamma ((x - mean) rstd) + beta; dx = dy a + (x - mean) k1 + k0 from per-channel sums instead of the
 three group means; dgamma, dbeta summed per (n, c) first, then over n), so each output differs by
@@ -18,6 +19,10 @@ results and of that output's natural scale, the size of the terms that sum to it
 Measured over 3000 random shapes (0-2 spatial dims, group means 0 and 30; NumPy and the fake CuPy):
 1.3e-15 at most (y of GroupNorm + SiLU), 8e-16 for GroupNorm alone, so TOL has
 ~80x margin, and an indexing bug (an O(1) error) cannot hide under it.
+GroupNorm + SiLU on NumPy (issue 23) keeps y and s = sigma(h) and takes silu'(h) = s + y (1 - s) instead of
+s (1 + h (1 - s)): y is the fold's GroupNorm then nn/'s SiLU bit for bit; against nn/ (3000 random shapes as
+above, /tmp script in the issue 23 report) 1.0e-15 (y), 4.5e-16 (dx), 4.6e-16 (dgamma), 3.4e-16 (dbeta), and
+against the fold followed by nn/'s SiLU backward 3.7e-16 / 4.5e-16 / 3.3e-16: TOL again.
 """
 
 import numpy as np
@@ -29,6 +34,7 @@ import fake_cupy
 from gradcheck import rel_error
 from minidiff.backend import gpu_available, is_cupy_array, to_device, to_numpy
 from minidiff.fast import norm
+from minidiff.fast.cpu import groupnorm as groupnorm_cpu
 from minidiff.fast.ops import FAST
 from minidiff.nn import activations, groupnorm, groupnorm_silu
 
@@ -99,16 +105,29 @@ def test_groupnorm_matches_the_reference_on_numpy(n, g, cg, spatial, seed, offse
     assert len(cache) == len(cache_ref) and cache[0] is x and cache[1] is gamma and cache[4] == g
     np.testing.assert_array_equal(cache[2], cache_ref[2])
     assert rel_error(cache[3], cache_ref[3]) < TOL
+    # dy_is_scratch (GroupNorm + SiLU's dh): dx written into dy's buffer, the same numbers bit for bit
+    dx, dgamma, dbeta = norm.groupnorm_backward(dy, cache)
+    scratch = dy.copy()
+    for got, want in zip(groupnorm_cpu.groupnorm_backward(scratch, cache, dy_is_scratch=True), (dx, dgamma, dbeta)):
+        np.testing.assert_array_equal(got, want)
 
 
-@given(shape=st.lists(st.integers(1, 4), max_size=4).map(tuple), seed=st.integers(0, 2**16))
-def test_silu_is_the_reference_on_numpy(shape, seed):
-    x = np.asarray(20 * np.random.default_rng(seed).standard_normal(shape))
-    dy = np.ones_like(x)
+@given(shape=st.lists(st.integers(1, 4), max_size=4).map(tuple), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([np.float64, np.float32]))
+def test_silu_is_the_reference_on_numpy(shape, seed, dtype):
+    """sigma(x) kept from the forward: the reference's operations in its order, so bit for bit."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray(20 * rng.standard_normal(shape), dtype)
+    dy = np.asarray(rng.standard_normal(shape), dtype)
     y, cache = norm.silu_forward(x)
     y_ref, cache_ref = activations.silu_forward(x)
     np.testing.assert_array_equal(y, y_ref)
-    np.testing.assert_array_equal(norm.silu_backward(dy, cache), activations.silu_backward(dy, cache_ref))
+    assert cache[0] is x and len(cache) == 2  # (x, sigma(x))
+    dx_ref = activations.silu_backward(dy, cache_ref)
+    dy_before = dy.copy()
+    np.testing.assert_array_equal(norm.silu_backward(dy, cache), dx_ref)
+    np.testing.assert_array_equal(norm.silu_backward(dy, cache_ref), dx_ref)  # the reference's cache works too
+    np.testing.assert_array_equal(dy, dy_before)  # the upstream gradient is not written into
 
 
 @given(**shapes)
@@ -119,8 +138,17 @@ def test_groupnorm_silu_matches_the_reference_on_numpy(n, g, cg, spatial, seed, 
     y_ref, cache_ref = groupnorm_silu.groupnorm_silu_forward(x, gamma, beta, g)
     # dh = silu'(h) dy takes dy's place in the scales; |silu'| < 1.1, so dy's scales with a 1.1 margin
     scales = [1.1 * s for s in _scales(x, gamma, dy, g)]
-    _assert_close((y, *norm.groupnorm_silu_backward(dy, cache)),
-                  (y_ref, *groupnorm_silu.groupnorm_silu_backward(dy, cache_ref)), scales)
+    dy_before = dy.copy()
+    got = (y, *norm.groupnorm_silu_backward(dy, cache))
+    np.testing.assert_array_equal(dy, dy_before)  # dh is the backward's own buffer, never dy
+    assert not np.shares_memory(got[1], dy) and not np.shares_memory(got[1], y)
+    _assert_close(got, (y_ref, *groupnorm_silu.groupnorm_silu_backward(dy, cache_ref)), scales)
+    # y is the fold's GroupNorm followed by nn/'s SiLU, bit for bit; the backward within rounding of that pair's
+    h, norm_cache = groupnorm_cpu.groupnorm_forward(x, gamma, beta, g)
+    y_pair, act = activations.silu_forward(h)
+    np.testing.assert_array_equal(y, y_pair)
+    _assert_close(got[1:], groupnorm_cpu.groupnorm_backward(activations.silu_backward(dy, act), norm_cache),
+                  scales[1:])
 
 
 def test_fast_ops_name_the_bad_argument():

@@ -52,8 +52,9 @@ def groupnorm_forward(x, gamma, beta, num_groups, eps=1e-5):
     return y.reshape(x.shape), (x, gamma, mean, rstd, g)  # nn/groupnorm.py's cache
 
 
-def groupnorm_backward(dy, cache):
-    """nn.groupnorm.groupnorm_backward, from two sums per (sample, channel):
+def groupnorm_backward(dy, cache, dy_is_scratch=False):
+    """nn.groupnorm.groupnorm_backward, from two sums per (sample, channel) (dy_is_scratch: dx overwrites dy,
+    for a caller whose dy is its own temporary, fast/cpu/activations.py's dh):
 
     s1 = sum_S dy and s2 = sum_S dy * (x - mean). With xhat = (x - mean) * rstd, the group sums of
     the three-term formula are
@@ -83,6 +84,11 @@ def groupnorm_backward(dy, cache):
     k0 = -rstd * a1 / m  # (N, G)
     xc *= k1[:, :, None]
     xc += k0[:, :, None]  # (N, G, M) now (x - mean) * k1 + k0
-    dx = dy3 * (rstd_c * gamma)[:, :, None]  # (N, C, L) dy * a, a = rstd * gamma
+    a = (rstd_c * gamma)[:, :, None]  # (N, C, 1) a = rstd * gamma, the forward's scale
+    if dy_is_scratch:
+        dx = dy3  # (N, C, L) dy's buffer, dead after this
+        dx *= a
+    else:
+        dx = dy3 * a  # (N, C, L) dy * a
     dx += xc3
     return dx.reshape(x.shape), dgamma, dbeta
