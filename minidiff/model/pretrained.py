@@ -11,10 +11,9 @@
 Every file is written to a temporary file in the same folder and then moved over the target with
 os.replace, so a failed save never leaves a half-written file or corrupts an existing one.
 
-Reading trusts nothing in a file. Every declared size is checked before it is allocated: the .npz
-members' .npy headers against their zip entries, the safetensors header against the file's size,
-the config against config.LIMITS. The weights' names and shapes are checked against the config
-before any weight is read. Every failure is one ValueError line naming the file and the field.
+Reading trusts no file: declared sizes are checked before anything is allocated (.npy headers against
+their zip entries, the safetensors header against the file, the config against config.LIMITS), names and
+shapes against the config before any weight is read; each failure is one ValueError line naming the file.
 
 Shape legend: none; arrays keep the shapes of unet.param_shapes(config).
 """
@@ -60,20 +59,19 @@ def read_json(path: Path) -> dict:
     is a one-line ValueError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{str(path)!r} is not a readable JSON file: "
-                         f"{'it is not a regular file' if path.exists() else 'it does not exist'}")
-    try:
-        with open(path, "rb") as f:
-            data = f.read(min(os.fstat(f.fileno()).st_size, MAX_JSON_BYTES) + 1)  # read(n) allocates n
-        if len(data) <= MAX_JSON_BYTES:
+        why = "it is not a regular file" if path.exists() else "it does not exist"
+    else:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(min(os.fstat(f.fileno()).st_size, MAX_JSON_BYTES) + 1)  # read(n) allocates n bytes
+            if len(data) > MAX_JSON_BYTES:
+                raise ValueError(f"it is larger than {MAX_JSON_BYTES:,} bytes (MAX_JSON_BYTES)")
             d = json.loads(data.decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as err:  # UnicodeDecodeError, JSONDecodeError: ValueErrors
-        why = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"{str(path)!r} is not a readable JSON file: {why}") from None
-    if len(data) > MAX_JSON_BYTES:
-        raise ValueError(f"{str(path)!r} is larger than {MAX_JSON_BYTES:,} bytes (MAX_JSON_BYTES): not a config")
-    if not isinstance(d, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(d).__name__}")
+            why = None if isinstance(d, dict) else f"it must hold a JSON object, got {type(d).__name__}"
+        except (OSError, ValueError, RecursionError) as err:  # UnicodeDecodeError, JSONDecodeError: ValueErrors
+            why = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
+    if why:
+        raise ValueError(f"{str(path)!r} is not a readable JSON file: {why}")
     return d
 
 
@@ -96,8 +94,7 @@ def _safetensors_numpy():
     try:
         import safetensors.numpy as stn  # noqa: PLC0415  (optional dependency)
     except ImportError:
-        raise ImportError(f"reading or writing .safetensors needs the safetensors package: {SAFETENSORS_HINT}"
-                          ) from None
+        raise ImportError(f"writing .safetensors needs the safetensors package: {SAFETENSORS_HINT}") from None
     return stn
 
 
@@ -199,8 +196,7 @@ def _match(declared: dict, config: UNetConfig, source: str) -> None:
 
 
 def _finish(arrays: dict, config: UNetConfig, source: str, dtype) -> dict:
-    """The arrays in param_shapes(config) order, as dtype (None: float32/float64 kept, float16 -> float32),
-    after checking every weight is finite (NaN or inf weights sample black images)."""
+    """The arrays in param_shapes order as dtype (None: float32/64 kept, else float32), all checked finite."""
     params = {}
     for key in param_shapes(config):
         a = arrays[key]
@@ -220,9 +216,14 @@ def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple:
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
     stored = info.compress_type == zipfile.ZIP_STORED
     if nbytes > info.file_size or info.file_size > (1 if stored else DEFLATE_MAX_RATIO) * info.compress_size:
-        raise ValueError(f"member {info.filename!r} declares {shape} {dtype} = {nbytes:,} bytes in an entry of "
+        raise ValueError(f"member {info.filename[:80]!r} declares {shape} {dtype} = {nbytes:,} bytes in an entry of "
                          f"{info.compress_size:,} bytes")
     return shape, dtype
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    with zf.open(info) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)  # an object array (a pickle) is a ValueError
 
 
 def _read_npz(path: Path) -> tuple:
@@ -238,10 +239,9 @@ def _read_npz(path: Path) -> tuple:
                 raise LookupError(f"it holds no {CONFIG_KEY!r} entry: not written by save_pretrained")
             if heads[CONFIG_KEY][0] != () or heads[CONFIG_KEY][1].kind != "U":
                 raise ValueError(f"its {CONFIG_KEY!r} entry is not a string")
-            text = str(np.lib.format.read_array(zf.open(infos[CONFIG_KEY]), allow_pickle=False))
-            config = _parse_config(text, f"{source} {CONFIG_KEY!r}")
+            config = _parse_config(str(_read_member(zf, infos[CONFIG_KEY])), f"{source} {CONFIG_KEY!r}")
             _match({k: (s, d.kind == "f") for k, (s, d) in heads.items() if k != CONFIG_KEY}, config, source)
-            arrays = {k: np.lib.format.read_array(zf.open(infos[k]), allow_pickle=False) for k in param_shapes(config)}
+            arrays = {k: _read_member(zf, infos[k]) for k in param_shapes(config)}
     except (OSError, EOFError, LookupError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error) as err:
         raise ValueError(f"{source} is not a readable .npz file: {(str(err).splitlines() or [''])[0]}") from None
     except ValueError as err:
@@ -261,13 +261,11 @@ def _read_weights(path: Path, config: UNetConfig) -> dict:
 def load_pretrained(path, dtype=None) -> tuple:
     """Read (params, config) written by save_pretrained, or a diffusers UNet2DModel folder.
 
-    Inputs:  path (.npz, .safetensors, or a folder with config.json and
-             diffusion_pytorch_model.safetensors); dtype None (keep float32/float64; float16, bfloat16
-             -> float32) or float32 / float64.
+    Inputs:  path (.npz, .safetensors, or a folder with config.json and diffusion_pytorch_model.safetensors);
+             dtype None (keep float32/float64; float16, bfloat16 -> float32) or float32 / float64.
     Returns: params {key: np.ndarray} in param_shapes order, config UNetConfig.
-    Raises FileNotFoundError for a missing path, and for a malformed file (or one whose config minidiff
-    cannot build or whose weights do not fit their config) a one-line ValueError naming the file and field.
-    """
+    Raises FileNotFoundError for a missing path; a malformed file, a config minidiff cannot build or weights
+    that do not fit it are one ValueError line naming the file and the field."""
     path = Path(path)
     if dtype is not None and np.dtype(dtype) not in (np.float32, np.float64):
         raise ValueError(f"dtype must be None, float32 or float64, got {dtype!r}")

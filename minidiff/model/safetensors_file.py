@@ -88,7 +88,7 @@ def _entry(path, name: str, info, data_size: int) -> Entry:
             _fail(path, f"{where} has no {field!r}")
     extra = sorted(set(info) - set(FIELDS))
     if extra:
-        _fail(path, f"{where} has an unknown field {extra[0]!r} (fields: {', '.join(FIELDS)})")
+        _fail(path, f"{where} has an unknown field {_short(extra[0])} (fields: {', '.join(FIELDS)})")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
         _fail(path, f"{where} has dtype {_short(dtype)}; minidiff reads {', '.join(DTYPES)}")
@@ -98,12 +98,12 @@ def _entry(path, name: str, info, data_size: int) -> Entry:
         _fail(path, f"{where} has data_offsets {_short(offsets)}; they must be [begin, end], two ints")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
-        _fail(path, f"{where} has data_offsets [{begin}, {end}]; they must satisfy 0 <= begin <= end <= "
+        _fail(path, f"{where} has data_offsets {_short(offsets)}; they must satisfy 0 <= begin <= end <= "
                     f"{data_size:,} (the data's size: the file is truncated or the offsets are wrong)")
     nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize  # Python ints: no overflow
     if end - begin != nbytes:
         size = f"{nbytes:,} bytes" if nbytes < 2**64 else "more than 2**64 bytes"
-        _fail(path, f"{where} is {dtype} {_short(tuple(shape))} = {size}, but its data_offsets [{begin}, {end}] "
+        _fail(path, f"{where} is {dtype} {_short(tuple(shape))} = {size}, but its data_offsets {_short(offsets)} "
                     f"hold {end - begin:,}")
     return Entry(dtype, tuple(shape), begin, end)
 
@@ -125,8 +125,9 @@ def _tiled(path, entries: dict, data_size: int) -> None:
 def read_header(path) -> Header:
     """The validated Header of a .safetensors file (see the module docstring); reads no tensor data."""
     path = Path(path)
-    if path.is_dir():
-        _fail(path, "it is a folder, not a file")
+    if not path.is_file():  # a folder, a device (/dev/zero), a FIFO: nothing to read a bounded header from
+        _fail(path, "it is a folder, not a file" if path.is_dir() else
+              "it is not a regular file" if path.exists() else "it does not exist")
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:

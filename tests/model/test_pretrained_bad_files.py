@@ -183,7 +183,7 @@ def with_fields(**fields):
 CONFIG_CASES = {  # id: (edit of the config dict, or the file's bytes; words)
     "not_json": (lambda d: b'{"sample_size": 8', "not a readable JSON file"),
     "not_utf8": (lambda d: b'{"\xff": 1}', "not a readable JSON file"),
-    "a_list": (lambda d: b"[1, 2, 3]", "must hold a JSON object, got list"),
+    "a_list": (lambda d: b"[1, 2, 3]", "it must hold a JSON object, got list"),
     "a_number": (lambda d: b"42", "must hold a JSON object, got int"),
     "nested_100000_deep": (lambda d: b"[" * 100_000, "not a readable JSON file"),
     "sample_size_a_string": (with_fields(sample_size="8"), "sample_size must be an int in 1..4,096"),
@@ -237,10 +237,13 @@ def test_issue17_oversized_or_special_json_files(tmp_path):
     big.write_bytes(b"{" + b" " * MAX_JSON_BYTES + b"}")
     with pytest.raises(ValueError) as err:
         read_json(big)
-    one_line(err, big, "16,777,216 bytes (MAX_JSON_BYTES)")
+    one_line(err, big, "not a readable JSON file: it is larger than 16,777,216 bytes (MAX_JSON_BYTES)")
     (tmp_path / "dir.json").mkdir()
     refused(lambda: read_json(tmp_path / "dir.json"), tmp_path / "dir.json", "not a regular file")
     refused(lambda: read_json(tmp_path / "none.json"), tmp_path / "none.json", "does not exist")
+    if os.path.exists("/dev/zero"):  # endless: only a bounded read of a regular file is safe
+        refused(lambda: read_json("/dev/zero"), "/dev/zero", "not a regular file")
+        refused(lambda: read_safetensors("/dev/zero"), "/dev/zero", "not a regular file")
 
 
 # --------------------------------------------------------------------------------- weights vs their config
