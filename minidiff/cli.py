@@ -7,8 +7,6 @@ so each flag, its type and its default are written once, next to a comment sayin
 from __future__ import annotations
 
 import argparse
-import errno
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -16,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .fast.cpu.allocator import keep_freed_memory
-from .backend import BackendError, check_tf32, set_tf32
+from .backend import check_tf32, set_tf32
+from .cli_errors import EXIT_CODES, OneLineParser, check_can_create, classify_error, os_error_line  # noqa: F401
 from .nn.ops import REFERENCE
 from .training.config import (SCHEDULER_FLAGS, SHARD_MODES, SampleConfig, TrainConfig, add_dataclass_args,
                            check_finite, check_shards, dataclass_from_args, resolve_device, validate_sample_config,
@@ -49,6 +48,7 @@ def cmd_train(args) -> int:
     return 0
 
 
+MAX_SAMPLES = 100_000  # the most images (--n, --n-per-class) or steps one sample/eval command takes
 MAX_TRAIN_TIMESTEPS = 100_000  # --num-train-timesteps' upper bound (DDPM uses 1000; each T costs T floats)
 
 
@@ -116,8 +116,8 @@ def cmd_sample(args) -> int:
     cfg = dataclass_from_args(SampleConfig, args)
     validate_sample_config(cfg)
     for flag, value in (("--n", cfg.n), ("--steps", cfg.steps)):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+        if not 1 <= value <= MAX_SAMPLES:
+            raise ValueError(f"{flag} must be in [1, {MAX_SAMPLES:,}] (cli.MAX_SAMPLES), got {value}")
     if cfg.dtype not in ("float32", "float64"):
         raise ValueError(f"--dtype must be float32 or float64, got {cfg.dtype!r}")
     if not cfg.checkpoint:
@@ -162,21 +162,6 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def check_can_create(folder: Path) -> None:
-    """OSError naming folder (ENOTDIR, EACCES) unless it is a folder, or could be made, and is writable; makes
-    nothing (a failed command leaves no empty output folder behind)."""
-    folder = Path(folder).expanduser()
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.exists():
-        return
-    if not probe.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probe if probe == folder else folder))
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(probe))
-
-
 def load_noise(path) -> np.ndarray:
     """The float array of a --noise .npy file (read without pickle); one line naming the file otherwise."""
     try:
@@ -210,8 +195,8 @@ def cmd_eval(args) -> int:
     for flag, value, low in (("--n-per-class", args.n_per_class, 1), ("--steps", args.steps, 1), ("--n", args.n, 1),
                              ("--batch-size", args.batch_size, 1), ("--nll-timesteps", args.nll_timesteps, 0),
                              ("--threads", args.threads, 0)):
-        if value < low:
-            raise ValueError(f"{flag} must be >= {low}, got {value}")
+        if not low <= value <= MAX_SAMPLES:
+            raise ValueError(f"{flag} must be in [{low}, {MAX_SAMPLES:,}] (cli.MAX_SAMPLES), got {value}")
     if check_tf32(args.tf32, args.device, args.dtype):
         set_tf32(True)
     if args.nll:
@@ -246,14 +231,6 @@ def cmd_info(args) -> int:
     print("U-Net presets (parameters):")
     print_param_counts()
     return 0
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr ("minidiff train: error: argument --steps: ..."),
-    exit status 2, like every other error (the usage is in --help). Subcommands inherit the class."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,59 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_oracle_parser(sub)
     p.description = f"{__doc__.splitlines()[0].split(':')[0]}: {', '.join(sub.choices)}"  # every command
     return p
-
-
-EXIT_CODES = """exit status:
-  0    done
-  1    training diverged, or the model gave non-finite output (try a lower --lr or an earlier checkpoint)
-  2    bad input: a flag, a missing or malformed file (image, .npz, checkpoint, JSON, safetensors)
-  3    the system refused: disk full, permission denied, a path that is a file where a folder is needed
-       (or the reverse), any other OS error; the message names the path
-  4    out of memory (try a smaller --batch-size, --n or input)
-  130  interrupted (Ctrl-C)
-every error is one line on stderr: "minidiff COMMAND: error: ..." """
-
-OS_HINTS = {  # errno -> what to do
-    errno.ENOSPC: "the disk is full; free some space or pass another --out",
-    errno.EDQUOT: "the disk quota is exhausted; free some space or pass another --out",
-    errno.EACCES: "permission denied; pass a path you can write (or read) or change its permissions",
-    errno.EPERM: "operation not permitted; pass another path or change its permissions",
-    errno.EROFS: "the file system is read-only; pass another --out",
-    errno.ENOTDIR: "a part of this path is a file, not a folder; pass another path",
-    errno.EISDIR: "this is a folder where a file is needed; pass a file",
-    errno.ENAMETOOLONG: "the name is too long; pass a shorter path",
-    errno.EMFILE: "too many open files; raise the limit (ulimit -n) or use fewer --threads",
-}
-
-
-def os_error_line(err: OSError) -> str:
-    """One line for an OSError: the path(s), the system's words, what to do."""
-    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None) or "(path not known)"
-    what = err.strerror or str(err) or type(err).__name__
-    hint = OS_HINTS.get(err.errno, "check the path and try again")
-    return f"{paths}: {what}; {hint}"
-
-
-def classify_error(err: BaseException) -> tuple[int, str] | None:
-    """(exit status, message) for an error the CLI reports in one line; None: a bug, keep the traceback."""
-    name = type(err).__name__
-    if isinstance(err, (FileNotFoundError, FileExistsError)) and err.strerror is None:
-        return 2, str(err)  # minidiff's own messages
-    if name == "DecompressionBombError" or name == "UnidentifiedImageError":  # PIL's (the latter an OSError)
-        return 2, f"cannot read an image ({err}); remove or replace the file"
-    if name == "SafetensorError":  # safetensors' Rust errors
-        return 2, f"malformed .safetensors file ({err}); replace the file"
-    if isinstance(err, (ValueError, BackendError)):  # json.JSONDecodeError included
-        return 2, str(err)
-    if isinstance(err, FileNotFoundError):
-        return 2, os_error_line(err)
-    if isinstance(err, OSError):
-        return 3, os_error_line(err)
-    if isinstance(err, MemoryError):
-        return 4, f"out of memory ({err or 'an allocation failed'}); try a smaller --batch-size, --n or input"
-    if isinstance(err, RuntimeError):  # TrainingDiverged and friends
-        return 1, str(err)
-    return None
 
 
 def main(argv=None) -> int:

@@ -31,6 +31,7 @@ class Case:
     subprocess: bool = False  # run as a real `python -m minidiff` (the rest go through the fork server)
     needs_non_root: str = ""  # a reason: skipped when root (permission bits do not stop root)
     progress_ok: bool = False  # stderr may hold progress-bar lines before the one error line (training ran)
+    writes: tuple = ()  # top-level names in the case folder the command may create or change (a diverged run's own)
 
 
 CASES: list[Case] = []
@@ -211,7 +212,9 @@ add("sample-unknown-word", "sample",
 add("sample-steps-past-T", "sample", lambda w, fx: [*_sample(w, fx), "--steps", "5000"], says=["5000"])
 add("sample-scheduler-flag-on-a-run", "sample", lambda w, fx: [*_sample(w, fx), "--beta-schedule", "linear"],
     says=["--beta-schedule"])
-add("sample-n-huge", "sample", lambda w, fx: [*_sample(w, fx), "--n", "100000000"], code=(2, 4), says=["--n"])
+add("sample-n-huge", "sample", lambda w, fx: [*_sample(w, fx), "--n", "100000000"], says=["--n"])
+add("eval-n-per-class-huge", "eval", lambda w, fx: ["eval", "--checkpoint", fx.copy("run", w), "--out", "o",
+                                                    "--n-per-class", "100000000"], says=["--n-per-class"])
 add("eval-checkpoint-missing", "eval", lambda w, fx: ["eval", "--checkpoint", "nowhere", "--out", "o"],
     says=["nowhere"])
 add("eval-out-under-a-file", "eval", lambda w, fx: (_file(w), ["eval", "--checkpoint", fx.copy("run", w), "--out", "file/o"])[1],
@@ -628,3 +631,32 @@ loader_case("idx-label-folder", _folder("m", {IDX_IMG: lambda p: p.write_bytes(F
                                               IDX_LAB: lambda p: p.write_bytes(F.idx([4], b"\0\1\2\3")),
                                               "extra.png": lambda p: F.png_header(p, 50000, 50000)}), None)
 CASES.pop()  # an IDX folder ignores stray images: not an error
+
+
+# ============================================================================ diverged or non-finite (exit 1)
+
+add("train-diverges-lr-1e6", "train", lambda w, fx: ["train", *TRAIN, "--lr", "1e6", "--save-every", "1", "--steps",
+                                                      "6", "--grad-clip", "0", "--warmup-steps", "0", "--reference"],
+    code=1, says=["--lr"], progress_ok=True, writes=("run",))
+ckpt_case("overflowing-weights", arrays=lambda flat: {k: (v * np.float32(1e30) if k.startswith(("params/", "ema/"))
+                                                         and v.ndim > 1 else v) for k, v in flat.items()},
+          code=1, says=("non-finite",), progress_ok=True)
+
+# ============================================================================ a folder where a file is expected
+
+add("train-data-npz-is-a-folder", "train", lambda w, fx: ((w / "d.npz").mkdir(), ["train", *TRAIN, "--data", "d.npz"])[1],
+    code=(2, 3), says=["d.npz"])
+add("sample-checkpoint-npz-is-a-folder", "sample",
+    lambda w, fx: ((w / "c.npz").mkdir(), ["sample", "--checkpoint", "c.npz", *SAMPLE])[1], code=(2, 3), says=["c.npz"])
+add("export-out-is-a-file", "export",
+    lambda w, fx: (_file(w), ["export", "--checkpoint", fx.copy("run", w), "--out", "file"])[1], code=(2, 3),
+    says=["file"])
+add("train-classifier-out-is-a-file", "train-classifier",
+    lambda w, fx: (_file(w), ["train-classifier", "--out", "file", "--preset", "tiny", "--steps", "1",
+                              "--batch-size", "2"])[1], code=(2, 3), says=["file"])
+add("eval-out-is-a-file", "eval", lambda w, fx: (_file(w), ["eval", "--checkpoint", fx.copy("run", w), "--out", "file",
+                                                            "--n-per-class", "1", "--steps", "2", "--threads", "1"])[1],
+    code=(2, 3), says=["file"])
+add("load_pretrained-folder-is-a-file", "load_pretrained", lambda w, fx: (
+    _file(w, "unet"), {"call": "minidiff.model.pretrained:load_pretrained", "args": [str(w / "unet")]})[1],
+    says=["unet"])
