@@ -61,9 +61,9 @@ def evaluate_nll(checkpoint, data: str = "", n: int = 64, batch_size: int = 64, 
         data = load_run(checkpoint)[1]["train_config"]["data"]
     dataset = load_dataset(data)
     if (dataset.channels, dataset.image_size) != (bundle.config.in_channels, bundle.config.sample_size):
-        raise ValueError(f"data {dataset.name!r} has {dataset.channels} channels of {dataset.image_size}x"
-                         f"{dataset.image_size}; the model takes {bundle.config.in_channels} of "
-                         f"{bundle.config.sample_size}x{bundle.config.sample_size}")
+        raise ValueError(f"data {data if isinstance(data, str) else dataset.name!r} has {dataset.channels} channels "
+                         f"of {dataset.image_size}x{dataset.image_size}; the model takes {bundle.config.in_channels} "
+                         f"of {bundle.config.sample_size}x{bundle.config.sample_size} (pass --data of that size)")
     T = bundle.schedule.num_train_timesteps
     ts = None if timesteps in (0, T) else strided_timesteps(T, timesteps)
     x, labels, captions = held_out_images(dataset, n, seed)

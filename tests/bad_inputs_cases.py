@@ -660,3 +660,17 @@ add("eval-out-is-a-file", "eval", lambda w, fx: (_file(w), ["eval", "--checkpoin
 add("load_pretrained-folder-is-a-file", "load_pretrained", lambda w, fx: (
     _file(w, "unet"), {"call": "minidiff.model.pretrained:load_pretrained", "args": [str(w / "unet")]})[1],
     says=["unet"])
+
+# ============================================================================ eval --nll on hostile data (nll.py reads it)
+
+for _id, _make, _says in (("label-2**40.npz", _npz("l.npz", images=F.images(4, 16), labels=np.array([0, 1, 2**40, 3])),
+                           ["l.npz"]),
+                          ("bomb-folder", _folder("b", {"a.png": lambda p: F.png(p, 16),
+                                                        "bomb.png": lambda p: F.png_header(p, 50000, 50000)}),
+                           ["bomb.png"]),
+                          ("idx-gz-bomb", _bytes(IDX_IMG + ".gz", F.gzip_bomb(F.idx([2, 16, 16], b"\0" * 512))),
+                           [IDX_IMG]),
+                          ("wrong-size.npz", _npz("s.npz", images=F.images(4, 8)), ["s.npz"])):
+    add(f"eval-nll-data-{_id}", "eval", lambda w, fx, m=_make: ["eval", "--checkpoint", fx.copy("run", w), "--nll",
+                                                                "--data", m(w), "--out", "o", "--n", "2",
+                                                                "--threads", "1"], says=_says)
