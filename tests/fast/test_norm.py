@@ -151,6 +151,28 @@ def test_groupnorm_silu_matches_the_reference_on_numpy(n, g, cg, spatial, seed, 
                   scales[1:])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_groupnorm_silu_saturates_as_the_reference(dtype):
+    """h far below -88 (float32) / -709 (float64): exp(-h) overflows to inf, sigma(h) to 0, silently, as in nn/;
+    y equals the fold followed by nn/'s SiLU bit for bit, and the gradient through a saturated SiLU is 0."""
+    x, gamma, beta, dy = _inputs(2, 2, 3, (4, 4), seed=5)
+    x, gamma, beta, dy = (a.astype(dtype) for a in (x, gamma, beta, dy))
+    gamma = (gamma * 500).astype(dtype)  # |h| up to ~1500
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # no warning escapes (underflow: NumPy ignores)
+        y, cache = norm.groupnorm_silu_forward(x, gamma, beta, 2)
+        dx, dgamma, dbeta = norm.groupnorm_silu_backward(dy, cache)
+    h, norm_cache = groupnorm_cpu.groupnorm_forward(x, gamma, beta, 2)
+    with np.errstate(over="ignore"):
+        y_pair, act = activations.silu_forward(h)
+    np.testing.assert_array_equal(y, y_pair)
+    assert (h < -800).any() and (y[h < -800] == 0).all()
+    want = groupnorm_cpu.groupnorm_backward(activations.silu_backward(dy, act), norm_cache)
+    for got, w in zip((dx, dgamma, dbeta), want):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, w, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                                   atol=1e-6 * np.abs(w).max())
+
+
 def test_fast_ops_name_the_bad_argument():
     x, gamma, beta, dy = _inputs(2, 2, 2, (3, 3), seed=3)
     with pytest.raises(ValueError, match="num_groups"):
