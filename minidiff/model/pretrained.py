@@ -250,9 +250,9 @@ def _read_npz(path: Path) -> tuple:
     return arrays, config
 
 
-def _read_weights(path: Path, config: UNetConfig) -> dict:
-    """The arrays of a .safetensors file after checking its header against config."""
-    header = read_header(path)
+def _read_weights(path: Path, config: UNetConfig, header=None) -> dict:
+    """The arrays of a .safetensors file after checking its header (read_header's) against config."""
+    header = header or read_header(path)
     _match({k: (e.shape, e.dtype in ("F16", "BF16", "F32", "F64")) for k, e in header.entries.items()}, config,
            repr(str(path)))
     return read_tensors(path, header, param_shapes(config))
@@ -277,12 +277,13 @@ def load_pretrained(path, dtype=None) -> tuple:
     if kind == "npz":
         arrays, config = _read_npz(path)
     elif kind == "safetensors":
-        meta = read_header(path).metadata
+        header = read_header(path)
+        meta = header.metadata
         if METADATA_KEY not in meta:
             raise ValueError(f"{str(path)!r} has no {METADATA_KEY!r} metadata: not written by save_pretrained "
                              "(for a diffusers model, pass its folder)")
         config = _parse_config(meta[METADATA_KEY], f"{str(path)!r} metadata {METADATA_KEY!r}")
-        arrays = _read_weights(path, config)
+        arrays = _read_weights(path, config, header)
     elif path.is_dir():
         if not (path / DIFFUSERS_CONFIG).is_file():
             raise ValueError(f"folder {str(path)!r} has no {DIFFUSERS_CONFIG}: not a diffusers model folder")

@@ -412,3 +412,41 @@ def test_issue17_bad_pipeline_files_are_one_line_exit_2(tmp_path, capsys, case):
     assert main(["sample", "--checkpoint", str(pipe), "--out", str(tmp_path / "out"), "--n", "1", "--steps", "1"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and str(pipe / file) in lines[0] and words in lines[0], lines
+
+
+# ----------------------------------------------------------------------- random damage: ValueError or success
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_issue17_randomly_damaged_files_give_one_line_or_load(tmp_path, suffix):
+    """80 seeded mutations (bytes overwritten, cut, inserted) of a good file: each loads or is one ValueError line;
+    nothing else escapes and nothing allocates more than a few times the file."""
+    path = tmp_path / f"m{suffix}"
+    mini = dataclasses.replace(TINY, block_out_channels=(8,), down_block_types=("DownBlock2D",),
+                               up_block_types=("UpBlock2D",), add_attention=False)  # 64 weights: a fast load
+    if suffix == ".npz":
+        good = npz_of(path, good_npz_members(mini)).read_bytes()
+    else:
+        good = st_bytes(init_params(mini, seed=0), metadata={"minidiff_config": mini.to_json()})
+    rng = np.random.default_rng(17)
+    outcomes = {"loaded": 0, "refused": 0}
+    for _ in range(80):
+        data, at = bytearray(good), int(rng.integers(len(good)))
+        how = rng.integers(3)
+        if how == 0:
+            data[at:at + 4] = rng.integers(0, 256, 4, dtype=np.uint8).tobytes()
+        elif how == 1:
+            del data[at:]
+        else:
+            data[at:at] = rng.integers(0, 256, int(rng.integers(1, 9)), dtype=np.uint8).tobytes()
+        path.write_bytes(bytes(data))
+        tracemalloc.start()
+        try:
+            load_pretrained(path)
+            outcomes["loaded"] += 1
+        except ValueError as err:
+            assert "\n" not in str(err) and str(path) in str(err), str(err)
+            outcomes["refused"] += 1
+        finally:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        assert peak < 8 * len(good) + PEAK_BYTES, peak
+    assert outcomes["refused"] > 30, outcomes
