@@ -125,6 +125,66 @@ def test_float32_error_like_conv2d(shape):
         assert e_w < 2e-6 and e_w < 4 * e_i + 1e-7, (name, e_w, e_i)
 
 
+@given(n=st.integers(1, 3), C=st.integers(1, 3), H=st.integers(1, 9), W=st.integers(1, 9), offset=st.sampled_from([0, 1]))
+@example(n=1, C=1, H=1, W=1, offset=1)
+@example(n=1, C=1, H=2, W=2, offset=0)
+def test_phases_are_the_padded_pixels_and_their_adjoint(n, C, H, W, offset):
+    """_to_phases puts pixel (2i + r - offset, 2j + q - offset) at [r, q, i, j] and zeros elsewhere;
+    _from_phases reads those entries back: a copy, so exact, and its adjoint in float64."""
+    rng = np.random.default_rng(H * 10 + W)
+    x = rng.standard_normal((n, C, H, W))
+    I, J = (H + 1) // 2 + offset, (W + 1) // 2 + offset
+    ph = np.full((2, 2, I, J, n, C), np.nan)
+    winograd._to_phases(x, ph, offset)
+    want = np.zeros_like(ph)
+    for r, q, i, j in np.ndindex(2, 2, I, J):
+        h, v = 2 * i + r - offset, 2 * j + q - offset
+        if 0 <= h < H and 0 <= v < W:
+            want[r, q, i, j] = x[:, :, h, v]
+    assert np.array_equal(ph, want)
+    back = np.full_like(x, np.nan)
+    winograd._from_phases(ph, back, offset)
+    assert np.array_equal(back, x)
+    p = rng.standard_normal(ph.shape)
+    winograd._from_phases(p, back, offset)
+    assert abs(np.vdot(ph, p) - np.vdot(x, back)) <= 1e-12 * max(1.0, abs(np.vdot(x, back)))
+
+
+def at_adjoint_twice(dy, th, tw):
+    """dM = A dY A^T per tile as the backward computed it before the sign trick: the phases of dy copied
+    into a zero-padded channels-last array, then (d0, d0 + d1, d0 - d1, -d1) along b, then along a."""
+    n, C, H, W = dy.shape
+    dy_pad = np.zeros((2 * th, 2 * tw, n, C))
+    dy_pad[:H, :W] = dy.transpose(2, 3, 0, 1)
+    dY = dy_pad.reshape(th, 2, tw, 2, n, C).transpose(1, 3, 0, 2, 4, 5)  # (r, q, t, s, n, C)
+
+    def adjoint(d, axis):  # A^T's adjoint along `axis` (length 2 -> 4)
+        d0, d1 = np.take(d, 0, axis), np.take(d, 1, axis)
+        return np.stack([d0, d0 + d1, d0 - d1, -d1], axis)
+
+    return adjoint(adjoint(dY, 1), 0)  # (a, b, t, s, n, C)
+
+
+@given(n=st.integers(1, 3), C=st.integers(1, 3), H=st.integers(1, 9), W=st.integers(1, 9))
+@example(n=1, C=1, H=1, W=1)
+@example(n=1, C=1, H=2, W=2)
+def test_output_transform_adjoint_is_A_dY_AT_with_signs(n, C, H, W):
+    """_output_transform_adjoint writes SIGN[k] dM[k], dM = A dY A^T per tile: bit for bit the numbers of the
+    two-pass adjoint (the same adds, only exact sign flips differ), and within 1e-15 of the plain sum."""
+    dy = np.random.default_rng(H * 10 + W).standard_normal((n, C, H, W))
+    th, tw = (H + 1) // 2, (W + 1) // 2
+    dM = np.full((4, 4, th, tw, n, C), np.nan)
+    winograd._output_transform_adjoint(dy, dM)
+    want = at_adjoint_twice(dy, th, tw)
+    assert np.array_equal(dM, winograd.SIGN.reshape(4, 4, 1, 1, 1, 1) * want)
+    AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]])  # (r, a)
+    dy_pad = np.zeros((n, C, 2 * th, 2 * tw))
+    dy_pad[:, :, :H, :W] = dy
+    dY = dy_pad.reshape(n, C, th, 2, tw, 2)  # (n, C, t, r, s, q)
+    plain = np.einsum("ra,qb,nctrsq->abtsnc", AT, AT, dY)
+    assert np.abs(want - plain).max() <= 1e-15 * np.abs(plain).max()
+
+
 def test_caches_are_exchangeable():
     """conv2d_backward takes winograd's cache and the other way round (the lead may mix lowerings)."""
     x, w, b = make(cfg(N=2, C_in=3, C_out=4, H=6, W=5))
