@@ -40,7 +40,7 @@ def test_cli_eval_takes_the_sampler_and_karras(run, tmp_path, capsys):
 @pytest.mark.parametrize("argv,match", [
     (["sample", "--sampler", "ddim", "--karras"], "use_karras_sigmas (--karras) needs sampler"),
     (["sample", "--sampler", "lms"], "sampler must be one of"),
-    (["sample", "--sampler", "dpm++2m", "--steps", "0"], "num_inference_steps must be in"),
+    (["sample", "--sampler", "dpm++2m", "--steps", "0"], "steps must be in"),
     (["sample", "--sampler", "euler", "--steps", "1001"], "num_inference_steps must be in"),
     (["eval", "--sampler", "ddpm", "--karras", "--steps", "2", "--n-per-class", "1", "--scales", "1"],
      "use_karras_sigmas (--karras) needs sampler"),
