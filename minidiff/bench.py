@@ -262,7 +262,8 @@ def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="fl
     if device == "cpu":  # the matmuls' FLOPs at np.matmul's rate on their shapes, measured now (bench_flops.py)
         limit = gemm_limited(config, batch, size, np.dtype(dtype), timer)
         for r, key in zip(rows, ("train", "sample")):
-            r.update(flops=limit[f"{key}_flops"], gemm_gflops=limit["gemm_gflops"], gemm_limited_ms=limit[f"{key}_ms"])
+            r.update(flops=limit[f"{key}_flops"], gemm_gflops=limit["gemm_gflops"], gemm_limited_ms=limit[f"{key}_ms"],
+                     square_gemm_gflops=limit["square_gflops"], square_gemm_limited_ms=limit[f"square_{key}_ms"])
         for line in gemm_lines(limit, rows):
             log(line)
     if memory:

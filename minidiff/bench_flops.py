@@ -4,6 +4,7 @@
     FLOPs(train step)  = 3 FLOPs(sample step)           backward: dx and dw of each conv/linear (each the
                                                         forward's MACs), four attention matmuls for its two
     GEMM-limited time  = sum_ops FLOPs(op) / rate(op's GEMM shape)   rates of np.matmul, measured in this run
+                         (and, stricter, FLOPs / the rate of one 1024^3 GEMM, near BLAS's best)
 
 MACs (multiply-adds) of one call, from its shapes (direct convolution, as PyTorch's profilers count; Winograd
 does fewer multiplies, so it can beat this bound):
@@ -35,6 +36,7 @@ from .nn.ops import REFERENCE
 
 GEMM_COLUMNS = 4096  # each conv GEMM timed with at most this many columns (minidiff's conv works in batch chunks)
 GEMM_MIN_SECONDS = 0.02  # time each GEMM shape for at least this long (then the median of its calls)
+SQUARE = (1, 1024, 1024, 1024)  # a large square GEMM: near the BLAS's best rate, the stricter bound
 
 
 def conv_macs(x_shape, w_shape, y_shape) -> int:
@@ -135,27 +137,35 @@ def gemm_limited(config, batch: int, size: int | None = None, dtype=np.float32, 
     """The step's FLOPs and its GEMM-limited time in ms, each matmul at the rate np.matmul reaches on its shape
     (at the BLAS threads in force: the bench has set them to --threads).
 
-    Returns dict(sample_flops, train_flops, gemm_gflops (the FLOP-weighted rate), sample_ms, train_ms)."""
+    Returns dict(sample_flops, train_flops, gemm_gflops (the FLOP-weighted rate), sample_ms, train_ms, and
+    square_gflops, square_sample_ms, square_train_ms: the same at the rate of a 1024^3 GEMM)."""
     flops = step_flops(config, batch, size)
     seconds = 0.0
     for shape, f in gemm_shapes(config, batch, size).items():
         b, m, k, p = shape
         seconds += f / (2 * b * m * k * p / gemm_seconds(shape, dtype, timer))  # FLOPs / (FLOP/s on this shape)
     rate = flops["sample"] / seconds
+    b, m, k, p = SQUARE
+    square = 2 * b * m * k * p / gemm_seconds(SQUARE, dtype, timer)  # FLOP/s
     return dict(sample_flops=flops["sample"], train_flops=flops["train"], gemm_gflops=rate / 1e9,
-                sample_ms=1e3 * seconds, train_ms=3e3 * seconds)
+                sample_ms=1e3 * seconds, train_ms=3e3 * seconds, square_gflops=square / 1e9,
+                square_sample_ms=1e3 * flops["sample"] / square, square_train_ms=1e3 * flops["train"] / square)
 
 
 def gemm_lines(limit: dict, rows: list[dict]) -> list[str]:
     """The printed lines: FLOPs, the GEMM rate, the GEMM-limited time and each side's time as a multiple of it."""
-    lines = [f"GEMM-limited time: np.matmul at {limit['gemm_gflops']:.0f} GFLOP/s on the network's matmul "
-             f"shapes (measured now, same threads and clock)"]
+    lines = [f"GEMM-limited time: np.matmul at {limit['gemm_gflops']:.0f} GFLOP/s on the network's matmul shapes (in "
+             f"brackets: at {limit['square_gflops']:.0f} GFLOP/s, a 1024^3 GEMM's rate); measured now, same threads and clock"]
     for what, key in (("train step", "train"), ("sample step", "sample")):
         row = next((r for r in rows if r["what"].startswith(what)), None)
-        ms = limit[f"{key}_ms"]
-        text = f"  {what}: {limit[f'{key}_flops'] / 1e9:.3g} GFLOP -> GEMM-limited {ms:.3g} ms"
+        ms, square_ms = limit[f"{key}_ms"], limit[f"square_{key}_ms"]
+        text = f"  {what}: {limit[f'{key}_flops'] / 1e9:.3g} GFLOP -> GEMM-limited {_ms(ms)} ({_ms(square_ms)}) ms"
         for side in ("minidiff", "torch"):
             if row is not None and row[side] is not None:
-                text += f"; {side} {row[side] / ms:.2f}x"
+                text += f"; {side} {row[side] / ms:.2f}x ({row[side] / square_ms:.2f}x)"
         lines.append(text)
     return lines
+
+
+def _ms(ms: float) -> str:
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"

@@ -87,6 +87,8 @@ def test_gemm_limited_time_is_flops_over_the_rate():
     assert limit["gemm_gflops"] > 0
     assert limit["sample_ms"] == pytest.approx(limit["sample_flops"] / (limit["gemm_gflops"] * 1e9) * 1e3)
     assert limit["train_ms"] == pytest.approx(3 * limit["sample_ms"])
+    assert limit["square_gflops"] > 0
+    assert limit["square_train_ms"] == pytest.approx(limit["train_flops"] / (limit["square_gflops"] * 1e9) * 1e3)
     # every FLOP is assigned to exactly one GEMM shape
     assert sum(bench_flops.gemm_shapes(config, 2, 8).values()) == limit["sample_flops"]
 
@@ -100,4 +102,5 @@ def test_bench_prints_the_gemm_limited_multiples():
     for r, key in zip(rows, ("train", "sample")):
         assert r["flops"] == flops[key] and r["gemm_limited_ms"] > 0
         line = next(line for line in lines if line.strip().startswith(key))
-        assert f"minidiff {r['minidiff'] / r['gemm_limited_ms']:.2f}x" in line
+        assert (f"minidiff {r['minidiff'] / r['gemm_limited_ms']:.2f}x "
+                f"({r['minidiff'] / r['square_gemm_limited_ms']:.2f}x)") in line
