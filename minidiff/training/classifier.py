@@ -28,6 +28,7 @@ import numpy as np
 from ..backend import to_device, to_numpy, xp_for
 from .bundle import build_unet_config, resolve_checkpoint
 from .checkpoint import load_checkpoint, save_checkpoint
+from .run_meta import check_classifier_meta
 from ..model.classifier import (classifier_backward, classifier_forward, classifier_init_params,
                                 classifier_param_shapes, log_prob_grad)
 from ..model.config import UNetConfig
@@ -262,7 +263,7 @@ def load_classifier(path, device: str = "cpu", dtype: str = "float32") -> Classi
     arrays, meta = load_checkpoint(p)
     if meta.get("kind") != "classifier":
         raise ValueError(f"{str(p)!r} is not a classifier checkpoint; pass one written by minidiff train-classifier")
-    config, K = UNetConfig.from_dict(meta["model_config"]), int(meta["num_classes"])
+    config, K = check_classifier_meta(meta, p)  # each field read below, one line naming it if bad
     shapes, src = classifier_param_shapes(config, K), arrays.get("params", {})
     bad = sorted(k for k in set(shapes) | set(src) if k not in src or k not in shapes or src[k].shape != shapes[k])
     if bad:

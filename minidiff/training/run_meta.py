@@ -147,3 +147,29 @@ def check_resume_meta(meta: dict, path) -> np.random.Generator:
         return rng_from_state(meta["rng"])
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError) as err:
         raise BadMeta(path, "rng", f"is not a generator state ({type(err).__name__}: {str(err)[:100]})") from None
+
+
+def check_classifier_meta(meta: dict, path) -> tuple:
+    """(UNetConfig, K) of a classifier checkpoint (minidiff train-classifier) after checking model_config,
+    num_classes, class_names and train_config's num_train_timesteps and beta_schedule (BadMeta naming the field)."""
+    t = meta.get("train_config")
+    if not isinstance(t, dict):
+        raise BadMeta(path, "train_config", f"must be a JSON object, got {t!r:.80}")
+    if not (_is_int(t.get("num_train_timesteps")) and 1 <= t["num_train_timesteps"] <= MAX_TIMESTEPS):
+        raise BadMeta(path, "train_config.num_train_timesteps", f"must be an int in [1, {MAX_TIMESTEPS:,}], got "
+                      f"{t.get('num_train_timesteps', '<missing>')!r:.80}")
+    if t.get("beta_schedule") not in BETA_SCHEDULES:
+        raise BadMeta(path, "train_config.beta_schedule", f"must be one of {list(BETA_SCHEDULES)}, got "
+                      f"{t.get('beta_schedule', '<missing>')!r:.80}")
+    try:
+        config = UNetConfig.from_dict(meta.get("model_config"))
+    except (ValueError, TypeError, AttributeError) as err:
+        raise BadMeta(path, "model_config", f"is not a U-Net config ({str(err)[:120]})") from None
+    k = meta.get("num_classes", "<missing>")
+    if not (_is_int(k) and 1 <= k <= MAX_CLASSES):
+        raise BadMeta(path, "num_classes", f"must be an int in [1, {MAX_CLASSES}], got {k!r:.80}")
+    names = meta.get("class_names")
+    if names is not None and not (isinstance(names, list) and len(names) == k
+                                  and all(isinstance(s, str) for s in names)):
+        raise BadMeta(path, "class_names", f"must be null or num_classes ({k}) strings, got {names!r:.80}")
+    return config, k

@@ -95,7 +95,7 @@ def restore_state(trainer, path: Path) -> None:
     trainer.ema.load_state_dict({"shadow": arrays["ema"], "num_updates": meta["ema_num_updates"]})
     trainer.opt.load_state_dict({"step": meta["opt_step"], **arrays["opt"]})
     trainer.rng = rng
-    trainer.step, trainer.losses = meta["step"], [float(v) for v in meta["losses"]]
+    trainer.step, trainer.losses = meta["step"], list(meta["losses"])
     trim_log(trainer.out / "log.jsonl", trainer.step)  # the log matches the weights
     notice = ops_notice(meta.get("ops"), ops_record(trainer.ops))
     if notice:

@@ -235,3 +235,25 @@ def test_issue17_item9_cli_resume_with_threads_0_keeps_the_recorded_shard_count(
     assert main(["train", *common, "--steps", "5", "--resume", "--threads", "1", "--out", str(out)]) == 0
     notes = [s for s in capsys.readouterr().out.splitlines() if "bit-exact" in s]
     assert len(notes) == 1 and "3 CPU shard(s)" in notes[0] and "--threads 3" in notes[0]
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda m: remove(m, "num_classes"), "num_classes"),
+    (lambda m: m.update(num_classes="10"), "num_classes"),
+    (lambda m: remove(m["train_config"], "beta_schedule"), "train_config.beta_schedule"),
+    (lambda m: m.update(model_config=None), "model_config"),
+    (lambda m: m.update(class_names=[1, 2]), "class_names"),
+])
+def test_issue17_item4_bad_classifier_metadata_is_one_line_naming_the_field(tmp_path, change, field):
+    from minidiff.training.classifier import ClassifierTrainConfig, load_classifier, train_classifier
+
+    out = tmp_path / "clf"
+    train_classifier(ClassifierTrainConfig(out=str(out), preset="tiny", steps=1, batch_size=2), log=quiet)
+    path = out / "checkpoints" / "latest.npz"
+    load_classifier(path)
+    arrays, meta = load_checkpoint(path)
+    change(meta)
+    save_checkpoint(path, arrays, meta)
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")) as info:
+        load_classifier(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
