@@ -164,6 +164,8 @@ def cmd_sample(args) -> int:
 
 def load_noise(path) -> np.ndarray:
     """The float array of a --noise .npy file (read without pickle); one line naming the file otherwise."""
+    if Path(path).exists() and not Path(path).is_file():  # a folder, a FIFO (would block), a device
+        raise ValueError(f"--noise {path!r} is not a regular file; pass an .npy file written by np.save")
     try:
         noise = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:

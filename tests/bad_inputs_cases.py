@@ -674,3 +674,21 @@ for _id, _make, _says in (("label-2**40.npz", _npz("l.npz", images=F.images(4, 1
     add(f"eval-nll-data-{_id}", "eval", lambda w, fx, m=_make: ["eval", "--checkpoint", fx.copy("run", w), "--nll",
                                                                 "--data", m(w), "--out", "o", "--n", "2",
                                                                 "--threads", "1"], says=_says)
+
+# ============================================================================ FIFOs (reading one would block) and oversized images
+
+
+def _fifo(work: Path, rel: str) -> str:
+    (work / rel).parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(work / rel)
+    return rel.split("/")[0]
+
+
+add("sample-noise-fifo", "sample", lambda w, fx: (_fifo(w, "n.npy"), [*_sample(w, fx), "--noise", "n.npy"])[1],
+    says=["n.npy"], timeout=30)
+data_case("cifar-fifo", lambda w: _fifo(w, "cf/" + CIFAR), says=["cf"], timeout=30)
+data_case("idx-fifo", lambda w: _fifo(w, "mf/" + IDX_IMG), says=["mf"], timeout=30)
+data_case("side-600.npz", _npz("side-600.npz", images=np.zeros((2, 600, 600), np.uint8)),
+          says=["side-600.npz", "--resolution"])
+data_case("side-600:png", _folder("big600", {"a.png": lambda p: F.png(p, 600), "b.png": lambda p: F.png(p, 600)}),
+          says=["big600", "--resolution"])

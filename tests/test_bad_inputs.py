@@ -19,6 +19,7 @@ import os
 import re
 import resource
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,8 @@ def tree(folder: Path) -> dict:
                 out[rel] = ("dir", st.st_mode & 0o7777)
             elif name == ".minidiff-lock":
                 out[rel] = ("lock", st.st_mode & 0o7777)
+            elif not stat.S_ISREG(st.st_mode):  # a FIFO (reading it would block), a socket
+                out[rel] = ("special", st.st_mode)
             else:
                 out[rel] = ("file", st.st_mode & 0o7777, hashlib.sha256(p.read_bytes()).hexdigest())
     return out

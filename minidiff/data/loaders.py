@@ -184,7 +184,8 @@ def load_idx(path, image_size=None) -> ArrayDataset:
     """MNIST / Fashion-MNIST: a folder with train-images-idx3-ubyte[.gz] (+ labels), or that file."""
     path = Path(path)
     if path.is_dir():
-        found = sorted(path.glob("train-images*idx3-ubyte*")) or sorted(path.glob("*idx3-ubyte*"))
+        found = [p for p in sorted(path.glob("train-images*idx3-ubyte*")) or sorted(path.glob("*idx3-ubyte*"))
+                 if p.is_file()]  # not a folder or a FIFO (reading one would block)
         if not found:
             raise ValueError(f"no *idx3-ubyte[.gz] images file in {path}")
         path = found[0]
@@ -211,7 +212,7 @@ def load_cifar10(path, image_size=None) -> ArrayDataset:
     path = Path(path)
     if path.is_dir() and (path / "cifar-10-batches-py").is_dir():
         path = path / "cifar-10-batches-py"
-    files = [path] if path.is_file() else sorted(path.glob("data_batch_[0-9]*"))
+    files = [path] if path.is_file() else [p for p in sorted(path.glob("data_batch_[0-9]*")) if p.is_file()]
     if not files:
         raise ValueError(f"no data_batch_1..5 files in {path}")
     parts = [read_cifar_batch(f) for f in files]

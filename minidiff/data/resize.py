@@ -49,6 +49,9 @@ def resize_u8(images: np.ndarray, size: int | None, rng=None) -> np.ndarray:
 def finish(images_u8, labels, class_names, name, image_size, rng=None, source=None):
     """Crop (and resize, with image_size) to squares, wrap in an ArrayDataset (source: the file or folder that
     errors about the labels name)."""
+    if image_size is None and min(images_u8.shape[2:]) > MAX_RESOLUTION:  # a U-Net of that size fills any memory
+        raise ValueError(f"{source or name}: images of {images_u8.shape[2]}x{images_u8.shape[3]} are larger than "
+                         f"{MAX_RESOLUTION} (MAX_RESOLUTION); pass --resolution S (image_size) to resize them")
     if image_size is not None or images_u8.shape[2] != images_u8.shape[3]:
         images_u8 = resize_u8(images_u8, image_size, rng)
     return ArrayDataset(images_u8, labels, class_names, name=name, source=source)
