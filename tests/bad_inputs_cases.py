@@ -692,3 +692,29 @@ data_case("side-600.npz", _npz("side-600.npz", images=np.zeros((2, 600, 600), np
           says=["side-600.npz", "--resolution"])
 data_case("side-600:png", _folder("big600", {"a.png": lambda p: F.png(p, 600), "b.png": lambda p: F.png(p, 600)}),
           says=["big600", "--resolution"])
+
+# ============================================================================ eval on other labelled data (eval_labelled.py)
+
+
+def _npz_run(work: Path, fx, data: bool = True) -> list:
+    fx.copy("npz_run", work)
+    if data:
+        fx.copy("labelled.npz", work)
+    return ["eval", "--checkpoint", "npz_run", "--out", "o", "--n-per-class", "1", "--steps", "2", "--threads", "1"]
+
+
+add("eval-labelled-data-gone", "eval", lambda w, fx: _npz_run(w, fx, data=False), says=["labelled.npz"])
+add("eval-labelled-data-hostile", "eval", lambda w, fx: (
+    _npz_run(w, fx, data=False), np.savez(w / "labelled.npz", images=F.images(4, 16), labels=np.array([0, 1, 2**40, 1])),
+)[0], says=["labelled.npz"])
+add("eval-labelled-eval-classifier-is-a-file", "eval", lambda w, fx: (
+    _npz_run(w, fx), _file(w, "clf"))[0] + ["--eval-classifier", "clf"], code=(2, 3), says=["clf"])
+add("eval-labelled-eval-classifier-foreign-folder", "eval", lambda w, fx: (
+    _npz_run(w, fx), (w / "clf").mkdir(), _file(w / "clf", "mine.txt"))[0] + ["--eval-classifier", "clf"],
+    says=["clf"])
+add("eval-labelled-eval-classifier-truncated", "eval", lambda w, fx: (
+    _npz_run(w, fx), (w / "clf" / "checkpoints").mkdir(parents=True),
+    (w / "clf" / "checkpoints" / "latest.npz").write_bytes(b"PK\3\4" + b"\0" * 64))[0] + ["--eval-classifier", "clf"],
+    says=["latest.npz"])
+add("eval-labelled-eval-classifier-other-run", "eval", lambda w, fx: (
+    _npz_run(w, fx), fx.copy("run", w))[0] + ["--eval-classifier", "run"], says=["run"])

@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bad_inputs_cases import CASES
@@ -74,7 +75,10 @@ class Fixtures:
         self.folder = folder
 
     def copy(self, name: str, work: Path) -> str:
-        shutil.copytree(self.folder / name, work / name, symlinks=True)
+        if (self.folder / name).is_file():
+            shutil.copy2(self.folder / name, work / name)
+        else:
+            shutil.copytree(self.folder / name, work / name, symlinks=True)
         return name
 
 
@@ -86,6 +90,8 @@ BUILD = [  # (name, argv) run in the fixtures folder, each must exit 0
     ("classifier", ["train-classifier", "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--out",
                     "classifier"]),
     ("pipeline", ["export", "--checkpoint", "run", "--out", "pipeline"]),
+    ("npz_run", ["train", "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--sample-every", "0", "--threads",
+                 "1", "--data", "labelled.npz", "--out", "npz_run", "--reference"]),  # eval_labelled.py's runs
 ]
 
 
@@ -99,6 +105,9 @@ def server():
 @pytest.fixture(scope="module")
 def fixtures(server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad-inputs-fixtures")
+    rng = np.random.default_rng(0)  # 8 labelled 16x16 gray images, 2 classes, for npz_run
+    np.savez(folder / "labelled.npz", images=rng.integers(0, 256, (8, 16, 16), dtype=np.uint8),
+             labels=np.arange(8) % 2)
     for name, argv in BUILD:
         ans = server.run({"argv": argv, "cwd": str(folder), "timeout": 300, "as_bytes": AS_BYTES})
         assert ans["rc"] == 0, f"building the fixture {name} failed: {ans['stderr'][-2000:]}"
