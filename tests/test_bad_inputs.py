@@ -44,11 +44,16 @@ class Server:
         self.ready = json.loads(self.proc.stdout.readline())
 
     def run(self, request: dict) -> dict:
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        if self.proc.poll() is not None:  # it died (an earlier case's fault is reported there): start another
+            self.__init__()
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
         if not line:
-            raise RuntimeError("the bad-input fork server died")
+            raise RuntimeError(f"the bad-input fork server died on {request}")
         return json.loads(line)
 
     def close(self):
