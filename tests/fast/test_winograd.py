@@ -214,8 +214,11 @@ def test_chunks_cover_the_batch():
     with mock.patch.object(winograd, "CHUNK_BYTES", 3 * 16 * 5 * 4 * 4):  # 3 samples: C_in + C_out = 5, 4 tiles
         chunks = winograd._chunks(x, 2, 3, 4)
     assert [(s.start, s.stop) for s in chunks] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    with mock.patch.object(winograd, "CHUNK_BYTES", 2 * 3 * 16 * 5 * 4 * 4):  # the backward takes half: 3 samples
+        assert [(s.start, s.stop) for s in winograd._chunks(x, 2, 3, 4, backward=True)] == [(0, 3), (3, 6), (6, 9), (9, 10)]
     with mock.patch.object(winograd, "CHUNK_BYTES", 1):
         assert len(winograd._chunks(x, 2, 3, 4)) == 10  # never less than one sample
+        assert len(winograd._chunks(x, 2, 3, 4, backward=True)) == 10
 
 
 def test_bad_input():
