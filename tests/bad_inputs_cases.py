@@ -719,3 +719,13 @@ add("eval-labelled-eval-classifier-truncated", "eval", lambda w, fx: (
     says=["latest.npz"])
 add("eval-labelled-eval-classifier-other-run", "eval", lambda w, fx: (
     _npz_run(w, fx), fx.copy("run", w))[0] + ["--eval-classifier", "run"], says=["run"])
+
+# ============================================================================ CIFAR batches.meta (the class names)
+
+for _id, _names in (("shared-1MiB-names", [b"a" * (1 << 20)] * 64), ("nested-names", [[b"cat"] * 100] * 100),
+                    ("20000-names", [b"n%d" % i for i in range(20000)])):
+    data_case(f"cifar-meta-{_id}", _folder(f"meta-{_id}", {CIFAR: lambda p: p.write_bytes(F.cifar_batch()),
+                                                           "batches.meta": lambda p, n=_names: p.write_bytes(
+                                                               __import__("pickle").dumps({b"label_names": n},
+                                                                                          protocol=2))}),
+              says=["batches.meta"])

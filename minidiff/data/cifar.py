@@ -201,10 +201,19 @@ def read_cifar_batch(path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
+MAX_NAME_CHARS = 256  # the longest class name batches.meta may hold
+
+
 def read_cifar_label_names(path) -> list[str] | None:
-    """label_names from batches.meta, or None if the file is missing or unreadable."""
+    """label_names from batches.meta, or None if the file is missing or unreadable. The names must be a list of
+    at most MAX_CLASSES str/bytes of at most MAX_NAME_CHARS each, checked before any is decoded (one shared 1 MB
+    name repeated 10**4 times is a few MB pickled and 10 GB decoded); one line naming the file otherwise."""
     try:
         names = _get(scan_pickle(Path(path).read_bytes()), "label_names")
-        return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    if not isinstance(names, list) or len(names) > MAX_CLASSES or not all(
+            isinstance(n, (str, bytes)) and len(n) <= MAX_NAME_CHARS for n in names):
+        raise ValueError(f"{path}: label_names must be a list of at most {MAX_CLASSES} names (MAX_CLASSES) of at most "
+                         f"{MAX_NAME_CHARS} characters; re-download cifar-10-python.tar.gz or remove the file")
+    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
