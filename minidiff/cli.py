@@ -53,9 +53,8 @@ MAX_TRAIN_TIMESTEPS = 100_000  # --num-train-timesteps' upper bound (DDPM uses 1
 
 
 def check_model_flags(cfg) -> None:
-    """--preset, --beta-schedule, --prediction-type, --warmup-steps and --num-train-timesteps, checked before anything
-    is written
-    (train checks them only after it made the run folder, or at the first loss)."""
+    """--preset, --beta-schedule, --prediction-type, --dropout, --warmup-steps and --num-train-timesteps, checked
+    before anything is written (train checks them only after it made the run folder, or at the first loss)."""
     from .diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES
     from .model.config import PRESETS
 
@@ -64,6 +63,8 @@ def check_model_flags(cfg) -> None:
                                                    PREDICTION_TYPES)):
         if value not in allowed:
             raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    if getattr(cfg, "dropout", -1.0) != -1.0 and not 0.0 <= cfg.dropout <= 1.0:
+        raise ValueError(f"--dropout must be -1 (the preset's) or in [0, 1], got {cfg.dropout}")
     if getattr(cfg, "warmup_steps", 0) < 0:
         raise ValueError(f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
     if not 1 <= cfg.num_train_timesteps <= MAX_TRAIN_TIMESTEPS:

@@ -719,3 +719,15 @@ for _id, _names in (("shared-1MiB-names", [b"a" * (1 << 20)] * 64), ("nested-nam
                                                                __import__("pickle").dumps({b"label_names": n},
                                                                                           protocol=2))}),
               says=["batches.meta"])
+
+# ============================================================================ the remaining float flags' infinities
+
+for _name, _value in (("snr-gamma", "inf"), ("vlb-weight", "inf"), ("dropout", "-2"), ("weight-decay", "inf"),
+                      ("p-uncond", "inf"), ("ema-decay", "inf")):
+    flag(f"train--{_name}={_value}", ["train", f"--{_name}", _value, "--out", "run"], says=[f"--{_name}"])
+for _name, _value in (("beta-end", "nan"), ("beta-start", "inf"), ("beta-start", "0.5")):
+    add(f"sample--{_name}={_value}", "sample", lambda w, fx, n=_name, v=_value: [*_sample(w, fx), f"--{n}", v],
+        says=[f"--{_name}"])
+for _name, _value in (("lr", "inf"), ("weight-decay", "inf"), ("grad-clip", "inf")):
+    flag(f"train-classifier--{_name}={_value}", ["train-classifier", f"--{_name}", _value, "--out", "run"],
+         says=[f"--{_name}"])
