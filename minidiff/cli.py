@@ -323,6 +323,8 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     """args.func(args), every expected failure turned into one error line and its exit status."""
     try:
+        if isinstance(getattr(args, "seed", None), int) and args.seed < 0:  # every command's: NumPy's seeds are >= 0
+            raise ValueError(f"--seed must be >= 0, got {args.seed}")
         return args.func(args)
     except KeyboardInterrupt:
         out = getattr(args, "out", None)

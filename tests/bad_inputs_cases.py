@@ -731,3 +731,10 @@ for _name, _value in (("beta-end", "nan"), ("beta-start", "inf"), ("beta-start",
 for _name, _value in (("lr", "inf"), ("weight-decay", "inf"), ("grad-clip", "inf")):
     flag(f"train-classifier--{_name}={_value}", ["train-classifier", f"--{_name}", _value, "--out", "run"],
          says=[f"--{_name}"])
+flag("train--seed=-1", ["train", "--seed", "-1", "--out", "run", "--steps", "1", "--preset", "tiny", "--batch-size", "2",
+                        "--threads", "1", "--sample-every", "0"], says=["seed"])
+add("sample--seed=-1", "sample", lambda w, fx: [*_sample(w, fx), "--seed", "-1"], says=["seed"])
+add("eval--seed=-1", "eval", lambda w, fx: ["eval", "--checkpoint", fx.copy("run", w), "--out", "o", "--seed", "-1",
+                                            "--n-per-class", "1", "--steps", "2", "--threads", "1"], says=["seed"])
+flag("train-classifier--seed=-1", ["train-classifier", "--seed", "-1", "--out", "run", "--steps", "1", "--preset",
+                                   "tiny", "--batch-size", "2"], says=["seed"])
