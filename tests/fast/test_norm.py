@@ -21,7 +21,7 @@ Measured over 3000 random shapes (0-2 spatial dims, group means 0 and 30; NumPy 
 ~80x margin, and an indexing bug (an O(1) error) cannot hide under it.
 GroupNorm + SiLU on NumPy (issue 23) keeps y and s = sigma(h) and takes silu'(h) = s + y (1 - s) instead of
 s (1 + h (1 - s)): y is the fold's GroupNorm then nn/'s SiLU bit for bit; against nn/ (3000 random shapes as
-above, /tmp script in the issue 23 report) 1.0e-15 (y), 4.5e-16 (dx), 4.6e-16 (dgamma), 3.4e-16 (dbeta), and
+above, a throwaway script) 1.0e-15 (y), 4.5e-16 (dx), 4.6e-16 (dgamma), 3.4e-16 (dbeta), and
 against the fold followed by nn/'s SiLU backward 3.7e-16 / 4.5e-16 / 3.3e-16: TOL again.
 """
 
