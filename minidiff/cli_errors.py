@@ -27,6 +27,7 @@ every error is one line on stderr: "minidiff COMMAND: error: ..." """
 OS_HINTS = {  # errno -> what to do
     errno.ENOSPC: "the disk is full; free some space or pass another --out",
     errno.EDQUOT: "the disk quota is exhausted; free some space or pass another --out",
+    errno.EFBIG: "the file is larger than this system allows (ulimit -f) or the disk is full; pass another --out",
     errno.EACCES: "permission denied; pass a path you can write (or read) or change its permissions",
     errno.EPERM: "operation not permitted; pass another path or change its permissions",
     errno.EROFS: "the file system is read-only; pass another --out",
@@ -52,6 +53,8 @@ def classify_error(err: BaseException) -> tuple[int, str] | None:
         return 2, str(err)  # minidiff's own messages
     if name == "DecompressionBombError" or name == "UnidentifiedImageError":  # PIL's (the latter an OSError)
         return 2, f"cannot read an image ({err}); remove or replace the file"
+    if name == "SafetensorError" and "I/O error" in str(err):  # writing one failed: the disk, not the file
+        return 3, f"writing or reading a .safetensors file failed ({err}); check the disk and the path (--out)"
     if name == "SafetensorError":  # safetensors' Rust errors
         return 2, f"malformed .safetensors file ({err}); replace the file"
     if isinstance(err, (ValueError, BackendError)):  # json.JSONDecodeError included
@@ -88,3 +91,18 @@ def check_can_create(folder: Path) -> None:
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probe if probe == folder else folder))
     if not os.access(probe, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(probe))
+
+
+def write_atomic(path: Path, write) -> None:
+    """write(tmp) to a temporary name beside path (same suffix), then os.replace it over path: a failed write (a
+    full disk) leaves nothing half-written, and its OSError names path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename in (None, str(tmp)):
+            raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
+        raise

@@ -223,8 +223,10 @@ def _atomic_write(path: Path, write) -> None:
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:  # a write (ENOSPC, EFBIG): name the file
+            raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
         raise
 
 

@@ -32,6 +32,8 @@ class Case:
     needs_non_root: str = ""  # a reason: skipped when root (permission bits do not stop root)
     progress_ok: bool = False  # stderr may hold progress-bar lines before the one error line (training ran)
     writes: tuple = ()  # top-level names in the case folder the command may create or change (a diverged run's own)
+    fsize: int = 0  # RLIMIT_FSIZE: a file past this many bytes fails with EFBIG (a full disk, for one command)
+    after: Callable | None = None  # after(work): what must hold of what the command was allowed to write
 
 
 CASES: list[Case] = []
@@ -738,3 +740,30 @@ add("eval--seed=-1", "eval", lambda w, fx: ["eval", "--checkpoint", fx.copy("run
                                             "--n-per-class", "1", "--steps", "2", "--threads", "1"], says=["seed"])
 flag("train-classifier--seed=-1", ["train-classifier", "--seed", "-1", "--out", "run", "--steps", "1", "--preset",
                                    "tiny", "--batch-size", "2"], says=["seed"])
+
+
+# ============================================================================ a full disk (RLIMIT_FSIZE: EFBIG past n bytes)
+
+
+def no_temp_files(work: Path) -> None:
+    """Nothing half-written is left: no *.tmp-* file, and every checkpoint there loads."""
+    left = [str(p.relative_to(work)) for p in work.rglob("*") if ".tmp" in p.name]
+    assert not left, f"temp files left behind: {left}"
+    for p in work.rglob("latest.npz"):
+        F.read_npz(p)
+
+
+add("train-disk-full-at-the-checkpoint", "train", lambda w, fx: ["train", *TRAIN], code=3, says=["latest.npz"],
+    fsize=200_000, writes=("run",), after=no_temp_files, progress_ok=True)
+add("train-classifier-disk-full", "train-classifier",
+    lambda w, fx: ["train-classifier", "--out", "clf_run", "--preset", "tiny", "--steps", "1", "--batch-size", "2"],
+    code=3, says=["clf_run"], fsize=20_000, writes=("clf_run",), after=no_temp_files, progress_ok=True)
+add("sample-disk-full", "sample", lambda w, fx: [*_sample(w, fx)], code=3, says=["samples/"], fsize=2_000,
+    writes=("samples",), after=no_temp_files, progress_ok=True)
+add("export-disk-full", "export", lambda w, fx: ["export", "--checkpoint", fx.copy("run", w), "--out", "pipe_out"],
+    code=3, says=["pipe_out"], fsize=20_000, writes=("pipe_out",), after=no_temp_files)
+add("fixtures-disk-full", "fixtures", lambda w, fx: ["fixtures", "--out", "fx_out", "--only", "schedules"], code=3,
+    says=["fx_out/schedules.npz"], fsize=2_000, writes=("fx_out",), after=no_temp_files)
+add("eval-disk-full", "eval", lambda w, fx: ["eval", "--checkpoint", fx.copy("run", w), "--out", "eval_out",
+                                             "--n-per-class", "1", "--steps", "2", "--threads", "1"], code=3,
+    says=["eval_out/"], fsize=200, writes=("eval_out",), after=no_temp_files, progress_ok=True)

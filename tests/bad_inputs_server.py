@@ -4,12 +4,13 @@ Run as `python tests/bad_inputs_server.py` with OPENBLAS_NUM_THREADS=1 (and frie
 that no BLAS or worker thread exists when it forks. It reads one JSON request per line on stdin and answers
 one JSON line on stdout:
 
-    request   {"argv": [...], "cwd": DIR, "timeout": s, "as_bytes": n}       cli.main(argv)
+    request   {"argv": [...], "cwd": DIR, "timeout": s, "as_bytes": n[, "fsize": n]}  cli.main(argv)
               {"call": "module:function", "args": [...], ...}                 a library call (load_pretrained)
     answer    {"rc": exit status, "stdout": text, "stderr": text, "seconds": s, "timed_out": bool}
 
 The child makes itself a process group (so a timeout kills any worker it started), caps its address space
-(resource.setrlimit(RLIMIT_AS)), sends fd 1 and 2 to files and ends with os._exit(status). A library call
+(resource.setrlimit(RLIMIT_AS); with "fsize", RLIMIT_FSIZE too: a file past it fails with EFBIG like a full
+disk), sends fd 1 and 2 to files and ends with os._exit(status). A library call
 that raises is reported as cli.main would report it (cli.classify_error: one line, its exit status); an
 exception classify_error does not know (a bug) prints its traceback and exits 70, as would an uncaught one.
 """
@@ -36,6 +37,10 @@ def child(req: dict, out_path: str, err_path: str) -> None:
         cap = int(req.get("as_bytes", 0))
         if cap:
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        fsize = int(req.get("fsize", 0))
+        if fsize:  # a file may grow to fsize bytes; past it write() fails with EFBIG, as on a full disk
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
         os.chdir(req["cwd"])
         for fd, path in ((1, out_path), (2, err_path)):
             f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

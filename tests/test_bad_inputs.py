@@ -171,7 +171,7 @@ def test_issue17_bad_input(case, server, fixtures, tmp_path):
             ans = run_subprocess(request, work, case.timeout)
         else:
             request = request if isinstance(request, dict) else {"argv": request}
-            ans = server.run(dict(request, cwd=str(work), timeout=case.timeout, as_bytes=AS_BYTES))
+            ans = server.run(dict(request, cwd=str(work), timeout=case.timeout, as_bytes=AS_BYTES, fsize=case.fsize))
     finally:
         if case.needs_non_root:  # the unwritable cases: make them removable again
             for dirpath, _, _ in os.walk(work):
@@ -184,6 +184,8 @@ def test_issue17_bad_input(case, server, fixtures, tmp_path):
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)
                      and k.split(os.sep)[0] not in case.writes)
     assert not changed, f"the command changed {changed[:8]} (error: {line})"
+    if case.after is not None:
+        case.after(work)
 
 
 def test_issue17_the_table_has_at_least_100_cases_over_every_command():
