@@ -767,3 +767,12 @@ add("fixtures-disk-full", "fixtures", lambda w, fx: ["fixtures", "--out", "fx_ou
 add("eval-disk-full", "eval", lambda w, fx: ["eval", "--checkpoint", fx.copy("run", w), "--out", "eval_out",
                                              "--n-per-class", "1", "--steps", "2", "--threads", "1"], code=3,
     says=["eval_out/"], fsize=200, writes=("eval_out",), after=no_temp_files, progress_ok=True)
+
+# ============================================================================ errors quote inputs, never megabytes of them
+
+add("sample-prompt-200000-words", "sample", lambda w, fx: [
+    "sample", "--checkpoint", fx.copy("text_run", w), *SAMPLE, "--prompt", "red " * 200_000], says=["words"])
+add("sample-prompt-huge-unknown-word", "sample", lambda w, fx: [
+    "sample", "--checkpoint", fx.copy("text_run", w), *SAMPLE, "--prompt", "x" * 1_000_000], says=["unknown word"])
+data_case("3000-empty-class-folders", _folder("many", {"a/x.png": ok, **{f"c{i:04d}/.keep": (lambda p: p.write_text(""))
+                                                                          for i in range(3000)}}), says=["3000 class"])

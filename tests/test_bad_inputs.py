@@ -34,6 +34,7 @@ from bad_inputs_cases import CASES
 ROOT = Path(__file__).resolve().parents[1]
 AS_BYTES = 3 << 30  # the address-space cap of every case (numpy, OpenBLAS and a tiny U-Net fit well under it)
 ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+MAX_LINE = 2000  # an error line quotes its input (a prompt, a folder list) in part, never whole
 PROGRESS = re.compile(r"^(step|sample|\s*$)|\[[#.]*\]")  # the progress bar's lines (training or sampling ran)
 
 
@@ -155,6 +156,7 @@ def error_line(case, ans) -> str:
     if case.progress_ok and all(PROGRESS.search(ln) for ln in lines[:-1]):
         lines = lines[-1:]  # the progress bar ran (training or sampling), then the one error line
     assert len(lines) == 1, f"{len(lines)} lines on stderr, want exactly one\n{where}"
+    assert len(lines[0]) <= MAX_LINE, f"an error line of {len(lines[0]):,} characters, at most {MAX_LINE:,}\n{where}"
     return lines[0]
 
 

@@ -131,7 +131,8 @@ def load_folder(path, image_size=None, rng=None) -> ArrayDataset:
     names = [d.name for d in classes] if classes else None
     if labels is not None and len(set(labels.tolist())) < len(classes):
         empty = [d.name for i, d in enumerate(classes) if i not in set(labels.tolist())]
-        raise ValueError(f"class folders {empty} in {path} hold no images; add images or remove them")
+        raise ValueError(f"{len(empty)} class folders {empty[:5]}{' ...' if len(empty) > 5 else ''} in {path} hold no "
+                         "images; add images or remove them")
     return _finish(np.stack(arrays), labels, names, path.name, image_size, rng, source=str(path))
 
 

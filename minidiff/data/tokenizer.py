@@ -17,6 +17,12 @@ import numpy as np
 PAD = "<pad>"
 
 
+def short(text, n: int = 60) -> str:
+    """repr(text), cut to about n characters (an error line quotes a prompt, never megabytes of it)."""
+    r = repr(text)
+    return r if len(r) <= n else r[:n] + f"...' ({len(text)} characters)"
+
+
 def split_words(prompt) -> list[str]:
     """words(prompt) = prompt.lower().split()."""
     if not isinstance(prompt, str):
@@ -68,12 +74,13 @@ class Tokenizer:
         for n, prompt in enumerate(prompts):
             words = split_words(prompt)
             if len(words) > length:
-                raise ValueError(f"prompt {prompt!r} has {len(words)} words but max_len is {length}; "
+                raise ValueError(f"prompt {short(prompt)} has {len(words)} words but max_len is {length}; "
                                  "use a shorter prompt")
             for l, w in enumerate(words):
                 if w not in self.ids or w == PAD:
-                    known = ", ".join(self.vocab[1:])
-                    raise ValueError(f"prompt {prompt!r} has the unknown word {w!r}; known words: {known}")
+                    known = ", ".join(self.vocab[1:21]) + (f", ... ({len(self.vocab) - 1} in all)"
+                                                             if len(self.vocab) > 21 else "")
+                    raise ValueError(f"prompt {short(prompt)} has the unknown word {short(w)}; known words: {known}")
                 ids[n, l] = self.ids[w]
         return ids
 
