@@ -776,3 +776,5 @@ add("sample-prompt-huge-unknown-word", "sample", lambda w, fx: [
     "sample", "--checkpoint", fx.copy("text_run", w), *SAMPLE, "--prompt", "x" * 1_000_000], says=["unknown word"])
 data_case("3000-empty-class-folders", _folder("many", {"a/x.png": ok, **{f"c{i:04d}/.keep": (lambda p: p.write_text(""))
                                                                           for i in range(3000)}}), says=["3000 class"])
+data_case("5000-members.npz", _npz("5000-members.npz", **{f"m{i}": np.zeros(1) for i in range(5000)}),
+          says=["5000-members.npz", "5000 in all"])

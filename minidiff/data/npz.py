@@ -95,7 +95,8 @@ def dataset_from_arrays(arrays, image_size=None, rng=None, where: str = "data", 
     arrays = {"images": arrays} if isinstance(arrays, np.ndarray) else dict(arrays)
     if "images" not in arrays or set(arrays) - set(KEYS):
         raise ValueError(f"{where} must hold the key 'images' and optionally 'labels' and 'class_names', got keys "
-                         f"{sorted(arrays)}")
+                         f"{sorted(arrays)[:10]}"
+                         f"{f' ... ({len(arrays)} in all)' if len(arrays) > 10 else ''}")
     images, labels, names = (None if arrays.get(k) is None else np.asarray(arrays[k]) for k in KEYS)
     if images.shape[:1] == (0,):
         raise ValueError(f"{where} holds no images")
