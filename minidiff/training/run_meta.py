@@ -38,7 +38,7 @@ class BadMeta(ValueError):
 
     def __init__(self, path, field: str, problem: str):
         super().__init__(f"checkpoint {str(path)!r}: {field} {problem}; it is damaged or was not written by "
-                         "minidiff train: use another checkpoint")
+                         "minidiff train (or train-classifier): use another checkpoint")
 
 
 def _is_int(v) -> bool:
