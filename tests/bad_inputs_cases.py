@@ -3,7 +3,8 @@
 A case's build(work, fx) writes its inputs into the empty folder `work` (the command's working directory;
 fx copies the session's trained runs in) and returns the argv of `minidiff` (a list) or a library call
 ({"call": "module:function", "args": [...]}). The command must exit with `code` (one of them, for a tuple),
-print exactly one line on stderr holding every string of `says`, and leave `work` unchanged.
+print exactly one line on stderr holding every string of `says`, and leave `work` unchanged (but for the names
+in `writes`, checked by `after`).
 Exit statuses (minidiff --help): 1 diverged / non-finite, 2 bad input, 3 OS error, 4 out of memory.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 

@@ -6,10 +6,14 @@ pretrained folders) runs `minidiff ...` (or a loader, for the library cases) und
     exit with its documented status (minidiff --help: 1 diverged, 2 bad input, 3 OS error, 4 out of memory),
     print exactly one line on stderr (no "Traceback", no warning) holding the words of the case (a flag,
     the file's name),
-    leave its folder -- the inputs and any run or output folder -- byte for byte as it was.
+    leave its folder -- the inputs and any run or output folder -- byte for byte as it was (a case that
+    legitimately starts writing, a diverged training or a full disk, names the folders it may change and
+    checks what is there instead: no temp file, every checkpoint loadable; a run folder's lock file may get
+    the PID of its latest writer, nothing else).
+Permission cases are skipped, with the reason, when the suite runs as root (mode bits do not stop root).
 The cases run in children forked from one server process that imported minidiff.cli once
 (tests/bad_inputs_server.py), five as real `python -m minidiff`. Measured on the 2-core CI box under load:
-a forked case takes 0.14 s (median, inputs built and hashed included), a real subprocess 0.2-0.6 s; the 339
+a forked case takes 0.14 s (median, inputs built and hashed included), a real subprocess 0.2-0.6 s; the ~370
 cases with the session's fixtures (two tiny runs, a classifier, an export, a labelled .npz run) ~1 min.
 """
 
