@@ -239,3 +239,13 @@ def test_issue17_warnings_are_held_back_and_shown_only_after_a_success(monkeypat
     assert capsys.readouterr().err.splitlines() == ["minidiff export: warning: RuntimeWarning: check your data"]
     with pytest.warns(RuntimeWarning):  # library use: warnings are untouched
         np.exp(np.float32(1000))
+
+
+def test_issue17_the_cap_holds_in_the_forked_cases(server, tmp_path):
+    """An 8 GiB allocation in a case fails (MemoryError: exit 4, one line) instead of filling the machine."""
+    ans = server.run({"call": "numpy:ones", "args": [2**30], "cwd": str(tmp_path), "timeout": 60,
+                      "as_bytes": AS_BYTES})
+    assert ans["rc"] == 4 and ans["stderr"].startswith("minidiff library: error: out of memory"), ans
+    ans = server.run({"call": "numpy:ones", "args": [2**20], "cwd": str(tmp_path), "timeout": 60,
+                      "as_bytes": AS_BYTES})
+    assert ans["rc"] == 0 and ans["stderr"] == "", ans
