@@ -779,3 +779,15 @@ data_case("3000-empty-class-folders", _folder("many", {"a/x.png": ok, **{f"c{i:0
                                                                           for i in range(3000)}}), says=["3000 class"])
 data_case("5000-members.npz", _npz("5000-members.npz", **{f"m{i}": np.zeros(1) for i in range(5000)}),
           says=["5000-members.npz", "5000 in all"])
+
+# ============================================================================ JSON nested past the recursion limit
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+pretrained_case("config-nested-100000-deep", _write("config.json", DEEP), ["config.json"])
+pretrained_case("config-nested-100000-deep", _write("config.json", DEEP), ["config.json"], via="sample")
+add("sample-ckpt-meta-nested-100000-deep", "sample", lambda w, fx: (
+    fx.copy("run", w), np.savez(w / "run" / "checkpoints" / "latest.npz", __meta__=np.array(DEEP.decode())),
+    ["sample", "--checkpoint", "run", *SAMPLE])[-1], says=["latest.npz"])
+add("train-ckpt-meta-nested-100000-deep", "train", lambda w, fx: (
+    fx.copy("run", w), np.savez(w / "run" / "checkpoints" / "latest.npz", __meta__=np.array(DEEP.decode())),
+    ["train", *TRAIN, "--conditioning", "class", "--resume", "--steps", "3"])[-1], says=["latest.npz"])
