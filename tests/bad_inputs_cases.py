@@ -791,3 +791,17 @@ add("sample-ckpt-meta-nested-100000-deep", "sample", lambda w, fx: (
 add("train-ckpt-meta-nested-100000-deep", "train", lambda w, fx: (
     fx.copy("run", w), np.savez(w / "run" / "checkpoints" / "latest.npz", __meta__=np.array(DEEP.decode())),
     ["train", *TRAIN, "--conditioning", "class", "--resume", "--steps", "3"])[-1], says=["latest.npz"])
+
+# ============================================================================ names longer than the file system takes (ENAMETOOLONG)
+
+LONG = "n" * 300  # NAME_MAX is 255 on Linux file systems
+add("train-out-name-too-long", "train", lambda w, fx: ["train", *TRAIN[2:], "--out", LONG], code=(2, 3),
+    says=["too long"])
+add("train-data-name-too-long", "train", lambda w, fx: ["train", *TRAIN, "--data", LONG], code=(2, 3), says=[LONG[:50]])
+add("sample-out-name-too-long", "sample", lambda w, fx: [*_sample(w, fx)[:-1], LONG], code=(2, 3), says=["too long"])
+add("sample-checkpoint-name-too-long", "sample", lambda w, fx: ["sample", "--checkpoint", LONG, *SAMPLE], code=(2, 3),
+    says=[LONG[:50]])
+add("fixtures-out-name-too-long", "fixtures", lambda w, fx: ["fixtures", "--out", LONG, "--only", "schedules"],
+    code=(2, 3), says=["too long"])
+add("export-out-name-too-long", "export", lambda w, fx: ["export", "--checkpoint", fx.copy("run", w), "--out", LONG],
+    code=(2, 3), says=["too long"])
