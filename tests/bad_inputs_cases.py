@@ -805,3 +805,12 @@ add("fixtures-out-name-too-long", "fixtures", lambda w, fx: ["fixtures", "--out"
     code=(2, 3), says=["too long"])
 add("export-out-name-too-long", "export", lambda w, fx: ["export", "--checkpoint", fx.copy("run", w), "--out", LONG],
     code=(2, 3), says=["too long"])
+
+# ============================================================================ .npz images of every odd dtype
+
+for _dt, _arr in (("complex", IM.astype(np.complex64)), ("bool", IM > 100), ("float16-inf", np.full((4, 8, 8), np.inf,
+                  np.float16)), ("datetime", IM.astype("datetime64[s]")), ("structured", np.zeros((4, 8, 8),
+                  [("r", "u1"), ("g", "u1")])), ("strings", np.full((4, 8, 8), "x")), ("uint16", IM.astype(np.uint16)),
+                  ("0-d", np.array(5)), ("labels-0-d", None)):
+    _arrays = {"images": _arr} if _arr is not None else {"images": IM, "labels": np.array(3)}
+    data_case(f"dtype-{_dt}.npz", _npz(f"dtype-{_dt}.npz", **_arrays), says=[f"dtype-{_dt}.npz"])
