@@ -418,7 +418,7 @@ data_case("cifar-train-classifier-label", _folder("c13", {CIFAR: lambda p: p.wri
 data_case("npz-train-classifier-label", _npz("cls.npz", images=IM, labels=np.array([0, 1, 2**40, 3])),
           says=["cls.npz"], command="train-classifier")
 data_case("long-caption.npz", _npz("long-caption.npz", images=IM, labels=np.array([0, 1, 1, 0]),
-                                   class_names=np.array(["a b c d e f g h", "x"])), says=["8 words"])
+                                   class_names=np.array(["a b c d e f g h", "x"])), says=["8 words", "--max-prompt-len"])
 data_case("npz-subprocess.npz", _npz("npz-subprocess.npz", images=IM, labels=np.array([0, 1, 2**40, 3])),
           says=["npz-subprocess.npz"], subprocess=True)
 

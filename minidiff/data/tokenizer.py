@@ -55,7 +55,12 @@ class Tokenizer:
         if not any(words):
             raise ValueError("captions must hold at least one word to build a tokenizer from")
         vocab = [PAD] + sorted({w for ws in words for w in ws} - {PAD})
-        return cls(vocab, max(len(ws) for ws in words) if max_len is None else max_len)
+        longest = max(range(len(words)), key=lambda i: len(words[i]))
+        if max_len is not None and len(words[longest]) > max_len:  # every caption is encoded in training
+            raise ValueError(f"the caption {short(captions[longest])} has {len(words[longest])} words but the "
+                             f"prompts hold {max_len} (--max-prompt-len); raise it to {len(words[longest])} or "
+                             "shorten the class names")
+        return cls(vocab, len(words[longest]) if max_len is None else max_len)
 
     @property
     def vocab_size(self) -> int:
