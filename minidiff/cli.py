@@ -183,6 +183,8 @@ def cmd_export(args) -> int:
     """`minidiff export`: a run as a diffusers pipeline folder (training/export.py)."""
     from .training.export import export_pipeline
 
+    if not Path(args.out).is_file():  # (an existing file: export_pipeline's own refusal, exit 2)
+        check_can_create(Path(args.out))  # before reading the run: an --out nobody may write is one line naming it
     out = export_pipeline(args.checkpoint, args.out, use_ema=not args.no_ema, force=args.force)
     print(f"wrote the diffusers pipeline {out} (model_index.json, unet/, scheduler/, minidiff.json); load it with "
           f"DDPMPipeline.from_pretrained({str(out)!r})")

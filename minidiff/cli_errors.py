@@ -79,8 +79,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def check_can_create(folder: Path) -> None:
-    """OSError naming folder (ENOTDIR, EACCES) unless it is a folder, or could be made, and is writable; makes
-    nothing (a failed command leaves no empty output folder behind)."""
+    """OSError naming folder (ENOTDIR, EACCES, EPERM, EROFS) unless it is a folder, or could be made, where files can
+    be created: a throwaway folder is made in its nearest existing ancestor and removed at once (mode bits alone do
+    not tell for root, sysfs or a read-only mount). Leaves nothing behind: a failed command leaves no empty folder."""
+    import tempfile
+
     folder = Path(folder).expanduser()
     probe = folder
     while not probe.exists() and probe != probe.parent:
@@ -89,8 +92,10 @@ def check_can_create(folder: Path) -> None:
         return
     if not probe.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probe if probe == folder else folder))
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(probe))
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".minidiff-probe-", dir=probe))
+    except OSError as err:
+        raise type(err)(err.errno, err.strerror or str(err), str(folder)) from None
 
 
 def write_atomic(path: Path, write) -> None:

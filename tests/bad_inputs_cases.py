@@ -808,9 +808,25 @@ add("export-out-name-too-long", "export", lambda w, fx: ["export", "--checkpoint
 
 # ============================================================================ .npz images of every odd dtype
 
-for _dt, _arr in (("complex", IM.astype(np.complex64)), ("bool", IM > 100), ("float16-inf", np.full((4, 8, 8), np.inf,
+for _dt, _images in (("complex", IM.astype(np.complex64)), ("bool", IM > 100), ("float16-inf", np.full((4, 8, 8), np.inf,
                   np.float16)), ("datetime", IM.astype("datetime64[s]")), ("structured", np.zeros((4, 8, 8),
                   [("r", "u1"), ("g", "u1")])), ("strings", np.full((4, 8, 8), "x")), ("uint16", IM.astype(np.uint16)),
                   ("0-d", np.array(5)), ("labels-0-d", None)):
-    _arrays = {"images": _arr} if _arr is not None else {"images": IM, "labels": np.array(3)}
+    _arrays = {"images": _images} if _images is not None else {"images": IM, "labels": np.array(3)}
     data_case(f"dtype-{_dt}.npz", _npz(f"dtype-{_dt}.npz", **_arrays), says=[f"dtype-{_dt}.npz"])
+
+# ============================================================================ EPERM even as root: an --out under /sys (Linux)
+
+if os.path.isdir("/sys/kernel"):  # sysfs refuses new folders to every user, root included
+    SYS = "/sys/minidiff-bad-input"
+    add("train-out-under-sys", "train", lambda w, fx: ["train", *TRAIN[2:], "--out", SYS], code=3, says=[SYS])
+    add("sample-out-under-sys", "sample", lambda w, fx: [*_sample(w, fx)[:-1], SYS], code=3, says=[SYS])
+    add("eval-out-under-sys", "eval", lambda w, fx: ["eval", "--checkpoint", fx.copy("run", w), "--out", SYS,
+                                                     "--n-per-class", "1", "--steps", "2", "--threads", "1"],
+        code=3, says=[SYS])
+    add("export-out-under-sys", "export", lambda w, fx: ["export", "--checkpoint", fx.copy("run", w), "--out", SYS],
+        code=3, says=[SYS])
+    add("fixtures-out-under-sys", "fixtures", lambda w, fx: ["fixtures", "--out", SYS, "--only", "schedules"], code=3,
+        says=[SYS])
+    add("train-classifier-out-under-sys", "train-classifier", lambda w, fx: [
+        "train-classifier", "--out", SYS, "--preset", "tiny", "--steps", "1", "--batch-size", "2"], code=3, says=[SYS])
