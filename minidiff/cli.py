@@ -242,7 +242,7 @@ def cmd_info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The `minidiff` argument parser with every subcommand."""
     p = OneLineParser(prog="minidiff", description=__doc__.splitlines()[0], epilog=EXIT_CODES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a diffusion model (default: the built-in shapes data)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
