@@ -57,6 +57,8 @@ def classify_error(err: BaseException) -> tuple[int, str] | None:
         return 3, f"writing or reading a .safetensors file failed ({err}); check the disk and the path (--out)"
     if name == "SafetensorError":  # safetensors' Rust errors
         return 2, f"malformed .safetensors file ({err}); replace the file"
+    if isinstance(err, SyntaxError):  # minidiff's own code compiled at import: this is a user's file (an adapter)
+        return 2, f"{err.filename}:{err.lineno}: {type(err).__name__}: {err.msg}; fix the file"
     if isinstance(err, (ValueError, BackendError)):  # json.JSONDecodeError included
         return 2, str(err)
     if isinstance(err, FileNotFoundError):

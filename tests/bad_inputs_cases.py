@@ -830,3 +830,11 @@ if os.path.isdir("/sys/kernel"):  # sysfs refuses new folders to every user, roo
         says=[SYS])
     add("train-classifier-out-under-sys", "train-classifier", lambda w, fx: [
         "train-classifier", "--out", SYS, "--preset", "tiny", "--steps", "1", "--batch-size", "2"], code=3, says=[SYS])
+
+# ============================================================================ oracle adapters that fail to import
+
+for _id, _src in (("syntax-error", "def broken(:\n"), ("raises-at-import", "raise RuntimeError('boom')\n"),
+                  ("imports-missing", "import no_such_module_xyz\n")):
+    add(f"oracle-adapter-{_id}", "oracle", lambda w, fx, src=_src, i=_id: (
+        (w / f"adapter_{i.replace('-', '_')}.py").write_text(src),
+        ["oracle", "--adapter", f"adapter_{i.replace('-', '_')}:Adapter"])[1], says=["adapter_"])
