@@ -838,3 +838,15 @@ for _id, _src in (("syntax-error", "def broken(:\n"), ("raises-at-import", "rais
     add(f"oracle-adapter-{_id}", "oracle", lambda w, fx, src=_src, i=_id: (
         (w / f"adapter_{i.replace('-', '_')}.py").write_text(src),
         ["oracle", "--adapter", f"adapter_{i.replace('-', '_')}:Adapter"])[1], says=["adapter_"])
+
+# ============================================================================ bench's --json
+
+BENCH = ["bench", "--no-torch", "--repeats", "1", "--warmup", "0", "--rounds", "1", "--batch", "1", "--preset", "tiny",
+         "--no-memory", "--threads", "1"]
+add("bench-json-under-a-file", "bench", lambda w, fx: (_file(w), [*BENCH, "--json", "file/b.json"])[1], code=3,
+    says=["file/b.json"])
+add("bench-json-is-a-folder", "bench", lambda w, fx: ((w / "b.json").mkdir(), [*BENCH, "--json", "b.json"])[1],
+    code=(2, 3), says=["b.json"])
+if os.path.isdir("/sys/kernel"):
+    add("bench-json-under-sys", "bench", lambda w, fx: [*BENCH, "--json", "/sys/minidiff-bad-input.json"], code=3,
+        says=["/sys/minidiff-bad-input.json"])
