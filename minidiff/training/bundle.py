@@ -17,7 +17,7 @@ import numpy as np
 
 from ..backend import to_device
 from .checkpoint import load_checkpoint
-from .run_meta import check_arrays, check_model_meta
+from .run_meta import check_arrays, check_finite_weights, check_model_meta
 from .pipelines import MODEL_INDEX, bundle_fields, is_diffusers_folder
 from ..data.dataset import caption_of
 from ..data.tokenizer import Tokenizer
@@ -180,11 +180,7 @@ def load_run(path) -> tuple:
         raise ValueError(f"{path} is a classifier checkpoint (minidiff train-classifier); pass it as --classifier "
                          "and a diffusion model run as --checkpoint")
     if "model_config" not in meta or "train_config" not in meta:
-        raise ValueError(f"{path} is not a diffusion-model checkpoint written by minidiff train")
+        raise ValueError(f"{str(file)!r} is not a diffusion-model checkpoint written by minidiff train")
     check_arrays(arrays, check_model_meta(meta, file), file)  # each field bundle_from_meta reads, named if bad
-    for group in ("params", "ema"):
-        for k, v in (arrays.get(group) or {}).items():
-            if not np.isfinite(v).all():
-                raise ValueError(f"{file}: the checkpoint's {group} {k!r} are not finite (a diverged run); "
-                                 "use an earlier checkpoint or train again with a lower --lr or --grad-clip")
+    check_finite_weights(arrays, file)
     return arrays, meta

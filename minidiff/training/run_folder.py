@@ -58,12 +58,10 @@ def lock_run_dir(out: Path):
     return f
 
 
-def prepare_run_dir(cfg) -> Path:
-    """Create the run directory; refuse to reuse one that holds an earlier run (a checkpoint) unless --resume.
-
-    A folder with only a run's own files and no checkpoint (a run stopped or failed before its first
-    save) is started again: its log and loss curve are removed. Stale temp files (latest.npz.tmp-<pid>
-    from a killed save, log.jsonl.tmp-<pid> from a killed trim) are removed; call it with the lock held."""
+def check_run_dir(cfg) -> Path:
+    """The run folder cfg.out, unless --resume finds no checkpoint there or a new run would reuse a folder that
+    holds an earlier run (a checkpoint) or other files; reads only (called before the lock is taken, and again
+    under it by prepare_run_dir), so a refused command leaves nothing behind."""
     out = Path(cfg.out).expanduser()
     latest = out / "checkpoints" / "latest.npz"
     if cfg.resume:
@@ -73,7 +71,17 @@ def prepare_run_dir(cfg) -> Path:
                                                       for p in out.iterdir())):
         raise FileExistsError(f"--out {str(out)!r} already holds a run; pass --resume to continue it or choose "
                               "a new --out (nothing was overwritten)")
-    elif out.exists():  # a run that never saved: start it again
+    return out
+
+
+def prepare_run_dir(cfg) -> Path:
+    """Create the run directory; refuse to reuse one that holds an earlier run (a checkpoint) unless --resume.
+
+    A folder with only a run's own files and no checkpoint (a run stopped or failed before its first
+    save) is started again: its log and loss curve are removed. Stale temp files (latest.npz.tmp-<pid>
+    from a killed save, log.jsonl.tmp-<pid> from a killed trim) are removed; call it with the lock held."""
+    out = check_run_dir(cfg)
+    if not cfg.resume and out.exists():  # a run that never saved: start it again
         for name in ("log.jsonl", "loss.png"):
             (out / name).unlink(missing_ok=True)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)

@@ -126,6 +126,15 @@ def check_arrays(arrays: dict, config: UNetConfig, path, groups=("params",)) -> 
                               f"{getattr(v, 'dtype', type(v).__name__)} {getattr(v, 'shape', '')}")
 
 
+def check_finite_weights(arrays: dict, path) -> None:
+    """ValueError naming the file and the array if a checkpoint's weights or EMA weights are not all finite."""
+    for group in ("params", "ema"):
+        for k, v in (arrays.get(group) or {}).items():
+            if not np.isfinite(v).all():
+                raise ValueError(f"{path}: the checkpoint's {group} {k!r} are not finite (a diverged run); "
+                                 "use an earlier checkpoint or train again with a lower --lr or --grad-clip")
+
+
 def check_resume_meta(meta: dict, path) -> np.random.Generator:
     """The training rng of a checkpoint to resume, after checking what only --resume reads: rng, losses (one
     finite number per step), ema_num_updates, opt_step and the ops record (BadMeta naming the first bad field)."""

@@ -15,7 +15,7 @@ import numpy as np
 
 from .checkpoint import check_config, keep_last_checkpoints, load_checkpoint, rng_state, save_checkpoint
 from .run_folder import ops_notice, ops_record, trim_log
-from .run_meta import check_arrays, check_model_meta, check_resume_meta, check_train_config
+from .run_meta import check_arrays, check_finite_weights, check_model_meta, check_resume_meta, check_train_config
 from ..diffusion.loss import sample_timesteps
 from ..diffusion.schedule import add_noise
 from ..model.unet import unet_forward
@@ -89,6 +89,7 @@ def restore_state(trainer, path: Path) -> None:
                  "training config", path)
     check_config(config.to_dict(), trainer.model_config.to_dict(), "model config", path)
     check_arrays(arrays, config, path, groups=("params", "ema", "opt/exp_avg", "opt/exp_avg_sq"))
+    check_finite_weights(arrays, path)  # a diverged run is not continued
     rng = check_resume_meta(meta, path)
     for k, v in arrays["params"].items():
         trainer.params[k][...] = trainer.xp.asarray(v, dtype=trainer.dtype)

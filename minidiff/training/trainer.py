@@ -38,7 +38,7 @@ from ..backend import set_tf32, to_device, xp_for
 from .bundle import Bundle, build_unet_config, choose_conditioning
 from .accumulate import accumulate
 from .eval_classifier import eval_during_training
-from .run_folder import lock_run_dir, ops_record, prepare_run_dir, write_atomic
+from .run_folder import check_run_dir, lock_run_dir, ops_record, prepare_run_dir, write_atomic
 from .run_state import TrainingDiverged, restore_state, save_state
 from .config import TrainConfig, resolve_device, validate_train_config
 from ..data import load_dataset
@@ -86,7 +86,7 @@ class Trainer:
         if cfg.tf32:
             set_tf32(True)  # for the rest of the process: every float32 matmul on the GPU
         self.dtype = np.dtype(cfg.dtype)
-        self.lock = lock_run_dir(Path(cfg.out).expanduser())  # one writer per run folder
+        self.lock = lock_run_dir(check_run_dir(cfg))  # one writer per run folder (a refused start makes nothing)
         try:
             self.out = prepare_run_dir(cfg)
             self._build(cfg, ops)
