@@ -9,8 +9,9 @@ being written, and check what each kill leaves behind and what the resumed run m
     log matches the weights     log.jsonl holds steps 1..N once each, strictly increasing, with the
                                 uninterrupted run's losses (lines after a checkpoint were trimmed on resume)
 
-10 kills in CI, every other one aimed at a save (the others seeded: the same delays every run; where a kill lands depends on the machine);
-MINIDIFF_KILLS=N for more. The figures are printed (pytest -s): kills, kills that landed in a save, seconds.
+10 kills in CI, every other one aimed at a save (the moment the process's own temp file appears), the others
+after a seeded 0-3 more logged steps and a seeded delay (0: during start-up), so where they land does not
+depend on the machine's speed; MINIDIFF_KILLS=N for more. The figures are printed (pytest -s): kills, kills that landed in a save, seconds.
 """
 
 import json
@@ -84,9 +85,24 @@ def kill_during_a_save(proc, out: Path, timeout: float = 30.0) -> bool:
     return seen
 
 
+def kill_after_steps(proc, out: Path, lines: int, delay: float, timeout: float = 30.0) -> None:
+    """SIGKILL proc `delay` seconds after log.jsonl holds `lines` lines (at once for lines = 0): a moment
+    in start-up, a step, a log write or a save, whatever the machine's speed."""
+    end, log = time.perf_counter() + timeout, out / "log.jsonl"
+    while lines and proc.poll() is None and time.perf_counter() < end:
+        try:
+            if log.read_bytes().count(b"\n") >= lines:
+                break
+        except FileNotFoundError:
+            pass
+        time.sleep(0.0002)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+
+
 def test_issue17_kill_9_at_random_moments_leaves_loadable_checkpoints_and_a_bit_exact_resume(tmp_path):
     kills = int(os.environ.get("MINIDIFF_KILLS", "10"))
-    steps = 4 * max(kills, 12)  # more than the kills can reach: a start moves on 1 (a save kill) to ~6 steps
+    steps = 5 * max(kills, 12)  # more than the kills can reach: a start moves on 1 (a save kill) to a few steps
     rand = random.Random(17)
     t0 = time.perf_counter()
     ref = tmp_path / "uninterrupted"
@@ -101,8 +117,9 @@ def test_issue17_kill_9_at_random_moments_leaves_loadable_checkpoints_and_a_bit_
         if i % 2 == 0:  # every other kill: as soon as this process writes a checkpoint
             started = kill_during_a_save(proc, out)
         else:
-            time.sleep(rand.uniform(0.3, 2.0))  # during start-up, a step, a log line or a save
-            proc.send_signal(signal.SIGKILL)
+            more = rand.choice([0, 1, 2, 3])  # 0: during start-up (the delay alone)
+            kill_after_steps(proc, out, (ckpt_step or 0) + more if more else 0,
+                             rand.uniform(0.0, 1.0) if not more else rand.uniform(0.0, 0.05))
         rc = proc.wait()
         assert rc in (-signal.SIGKILL, 0), (rc, (tmp_path / "stderr.txt").read_text()[-2000:])
         finished_early += rc == 0
