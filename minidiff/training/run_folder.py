@@ -92,6 +92,17 @@ def prepare_run_dir(cfg) -> Path:
     return out
 
 
+def remove_unused_run_dir(out: Path) -> None:
+    """Remove a run folder that a failed start made: its lock file and empty checkpoints/ and samples/, then the
+    folder itself if that left it empty (anything else in it stays)."""
+    (out / LOCK_NAME).unlink(missing_ok=True)
+    for folder in (out / "checkpoints", out / "samples", out):
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            pass
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write data to path through path.tmp-<pid> and os.replace: a kill at any moment leaves the old or the new
     file. (No fsync, unlike checkpoints: after a power loss config.json or log.jsonl may be empty, never half.)"""

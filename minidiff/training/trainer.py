@@ -38,7 +38,8 @@ from ..backend import set_tf32, to_device, xp_for
 from .bundle import Bundle, build_unet_config, choose_conditioning
 from .accumulate import accumulate
 from .eval_classifier import eval_during_training
-from .run_folder import check_run_dir, lock_run_dir, ops_record, prepare_run_dir, write_atomic
+from .run_folder import (check_run_dir, lock_run_dir, ops_record, prepare_run_dir, remove_unused_run_dir,
+                         write_atomic)
 from .run_state import TrainingDiverged, restore_state, save_state
 from .config import TrainConfig, resolve_device, validate_train_config
 from ..data import load_dataset
@@ -86,12 +87,16 @@ class Trainer:
         if cfg.tf32:
             set_tf32(True)  # for the rest of the process: every float32 matmul on the GPU
         self.dtype = np.dtype(cfg.dtype)
-        self.lock = lock_run_dir(check_run_dir(cfg))  # one writer per run folder (a refused start makes nothing)
+        out = check_run_dir(cfg)  # a refused start makes nothing
+        made = not out.exists()
+        self.lock = lock_run_dir(out)  # one writer per run folder
         try:
             self.out = prepare_run_dir(cfg)
             self._build(cfg, ops)
         except BaseException:  # the lock is released at once, not when this half-built object is collected
             self.close()
+            if made:  # a new folder that failed to start: remove what it got (the lock, empty folders)
+                remove_unused_run_dir(out)
             raise
 
     def _build(self, cfg: TrainConfig, ops) -> None:
