@@ -243,7 +243,9 @@ def load_adapter(spec: str):
         raise ValueError(f"--adapter must be module:object, got {spec!r}")
     try:
         obj = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
+    except SyntaxError:
+        raise  # the command line names its file and line
+    except Exception as e:  # not found, or the adapter's module raised while it was imported
         raise ValueError(f"--adapter {spec}: {type(e).__name__}: {e}") from None
     return obj() if isinstance(obj, type) else obj
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import zipfile
 import zlib
@@ -129,9 +130,12 @@ def _write_atomic(path: Path, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        code = re.search(r"os error (\d+)", str(e))  # safetensors' Rust I/O errors carry no path: name it
+        if code and not isinstance(e, OSError):
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
         raise
 
 
