@@ -15,6 +15,7 @@ import numpy as np
 
 from .fast.cpu.allocator import keep_freed_memory
 from .backend import check_tf32, set_tf32
+from .cli_checks import MAX_SAMPLES, MAX_TRAIN_TIMESTEPS, check_model_flags, load_noise  # noqa: F401
 from .cli_errors import (EXIT_CODES, OneLineParser, check_can_create, classify_error, os_error_line,  # noqa: F401
                          write_atomic)
 from .nn.ops import REFERENCE
@@ -47,30 +48,6 @@ def cmd_train(args) -> int:
         cfg.threads = recorded_shards(cfg.out)  # 0 (auto) when none is recorded
     train(cfg, ops=choose_ops(cfg.reference, cfg.threads, cfg.shards, cfg.device))
     return 0
-
-
-MAX_SAMPLES = 100_000  # the most images (--n, --n-per-class) or steps one sample/eval command takes
-MAX_TRAIN_TIMESTEPS = 100_000  # --num-train-timesteps' upper bound (DDPM uses 1000; each T costs T floats)
-
-
-def check_model_flags(cfg) -> None:
-    """--preset, --beta-schedule, --prediction-type, --dropout, --warmup-steps and --num-train-timesteps, checked
-    before anything is written (train checks them only after it made the run folder, or at the first loss)."""
-    from .diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES
-    from .model.config import PRESETS
-
-    for flag, value, allowed in (("--preset", cfg.preset, PRESETS), ("--beta-schedule", cfg.beta_schedule,
-                                 BETA_SCHEDULES), ("--prediction-type", getattr(cfg, "prediction_type", "epsilon"),
-                                                   PREDICTION_TYPES)):
-        if value not in allowed:
-            raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
-    if getattr(cfg, "dropout", -1.0) != -1.0 and not 0.0 <= cfg.dropout <= 1.0:
-        raise ValueError(f"--dropout must be -1 (the preset's) or in [0, 1], got {cfg.dropout}")
-    if getattr(cfg, "warmup_steps", 0) < 0:
-        raise ValueError(f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
-    if not 1 <= cfg.num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
-        raise ValueError(f"--num-train-timesteps must be in [1, {MAX_TRAIN_TIMESTEPS:,}] (cli.MAX_TRAIN_TIMESTEPS), "
-                         f"got {cfg.num_train_timesteps}")
 
 
 def cmd_train_classifier(args) -> int:
@@ -162,21 +139,6 @@ def cmd_sample(args) -> int:
     write_atomic(out / f"{stem}.npz", lambda tmp: np.savez(tmp, images=to_numpy(x), **given))
     print(f"wrote {cfg.n} samples to {out / (stem + '.png')} and {out / (stem + '.npz')}")
     return 0
-
-
-def load_noise(path) -> np.ndarray:
-    """The float array of a --noise .npy file (read without pickle); one line naming the file otherwise."""
-    if Path(path).exists() and not Path(path).is_file():  # a folder, a FIFO (would block), a device
-        raise ValueError(f"--noise {path!r} is not a regular file; pass an .npy file written by np.save")
-    try:
-        noise = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"--noise {path!r} is not a readable .npy file: {str(err).splitlines()[0]}") from None
-    if not isinstance(noise, np.ndarray) or not np.issubdtype(noise.dtype, np.floating):
-        raise ValueError(f"--noise {path!r} must hold one float array (np.save), got {getattr(noise, 'dtype', noise)}")
-    if not np.isfinite(noise).all():
-        raise ValueError(f"--noise {path!r} holds non-finite values (NaN or inf); pass finite Gaussian noise")
-    return noise
 
 
 def cmd_export(args) -> int:
