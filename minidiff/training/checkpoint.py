@@ -96,7 +96,7 @@ def save_checkpoint(path, arrays: dict, meta: dict | None = None) -> Path:
         if isinstance(err, OSError) and err.filename is None:  # a write or fsync (ENOSPC): name the file
             raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -120,7 +120,7 @@ def keep_last_checkpoints(latest: Path, step: int, limit: int) -> Path:
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
     try:
         fd = os.open(folder, os.O_RDONLY)
