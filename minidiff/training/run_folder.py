@@ -1,6 +1,6 @@
 """A run folder on disk: its lock, its start (new, again, or resumed), its log, and the ops it records.
 
-    RUN/config.json              the run's settings (Trainer.meta of its first start, ops record included)
+    RUN/config.json              the run's settings (Trainer.meta of its latest start or resume, ops record included)
     RUN/log.jsonl                one JSON line per logged step; trimmed back to the checkpoint's step on --resume
     RUN/loss.png, RUN/samples/   pictures
     RUN/checkpoints/latest.npz   checkpoint.py (and step_XXXXXX.npz with --checkpoints-total-limit)

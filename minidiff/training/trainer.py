@@ -122,8 +122,8 @@ class Trainer:
         self.flush_every = 1 if self.xp is np else cfg.log_every  # host reads: free on a CPU, a sync on a GPU
         if cfg.resume:  # checked field by field; log.jsonl trimmed to its step; a line if the ops differ
             restore_state(self, self.out / "checkpoints" / "latest.npz")
-        else:
-            write_atomic(self.out / "config.json", json.dumps(self.meta(), indent=2).encode())
+        # this start's settings (a resume's: its ops and steps, as its checkpoints will record)
+        write_atomic(self.out / "config.json", json.dumps(self.meta(), indent=2).encode())
 
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> dict:

@@ -282,3 +282,17 @@ def test_write_atomic_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp
     write_atomic(tmp_path / "config.json", b"{}")
     assert events == ["fsync file", "replace", "fsync folder"]
     assert (tmp_path / "config.json").read_bytes() == b"{}" and sorted(os.listdir(tmp_path)) == ["config.json"]
+
+
+def test_config_json_records_the_latest_starts_settings_after_a_resume(tmp_path):
+    """config.json is the run's settings as of its latest start, like the checkpoint's: after a --resume with other
+    ops (or more steps) it names them, not the first start's (the notice said the ops differ)."""
+    out = tmp_path / "run"
+    train(tiny_cfg(out, steps=4), stop_after=2, ops=fast_ops(3, "threads"), log=quiet)
+    assert json.loads((out / "config.json").read_text())["ops"] == {"name": "fast", "shards": 3}
+    train(tiny_cfg(out, steps=5, resume=True), stop_after=1, ops=fast_ops(1, "threads"), log=quiet)
+    saved = json.loads((out / "config.json").read_text())
+    _, meta = load_checkpoint(out / "checkpoints" / "latest.npz")
+    assert saved["ops"] == meta["ops"] == {"name": "fast", "shards": 1}
+    assert saved["train_config"]["steps"] == 5 and saved["train_config"] == meta["train_config"]
+    assert sorted(p.name for p in out.iterdir() if ".tmp-" in p.name) == []
