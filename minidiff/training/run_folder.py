@@ -175,16 +175,23 @@ def recorded_shards(out) -> int:
     return shards if record.get("name") == "fast" and isinstance(shards, int) and 1 <= shards <= 1024 else 0
 
 
-def ops_notice(recorded: dict | None, current: dict) -> str | None:
-    """One line when a resume runs other ops than the checkpoint recorded (None: the same, or none recorded)."""
+def ops_notice(recorded: dict | None, current: dict, gpu: bool = False) -> str | None:
+    """One line when a resume runs other ops than the checkpoint recorded (None: the same, or none recorded). Its
+    advice fits the device: --threads splits a batch over CPU cores and does nothing on a GPU (gpu=True)."""
     if not recorded or recorded == current:
         return None
-    keep = (f"pass --threads {recorded['shards']}" if recorded["name"] == current["name"] == "fast"
-            else "pass --reference" if recorded["name"] == "reference" else "drop --reference")
-    return (f"note: the checkpoint was trained with {_describe(recorded)} and this resume runs {_describe(current)}: the "
-            f"continuation will not be bit-exact with the recorded setting ({keep} to keep it)")
+    if recorded["name"] == "reference":
+        keep = "pass --reference"
+    elif gpu and recorded["shards"] > 1:  # the GPU runs the batch whole: only the CPU can split it again
+        keep = (f"--threads does nothing on a GPU, which runs the batch whole: resume on the CPU with --device cpu "
+                f"--threads {recorded['shards']}{'' if current['name'] == 'fast' else ' and without --reference'}")
+    else:
+        keep = f"pass --threads {recorded['shards']}" if current["name"] == "fast" else "drop --reference"
+    return (f"note: the checkpoint was trained with {_describe(recorded)} and this resume runs "
+            f"{_describe(current, gpu)}: the continuation will not be bit-exact with the recorded setting ({keep} to "
+            "keep it)")
 
 
-def _describe(record: dict) -> str:
-    return ("the reference ops" if record["name"] == "reference"
-            else f"the {record['name']} ops in {record['shards']} CPU shard(s)")
+def _describe(record: dict, gpu: bool = False) -> str:
+    where = "on the GPU" if gpu else "" if record["name"] == "reference" else f"in {record['shards']} CPU shard(s)"
+    return f"the {record['name']} ops {where}".rstrip()

@@ -296,3 +296,27 @@ def test_config_json_records_the_latest_starts_settings_after_a_resume(tmp_path)
     assert saved["ops"] == meta["ops"] == {"name": "fast", "shards": 1}
     assert saved["train_config"]["steps"] == 5 and saved["train_config"] == meta["train_config"]
     assert sorted(p.name for p in out.iterdir() if ".tmp-" in p.name) == []
+
+
+def test_the_resume_notice_on_a_gpu_does_not_suggest_threads(tmp_path, monkeypatch):
+    """A CPU run in 2 shards resumed on a GPU (fake CuPy; the batch runs whole, --threads does nothing there): the
+    notice names the GPU and advises resuming on the CPU, not `pass --threads 2`; on the CPU it still says that."""
+    import shutil
+
+    import fake_cupy
+
+    out, cpu = tmp_path / "run", tmp_path / "cpu"
+    train(tiny_cfg(out, steps=6), stop_after=2, ops=fast_ops(2, "threads"), log=quiet)
+    shutil.copytree(out, cpu)
+    fake_cupy.install(monkeypatch)
+    lines = []
+    train(tiny_cfg(out, steps=6, resume=True, device="gpu"), stop_after=1, ops=fast_ops(1, "threads"),
+          log=lines.append)
+    notes = [s for s in lines if "bit-exact" in s]
+    assert len(notes) == 1 and "\n" not in notes[0], lines
+    assert "pass --threads" not in notes[0] and "--device cpu --threads 2" in notes[0] and "GPU" in notes[0]
+    monkeypatch.undo()
+    lines = []
+    train(tiny_cfg(cpu, steps=6, resume=True), stop_after=1, ops=fast_ops(1, "threads"), log=lines.append)
+    notes = [s for s in lines if "bit-exact" in s]
+    assert len(notes) == 1 and "pass --threads 2" in notes[0] and "GPU" not in notes[0]
