@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 from pathlib import Path
 
 from .backend import BackendError
@@ -72,9 +73,19 @@ def classify_error(err: BaseException) -> tuple[int, str] | None:
     return None
 
 
+# Every negative number literal float() reads, -inf, -nan and -1e400 included. argparse's own pattern knows only
+# -5 and -.5, so `--scales 1 -inf` took -inf for an unknown option, and no line named --scales or what it allows.
+NEGATIVE_NUMBER = re.compile(r"^-(\d|\.\d|inf(inity)?$|nan$)", re.IGNORECASE)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line on stderr ("minidiff train: error: argument --steps: ..."),
-    exit status 2, like every other error (the usage is in --help). Subcommands inherit the class."""
+    exit status 2, like every other error (the usage is in --help). Subcommands inherit the class. A negative
+    number (-inf, -1e400 too) is a flag's value, never an option, so the flag's own check names it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER  # argparse's pattern (a private attribute since 2.7)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())} (see {self.prog} --help)\n")

@@ -117,9 +117,12 @@ for name, value in (("lr", "nan"), ("lr", "-1"), ("lr", "0"), ("weight-decay", "
     flag(f"train-classifier--{name}={value}", ["train-classifier", f"--{name}", value, "--out", "run"],
          says=[f"--{name}"])
 
-for value in ("nan", "inf", "-inf"):  # argparse reads -inf as an option: "unrecognized arguments: -inf"
+for value in ("nan", "inf", "-inf", "1e400", "-1e400"):  # -inf once read as an option ("unrecognized arguments")
     flag(f"eval--scales={value}", ["eval", "--checkpoint", "c", "--scales", "1", value, "--out", "o"],
-         says=["--scales" if value != "-inf" else "-inf"])
+         says=["--scales", "finite"])
+    flag(f"eval--scales={value}-alone", ["eval", "--checkpoint", "c", "--scales", value, "--out", "o"],
+         says=["--scales", "finite"])
+flag("train--lr=-inf", ["train", "--lr", "-inf", "--out", "run"], says=["--lr", "finite"])  # once "expected one argument"
 for name, value in (("n-per-class", "0"), ("n-per-class", "-1"), ("steps", "0"), ("threads", "-1")):
     add(f"eval--{name}={value}", "eval",
         lambda work, fx, n=name, v=value: ["eval", "--checkpoint", fx.copy("run", work), "--out", "o", f"--{n}", v],
