@@ -122,7 +122,7 @@ for value in ("nan", "inf", "-inf", "1e400", "-1e400"):  # -inf once read as an 
          says=["--scales", "finite"])
     flag(f"eval--scales={value}-alone", ["eval", "--checkpoint", "c", "--scales", value, "--out", "o"],
          says=["--scales", "finite"])
-flag("train--lr=-inf", ["train", "--lr", "-inf", "--out", "run"], says=["--lr", "finite"])  # once "expected one argument"
+flag("train--lr=-inf", ["train", "--lr", "-inf", "--out", "run"], says=["--lr", "finite"])  # was: expected one argument
 for name, value in (("n-per-class", "0"), ("n-per-class", "-1"), ("steps", "0"), ("threads", "-1")):
     add(f"eval--{name}={value}", "eval",
         lambda work, fx, n=name, v=value: ["eval", "--checkpoint", fx.copy("run", work), "--out", "o", f"--{n}", v],
@@ -715,6 +715,31 @@ add("eval-labelled-eval-classifier-truncated", "eval", lambda w, fx: (
     says=["latest.npz"])
 add("eval-labelled-eval-classifier-other-run", "eval", lambda w, fx: (
     _npz_run(w, fx), fx.copy("run", w))[0] + ["--eval-classifier", "run"], says=["run"])
+
+
+def _damaged_eval_classifier(work: Path, fx, change) -> list:
+    """npz_run's eval with --eval-classifier clf: a 2-step tiny eval classifier of labelled.npz, then change(arrays,
+    meta) saved over it (a damaged or hand-edited cache)."""
+    from minidiff.data import load_dataset
+    from minidiff.training.checkpoint import load_checkpoint, save_checkpoint
+    from minidiff.training.eval_classifier import EvalClassifierConfig, get_eval_classifier
+
+    argv = _npz_run(work, fx)
+    get_eval_classifier(load_dataset(str(work / "labelled.npz")), work / "clf", EvalClassifierConfig("tiny", 2),
+                        log=lambda s: None)
+    ckpt = work / "clf" / "checkpoints" / "latest.npz"
+    arrays, meta = load_checkpoint(ckpt)
+    change(arrays, meta)
+    save_checkpoint(ckpt, arrays, meta)
+    return argv + ["--eval-classifier", "clf"]
+
+
+for _id, _change, _field in (("no-model_config", lambda a, m: m.pop("model_config"), "model_config"),
+                             ("class_names-null", lambda a, m: m.update(class_names=None), "class_names"),
+                             ("heldout_accuracy-str", lambda a, m: m.update(heldout_accuracy="x"), "heldout_accuracy"),
+                             ("no-heldout-sigma", lambda a, m: a["heldout"].pop("sigma"), "heldout/")):
+    add(f"eval-labelled-eval-classifier-{_id}", "eval", lambda w, fx, c=_change: _damaged_eval_classifier(w, fx, c),
+        says=["latest.npz", _field])
 
 # ============================================================================ CIFAR batches.meta (the class names)
 

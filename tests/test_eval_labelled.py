@@ -90,3 +90,64 @@ def test_heldout_split_and_bad_input(tmp_path):
     with pytest.raises(ValueError, match="class_names"):
         load_dataset({"images": np.zeros((4, 8, 8), np.uint8), "labels": np.arange(4) % 2,
                       "class_names": np.array(["a"])})
+
+
+@pytest.fixture(scope="module")
+def eval_clf(tmp_path_factory):
+    """A 5-step eval classifier (tiny preset) of _two_classes(): its data file, folder, arrays and meta."""
+    from minidiff.training.checkpoint import load_checkpoint
+
+    root = tmp_path_factory.mktemp("eval_clf")
+    np.savez(root / "d.npz", **_two_classes())
+    get_eval_classifier(load_dataset(str(root / "d.npz")), root / "clf", EvalClassifierConfig(preset="tiny", steps=5),
+                        log=lambda s: None)
+    arrays, meta = load_checkpoint(root / "clf" / "checkpoints" / "latest.npz")
+    return root, arrays, meta
+
+
+def _drop(d, key):
+    d.pop(key)
+
+
+# (id, change(arrays, meta), the field the one line names): a damaged or hand-edited eval classifier cache
+DAMAGED_EVAL_CLASSIFIER = [
+    ("no-model_config", lambda a, m: _drop(m, "model_config"), "model_config"),
+    ("model_config-int", lambda a, m: m.update(model_config=5), "model_config"),
+    ("model_config-conditional", lambda a, m: m["model_config"].update(num_class_embeds=2), "model_config"),
+    ("no-class_names", lambda a, m: _drop(m, "class_names"), "class_names"),
+    ("class_names-str", lambda a, m: m.update(class_names="ab"), "class_names"),
+    ("class_names-3", lambda a, m: m.update(class_names=["a", "b", "c"]), "params/"),
+    ("key-str", lambda a, m: m.update(key="x"), "key"),
+    ("no-heldout_n", lambda a, m: _drop(m, "heldout_n"), "heldout_n"),
+    ("heldout_accuracy-str", lambda a, m: m.update(heldout_accuracy="high"), "heldout_accuracy"),
+    ("heldout_accuracy-nan", lambda a, m: m.update(heldout_accuracy=float("nan")), "heldout_accuracy"),
+    ("no-params", lambda a, m: _drop(a, "params"), "params/"),
+    ("params-missing-one", lambda a, m: _drop(a["params"], "head.linear.bias"), "params/"),
+    ("params-wrong-shape", lambda a, m: a["params"].update({"head.norm.weight": np.zeros(3, np.float32)}),
+     "params/head.norm.weight"),
+    ("no-heldout", lambda a, m: _drop(a, "heldout"), "heldout/"),
+    ("sigma-wrong-shape", lambda a, m: a["heldout"].update(sigma=np.zeros((2, 2))), "heldout/sigma"),
+    ("mu-nan", lambda a, m: a["heldout"].update(mu=a["heldout"]["mu"] * np.nan), "heldout/mu"),
+]
+
+
+@pytest.mark.parametrize("change, field", [c[1:] for c in DAMAGED_EVAL_CLASSIFIER],
+                         ids=[c[0] for c in DAMAGED_EVAL_CLASSIFIER])
+def test_a_damaged_eval_classifier_cache_is_one_valueerror_naming_the_file_and_field(eval_clf, tmp_path, change,
+                                                                                     field):
+    """Its metadata and arrays are checked field by field when loaded (run_meta.check_eval_classifier), like a
+    checkpoint's: never a KeyError/TypeError traceback, nor a bad value that fails later, in eval."""
+    import json as json_
+
+    from minidiff.training.checkpoint import save_checkpoint
+
+    root, arrays, meta = eval_clf
+    arrays = {g: dict(v) for g, v in arrays.items()}
+    meta = json_.loads(json_.dumps(meta))
+    change(arrays, meta)
+    ckpt = tmp_path / "clf" / "checkpoints" / "latest.npz"
+    save_checkpoint(ckpt, arrays, meta)
+    with pytest.raises(ValueError) as err:
+        get_eval_classifier(load_dataset(str(root / "d.npz")), tmp_path / "clf", log=lambda s: None)
+    msg = str(err.value)
+    assert str(ckpt) in msg and field in msg and "\n" not in msg, msg

@@ -37,6 +37,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .frechet import feature_stats, frechet_distance
 from .generate import generate
 from .optim import AdamW, warmup_lr
+from .run_meta import check_eval_classifier
 
 CHUNK = 256  # images per classifier call when reading features
 
@@ -108,12 +109,12 @@ def get_eval_classifier(dataset, folder, cfg: EvalClassifierConfig | None = None
     key = {"data": fingerprint(dataset), "n": len(dataset)}  # a saved classifier is used whatever cfg says
     if ckpt.exists():
         arrays, meta = load_checkpoint(ckpt)
-        if meta.get("key") != key:
-            raise ValueError(f"the eval classifier in {folder} was trained on other data ({meta.get('key')} != {key});"
+        config, names = check_eval_classifier(arrays, meta, ckpt)  # field by field, one line naming a bad one
+        if meta["key"] != key:
+            raise ValueError(f"the eval classifier in {folder} was trained on other data ({meta['key']} != {key});"
                              " pass another --eval-classifier folder (or delete this one)")
         params = {k: np.asarray(v, np.float32) for k, v in arrays["params"].items()}
-        return EvalClassifier(params, UNetConfig.from_dict(meta["model_config"]), meta["class_names"],
-                              arrays["heldout"]["mu"], arrays["heldout"]["sigma"], meta)
+        return EvalClassifier(params, config, names, arrays["heldout"]["mu"], arrays["heldout"]["sigma"], meta)
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} holds something else than an eval classifier; pass an empty or new folder")
     train_idx, held_idx = heldout_split(len(dataset))

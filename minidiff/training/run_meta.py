@@ -4,7 +4,8 @@ Trainer.save writes (run_state.py): train_config, model_config, conditioning, nu
 tokenizer, ops, step, losses, rng, ema_num_updates, opt_step, and the arrays params/, ema/, opt/exp_avg/,
 opt/exp_avg_sq/ under the model's state-dict names. Sampling, eval and export (bundle.load_run) read the
 first group and the weights; --resume reads everything. A missing field, a wrong type, an unknown value or
-an array of the wrong shape is one ValueError naming the file and the field.
+an array of the wrong shape is one ValueError naming the file and the field. The same holds for a classifier
+checkpoint (check_classifier_meta) and for the eval classifier that eval saves (check_eval_classifier).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from ..data.dataset import MAX_CLASSES
 from ..data.tokenizer import Tokenizer
 from ..diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES
+from ..model.classifier import classifier_param_shapes
 from ..model.config import UNetConfig
 from ..model.params import param_shapes
 from .checkpoint import rng_from_state
@@ -33,12 +35,16 @@ CHOICES = {"beta_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES,
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
-class BadMeta(ValueError):
-    """One line: the file, the field and what is wrong with it."""
+ADVICE = "it is damaged or was not written by minidiff train (or train-classifier): use another checkpoint"
+EVAL_CLASSIFIER_ADVICE = ("it is damaged or was edited: delete its folder (eval trains it again) or pass another "
+                          "--eval-classifier folder")
 
-    def __init__(self, path, field: str, problem: str):
-        super().__init__(f"checkpoint {str(path)!r}: {field} {problem}; it is damaged or was not written by "
-                         "minidiff train (or train-classifier): use another checkpoint")
+
+class BadMeta(ValueError):
+    """One line: the file, the field and what is wrong with it (and what to do: advice)."""
+
+    def __init__(self, path, field: str, problem: str, advice: str = ADVICE):
+        super().__init__(f"checkpoint {str(path)!r}: {field} {problem}; {advice}")
 
 
 def _is_int(v) -> bool:
@@ -105,25 +111,26 @@ def check_model_meta(meta: dict, path) -> UNetConfig:
     return config
 
 
-def check_arrays(arrays: dict, config: UNetConfig, path, groups=("params",)) -> None:
+def check_arrays(arrays: dict, config: UNetConfig, path, groups=("params",), shapes=None, advice=ADVICE) -> None:
     """Each group of arrays (params, ema, opt/exp_avg, ...; `groups` required, ema checked when present) holds
-    exactly the model's state-dict names, each a float array of its shape (BadMeta naming the first that does not)."""
-    shapes = param_shapes(config)
+    exactly the model's state-dict names (or those of `shapes`), each a float array of its shape (BadMeta naming
+    the first that does not)."""
+    shapes = param_shapes(config) if shapes is None else shapes
     for group in dict.fromkeys((*groups, "ema") if "ema" in arrays else groups):
         node = arrays
         for part in group.split("/"):
             node = node.get(part) if isinstance(node, dict) else None
         if not isinstance(node, dict):
-            raise BadMeta(path, f"arrays {group}/", "are missing")
+            raise BadMeta(path, f"arrays {group}/", "are missing", advice)
         if set(node) != set(shapes):
             extra, lack = sorted(set(node) - set(shapes)), sorted(set(shapes) - set(node))
             raise BadMeta(path, f"arrays {group}/", f"do not match model_config (missing {lack[:3]}, unexpected "
-                          f"{extra[:3]})")
+                          f"{extra[:3]})", advice)
         for name, shape in shapes.items():
             v = node[name]
             if not isinstance(v, np.ndarray) or v.shape != tuple(shape) or not np.issubdtype(v.dtype, np.floating):
                 raise BadMeta(path, f"array {group}/{name}", f"must be a float array of shape {tuple(shape)}, got "
-                              f"{getattr(v, 'dtype', type(v).__name__)} {getattr(v, 'shape', '')}")
+                              f"{getattr(v, 'dtype', type(v).__name__)} {getattr(v, 'shape', '')}", advice)
 
 
 def check_finite_weights(arrays: dict, path) -> None:
@@ -182,3 +189,42 @@ def check_classifier_meta(meta: dict, path) -> tuple:
                                   and all(isinstance(s, str) for s in names)):
         raise BadMeta(path, "class_names", f"must be null or num_classes ({k}) strings, got {names!r:.80}")
     return config, k
+
+
+def check_eval_classifier(arrays: dict, meta: dict, path) -> tuple:
+    """(UNetConfig, class names) of a saved eval classifier (eval_classifier.py) after checking kind, key,
+    model_config, class_names, heldout_n, heldout_accuracy and the arrays params/ (the classifier's shapes) and
+    heldout/mu (Cl,), heldout/sigma (Cl, Cl), finite (BadMeta naming the first bad field)."""
+    def bad(field, problem):
+        return BadMeta(path, field, problem, EVAL_CLASSIFIER_ADVICE)
+
+    if meta.get("kind") != "eval_classifier":
+        raise ValueError(f"{str(path)!r} is not an eval classifier (kind {meta.get('kind', '<missing>')!r:.40}); "
+                         "pass another --eval-classifier folder")
+    key = meta.get("key")
+    if not (isinstance(key, dict) and set(key) == {"data", "n"} and isinstance(key["data"], str) and _is_int(key["n"])):
+        raise bad("key", f"must be {{'data': str, 'n': int}}, got {key!r:.80}")
+    try:
+        config = UNetConfig.from_dict(meta.get("model_config"))
+    except (ValueError, TypeError, AttributeError) as err:
+        raise bad("model_config", f"is not a U-Net config ({str(err)[:120]})") from None
+    names = meta.get("class_names")
+    if not (isinstance(names, list) and 2 <= len(names) <= MAX_CLASSES and all(isinstance(s, str) for s in names)):
+        raise bad("class_names", f"must be a list of 2 to {MAX_CLASSES} strings, got {names!r:.80}")
+    try:
+        shapes = classifier_param_shapes(config, len(names))
+    except ValueError as err:
+        raise bad("model_config", f"is not a classifier's ({str(err)[:120]})") from None
+    if not (_is_int(meta.get("heldout_n")) and meta["heldout_n"] >= 1):
+        raise bad("heldout_n", f"must be an int >= 1, got {meta.get('heldout_n', '<missing>')!r:.80}")
+    acc = meta.get("heldout_accuracy", "<missing>")
+    if not ((_is_int(acc) or isinstance(acc, float)) and 0 <= acc <= 1):  # NaN fails 0 <= acc
+        raise bad("heldout_accuracy", f"must be a number in [0, 1], got {acc!r:.80}")
+    check_arrays(arrays, config, path, ("params",), shapes, EVAL_CLASSIFIER_ADVICE)
+    cl = config.block_out_channels[-1]
+    check_arrays(arrays, config, path, ("heldout",), {"mu": (cl,), "sigma": (cl, cl)}, EVAL_CLASSIFIER_ADVICE)
+    for group in ("params", "heldout"):
+        for name, v in arrays[group].items():
+            if not np.isfinite(v).all():
+                raise bad(f"array {group}/{name}", "is not finite")
+    return config, names
