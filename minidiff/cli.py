@@ -15,12 +15,13 @@ import numpy as np
 
 from .fast.cpu.allocator import keep_freed_memory
 from .backend import check_tf32, set_tf32
-from .cli_checks import MAX_SAMPLES, MAX_TRAIN_TIMESTEPS, check_model_flags, load_noise  # noqa: F401
+from .cli_checks import (MAX_SAMPLES, MAX_TRAIN_TIMESTEPS, check_eval_flags, check_model_flags,  # noqa: F401
+                         check_sample_flags, load_noise)
 from .cli_errors import (EXIT_CODES, OneLineParser, check_can_create, classify_error, os_error_line,  # noqa: F401
                          write_atomic)
 from .nn.ops import REFERENCE
 from .training.config import (SCHEDULER_FLAGS, SHARD_MODES, SampleConfig, TrainConfig, add_dataclass_args,
-                           check_finite, check_shards, dataclass_from_args, resolve_device, validate_sample_config,
+                           check_shards, dataclass_from_args, resolve_device, validate_sample_config,
                            validate_train_config)
 
 
@@ -94,13 +95,7 @@ def cmd_sample(args) -> int:
 
     cfg = dataclass_from_args(SampleConfig, args)
     validate_sample_config(cfg)
-    for flag, value in (("--n", cfg.n), ("--steps", cfg.steps)):
-        if not 1 <= value <= MAX_SAMPLES:
-            raise ValueError(f"{flag} must be in [1, {MAX_SAMPLES:,}] (cli.MAX_SAMPLES), got {value}")
-    if cfg.dtype not in ("float32", "float64"):
-        raise ValueError(f"--dtype must be float32 or float64, got {cfg.dtype!r}")
-    if not cfg.checkpoint:
-        raise ValueError("--checkpoint is required: a run directory, a checkpoint .npz or a diffusers folder")
+    check_sample_flags(cfg)
     cfg.device = resolve_device(cfg.device)
     if check_tf32(cfg.tf32, cfg.device, cfg.dtype):
         set_tf32(True)
@@ -158,13 +153,7 @@ def cmd_eval(args) -> int:
     data, with a Frechet distance); with --nll, bits/dim (nll.py)."""
     from .evaluate import evaluate
 
-    for scale in args.scales:
-        check_finite("--scales", scale)
-    for flag, value, low in (("--n-per-class", args.n_per_class, 1), ("--steps", args.steps, 1), ("--n", args.n, 1),
-                             ("--batch-size", args.batch_size, 1), ("--nll-timesteps", args.nll_timesteps, 0),
-                             ("--threads", args.threads, 0)):
-        if not low <= value <= MAX_SAMPLES:
-            raise ValueError(f"{flag} must be in [{low}, {MAX_SAMPLES:,}] (cli.MAX_SAMPLES), got {value}")
+    check_eval_flags(args)
     if check_tf32(args.tf32, args.device, args.dtype):
         set_tf32(True)
     if args.nll:

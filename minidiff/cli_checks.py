@@ -1,7 +1,9 @@
 """Checks of the command line's flags and inputs made before a command writes anything.
 
-    check_model_flags(cfg)   --preset, --beta-schedule, --prediction-type, --dropout, --warmup-steps, T
-    load_noise(path)         a --noise .npy file: one finite float array, read without pickle
+    check_model_flags(cfg)    --preset, --beta-schedule, --prediction-type, --dropout, --warmup-steps, T
+    check_sample_flags(cfg)   sample's --n, --steps, --dtype, --checkpoint
+    check_eval_flags(args)    eval's --scales and counts (--n-per-class, --steps, --n, --batch-size, ...)
+    load_noise(path)          a --noise .npy file: one finite float array, read without pickle
 
 The bounds (cli.MAX_SAMPLES, cli.MAX_TRAIN_TIMESTEPS) are named in the error lines; cli.py re-exports them.
 Shape legend: none (flags and files).
@@ -35,6 +37,31 @@ def check_model_flags(cfg) -> None:
     if not 1 <= cfg.num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
         raise ValueError(f"--num-train-timesteps must be in [1, {MAX_TRAIN_TIMESTEPS:,}] (cli.MAX_TRAIN_TIMESTEPS), "
                          f"got {cfg.num_train_timesteps}")
+
+
+def check_sample_flags(cfg) -> None:
+    """`minidiff sample`'s --n and --steps (in [1, MAX_SAMPLES]), --dtype and --checkpoint (required)."""
+    for flag, value in (("--n", cfg.n), ("--steps", cfg.steps)):
+        if not 1 <= value <= MAX_SAMPLES:
+            raise ValueError(f"{flag} must be in [1, {MAX_SAMPLES:,}] (cli.MAX_SAMPLES), got {value}")
+    if cfg.dtype not in ("float32", "float64"):
+        raise ValueError(f"--dtype must be float32 or float64, got {cfg.dtype!r}")
+    if not cfg.checkpoint:
+        raise ValueError("--checkpoint is required: a run directory, a checkpoint .npz or a diffusers folder")
+
+
+def check_eval_flags(args) -> None:
+    """`minidiff eval`'s --scales (finite numbers) and counts (--n-per-class, --steps, --n, --batch-size,
+    --nll-timesteps, --threads: at most MAX_SAMPLES)."""
+    from .training.config import check_finite
+
+    for scale in args.scales:
+        check_finite("--scales", scale)
+    for flag, value, low in (("--n-per-class", args.n_per_class, 1), ("--steps", args.steps, 1), ("--n", args.n, 1),
+                             ("--batch-size", args.batch_size, 1), ("--nll-timesteps", args.nll_timesteps, 0),
+                             ("--threads", args.threads, 0)):
+        if not low <= value <= MAX_SAMPLES:
+            raise ValueError(f"{flag} must be in [{low}, {MAX_SAMPLES:,}] (cli.MAX_SAMPLES), got {value}")
 
 
 def load_noise(path) -> np.ndarray:

@@ -12,8 +12,9 @@ Every file is written to a temporary file in the same folder and then moved over
 os.replace, so a failed save never leaves a half-written file or corrupts an existing one.
 
 Reading trusts no file: declared sizes are checked before anything is allocated (.npy headers against
-their zip entries, the safetensors header against the file, the config against config.LIMITS), names and
-shapes against the config before any weight is read; each failure is one ValueError line naming the file.
+their zip entries: npz_file.py; the safetensors header against the file: safetensors_file.py; the config
+against config.LIMITS), names and shapes against the config before any weight is read; each failure is one
+ValueError line naming the file.
 
 Shape legend: none; arrays keep the shapes of unet.param_shapes(config).
 """
@@ -32,6 +33,7 @@ import numpy as np
 
 from ..backend import to_numpy
 from .config import UNetConfig, from_diffusers_config, to_diffusers_config
+from .npz_file import npy_headers, read_member
 from .params import param_shapes
 from .safetensors_file import read_header, read_safetensors, read_tensors  # noqa: F401 (read_safetensors: API)
 
@@ -46,7 +48,6 @@ CONVERT_HINT = ("convert it once, where you trust the file, with diffusers: "
                 "UNet2DModel.from_pretrained(FOLDER).save_pretrained(FOLDER, safe_serialization=True) "
                 "(a pipeline: DDPMPipeline.from_pretrained(FOLDER).save_pretrained(FOLDER))")
 MAX_JSON_BYTES = 16 * 2**20  # 16 MiB: the largest JSON file read (a config.json is a few KB)
-DEFLATE_MAX_RATIO = 1032  # deflate expands at most ~1032-fold: an .npz member's size is bounded by its bytes
 
 
 def refuse_pickle(path: Path) -> None:
@@ -211,41 +212,19 @@ def _finish(arrays: dict, config: UNetConfig, source: str, dtype) -> dict:
     return params
 
 
-def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple:
-    """(shape, dtype) declared by an .npz member's .npy header, after checking its data fits the member."""
-    with zf.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f)  # headers are at most 10,000 bytes (NumPy's max_header_size)
-    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-    stored = info.compress_type == zipfile.ZIP_STORED
-    if nbytes > info.file_size or info.file_size > (1 if stored else DEFLATE_MAX_RATIO) * info.compress_size:
-        raise ValueError(f"member {info.filename[:80]!r} declares {shape} {dtype} = {nbytes:,} bytes in an entry of "
-                         f"{info.compress_size:,} bytes")
-    return shape, dtype
-
-
-def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
-    with zf.open(info) as f:
-        return np.lib.format.read_array(f, allow_pickle=False)  # an object array (a pickle) is a ValueError
-
-
 def _read_npz(path: Path) -> tuple:
     """(arrays, config) of an .npz written by save_pretrained: headers, config and names checked first."""
     source = repr(str(path))
     try:
         with zipfile.ZipFile(path) as zf:
-            infos = {i.filename[:-4]: i for i in zf.infolist() if i.filename.endswith(".npy")}
-            if sum(i.compress_size for i in zf.infolist()) > os.path.getsize(path):
-                raise ValueError("its entries declare more bytes than the file holds")
-            heads = {name: _npy_header(zf, info) for name, info in infos.items()}
+            heads = npy_headers(zf, path)  # {name: (entry, shape, dtype)}, every declared size checked
             if CONFIG_KEY not in heads:
                 raise LookupError(f"it holds no {CONFIG_KEY!r} entry: not written by save_pretrained")
-            if heads[CONFIG_KEY][0] != () or heads[CONFIG_KEY][1].kind != "U":
+            if heads[CONFIG_KEY][1] != () or heads[CONFIG_KEY][2].kind != "U":
                 raise ValueError(f"its {CONFIG_KEY!r} entry is not a string")
-            config = _parse_config(str(_read_member(zf, infos[CONFIG_KEY])), f"{source} {CONFIG_KEY!r}")
-            _match({k: (s, d.kind == "f") for k, (s, d) in heads.items() if k != CONFIG_KEY}, config, source)
-            arrays = {k: _read_member(zf, infos[k]) for k in param_shapes(config)}
+            config = _parse_config(str(read_member(zf, heads[CONFIG_KEY][0])), f"{source} {CONFIG_KEY!r}")
+            _match({k: (s, d.kind == "f") for k, (_, s, d) in heads.items() if k != CONFIG_KEY}, config, source)
+            arrays = {k: read_member(zf, heads[k][0]) for k in param_shapes(config)}
     except (OSError, EOFError, LookupError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error) as err:
         raise ValueError(f"{source} is not a readable .npz file: {(str(err).splitlines() or [''])[0]}") from None
     except ValueError as err:

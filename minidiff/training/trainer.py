@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,6 @@ import numpy as np
 from ..backend import set_tf32, to_device, xp_for
 from .bundle import Bundle, build_unet_config, choose_conditioning
 from .accumulate import accumulate
-from .eval_classifier import eval_during_training
 from .run_folder import (check_run_dir, lock_run_dir, ops_record, prepare_run_dir, remove_unused_run_dir,
                          write_atomic)
 from .run_state import TrainingDiverged, restore_state, save_state
@@ -47,10 +45,10 @@ from ..data.tokenizer import Tokenizer
 from ..diffusion.loss import diffusion_loss, drop_condition, hybrid_loss, sample_timesteps
 from .optim import EMA, Adam, AdamW, lr_at
 from .previews import preview_grid, trainer_bundle
-from .report import ProgressBar, save_loss_curve
+from .run_loop import run_loop
 from ..diffusion.schedule import add_noise, make_schedule
 from ..model.dropout import draw_dropout_masks
-from ..model.unet import count_params, init_params, unet_backward, unet_forward
+from ..model.unet import init_params, unet_backward, unet_forward
 from ..nn.ops import REFERENCE
 
 IN_MEMORY = "<arrays>"  # cfg.data of a run trained on arrays passed in memory (train(cfg, data=...))
@@ -215,48 +213,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop_after: int | None = None) -> dict:
-        """Train until cfg.steps (or stop_after more steps, to simulate an interruption); the run folder's
-        lock is held from __init__ (taken again here if released) until run returns."""
+        """Train until cfg.steps (or stop_after more steps, to simulate an interruption), logging, saving and
+        previewing every N steps (run_loop.py); the run folder's lock is held from __init__ (taken again here if
+        released) until run returns."""
         if getattr(self, "lock", None) is None:
             self.lock = lock_run_dir(self.out)
         try:
-            return self._run(stop_after)
+            return run_loop(self, stop_after)
         finally:
             self.close()
-
-    def _run(self, stop_after: int | None) -> dict:
-        cfg = self.cfg
-        end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
-        self.log(f"minidiff train: {self.dataset.name} ({self.conditioning}), preset {cfg.preset}, "
-                 f"{count_params(self.params):,} params, {cfg.device} {cfg.dtype}, steps {self.step}->{end}")
-        bar = ProgressBar(cfg.steps, start=self.step)
-        bar_step = self.step
-        t0, log_path = time.perf_counter(), self.out / "log.jsonl"
-        with open(log_path, "a") as logf:
-            while self.step < end:
-                self.train_step()
-                if self.step % self.flush_every == 0 or self.step % cfg.log_every == 0 or self.step == end:
-                    loss = self.flush_losses()
-                    bar.update(self.step, self.rows * (self.step - bar_step), loss=loss)
-                    bar_step = self.step
-                if self.step % cfg.log_every == 0 or self.step == end:
-                    rec = {"step": self.step, "loss": loss, "lr": self.lr(self.step - 1),
-                           "images_per_s": round(bar.items / max(time.perf_counter() - t0, 1e-9), 2),
-                           "elapsed_s": round(time.perf_counter() - t0, 2)}
-                    logf.write(json.dumps(rec) + "\n")
-                    logf.flush()
-                if self.step % cfg.save_every == 0 or self.step == end:
-                    self.flush_losses()
-                    self.save()
-                if (cfg.sample_every and self.step % cfg.sample_every == 0) or self.step == cfg.steps:
-                    self.sample_grid()
-                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                    logf.write(json.dumps({"step": self.step, **eval_during_training(self)}) + "\n")
-                    logf.flush()
-        bar.close()
-        save_loss_curve(np.arange(1, len(self.losses) + 1), self.losses, self.out / "loss.png")
-        elapsed = time.perf_counter() - t0
-        return {"steps": self.step, "seconds": elapsed, "final_loss": self.losses[-1] if self.losses else None}
 
 
 def learned_variance_args(cfg: TrainConfig) -> dict:
