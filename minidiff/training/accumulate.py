@@ -13,9 +13,12 @@ from __future__ import annotations
 
 
 def rows(batch, start: int, stop: int):
-    """Rows start:stop of every array with a batch axis (dicts entry by entry; None and 0-d whole)."""
+    """Rows start:stop of every array with a batch axis (dicts entry by entry; None and 0-d whole), and of
+    the dropout masks (model/dropout.py's DropoutMasks.take_rows: drawn later, for those rows only)."""
     if isinstance(batch, dict):
         return {k: rows(v, start, stop) for k, v in batch.items()}
+    if hasattr(batch, "take_rows"):
+        return batch.take_rows(start, stop)
     return batch[start:stop] if getattr(batch, "ndim", 0) > 0 else batch
 
 

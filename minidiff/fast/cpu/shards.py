@@ -8,9 +8,10 @@ are joined:
 L_k is the mean loss over shard k's N_k rows, so L is the mean over the whole batch. The split
 changes nothing but float rounding: every op of the U-Net acts on each sample alone (convs,
 GroupNorm, attention, the time embedding), and the batch carries its dropout masks, so a shard
-gets its rows of the masks drawn for the whole batch (model/dropout.py). What is split: every array
-of the batch dict with a batch axis, the dicts in it (the dropout masks) entry by entry; 0-d arrays,
-numbers and None go whole to every shard, as do the `shared` keyword arguments (weights, config).
+gets its rows of the whole batch's masks, which it draws itself (model/dropout.py's DropoutMasks.take_rows:
+in a worker process, in parallel, and only a few numbers travel). What is split (training/accumulate.py's
+rows): every array of the batch dict with a batch axis, the dicts in it entry by entry, the dropout masks;
+0-d arrays, numbers and None go whole to every shard, as do the `shared` keyword arguments (weights, config).
 
 Threads or processes (Shards.mode): NumPy releases the GIL inside its loops and BLAS calls, so two
 shards in threads keep two cores busy on the big ops; but a step is also thousands of small ops
@@ -38,6 +39,7 @@ import numpy as np
 from .. import flat
 from . import shard_processes
 from ...backend import get_array_module
+from ...training.accumulate import rows
 from ...training.config import SHARD_MODES, check_shards, check_threads  # noqa: F401  (SHARD_MODES: re-exported)
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -105,7 +107,7 @@ def map_shards(fn, bounds: list) -> list:
 
 
 def _arrays(batch):
-    """The arrays in batch (a dict of arrays, dicts of arrays, numbers and None), depth first."""
+    """The arrays in batch (a dict of arrays, dicts of arrays, dropout masks, numbers and None), depth first."""
     if isinstance(batch, dict):
         for value in batch.values():
             yield from _arrays(value)
@@ -113,19 +115,23 @@ def _arrays(batch):
         yield batch
 
 
+def _row_counts(batch):
+    """The number of rows of each part of batch that has a batch axis, depth first."""
+    if isinstance(batch, dict):
+        for value in batch.values():
+            yield from _row_counts(value)
+    elif hasattr(batch, "take_rows"):
+        yield batch.num_rows
+    elif getattr(batch, "ndim", 0) > 0:
+        yield int(batch.shape[0])
+
+
 def batch_rows(batch: dict) -> int:
-    """N: the rows of batch's arrays with a batch axis; ValueError unless they all have the same."""
-    sizes = {int(a.shape[0]) for a in _arrays(batch) if a.ndim > 0}
+    """N: the rows of batch's arrays (and dropout masks) with a batch axis; ValueError unless they all agree."""
+    sizes = set(_row_counts(batch))
     if len(sizes) != 1:
         raise ValueError(f"the batch's arrays must all have the same number of rows (N, ...), got {sorted(sizes)}")
     return sizes.pop()
-
-
-def rows(batch, start: int, stop: int):
-    """Rows start:stop of every array with a batch axis (dicts entry by entry; the rest whole)."""
-    if isinstance(batch, dict):
-        return {k: rows(v, start, stop) for k, v in batch.items()}
-    return batch[start:stop] if getattr(batch, "ndim", 0) > 0 else batch
 
 
 def weighted_sum(parts: list, bounds: list):
