@@ -28,6 +28,7 @@ from .cuda.im2col import bias_nchw_cuda, col2im_cuda, im2col_cuda
 
 LOWERINGS = ("auto", "im2col", "winograd", "matmul", "kn2row")
 WINOGRAD_MIN_CHANNELS = 32  # below this Winograd's transforms cost more than its GEMMs save
+WINOGRAD_MIN_TILES = 128  # N * ceil(H/2) * ceil(W/2) below this: im2col's one GEMM beats 16 thin ones
 
 
 def conv2d_forward(x, w, b=None, stride=1, padding=0):
@@ -59,8 +60,11 @@ def choose_lowering(x, w, s: int, pads: tuple, lowering: str = "auto") -> str:
     Winograd F(2x2, 3x3) for a 3x3, stride 1, padding 1 conv with at least
     WINOGRAD_MIN_CHANNELS channels in and out on NumPy: measured 1.3-2.0x faster forward and
     1.4-2.2x backward on the U-Net's shapes (docs/performance.md). It loses where a side has few
-    channels (conv_in from 3 channels: 2.4x slower). Other stride-1 convs to fewer channels than they
-    read take kn2row on NumPy (conv_out, 32 -> 3 channels at 32x32, batch 64: forward 13.6 -> 3.6 ms).
+    channels (conv_in from 3 channels: 2.4x slower), and where the batch has fewer than
+    WINOGRAD_MIN_TILES 2x2 tiles (16 GEMMs of so few rows run slowly: at 4x4, batch 4, 256 channels
+    im2col takes 1.0 + 2.6 ms forward + backward against 3.2 + 4.8; at 128 tiles the two are within
+    10 %): those wide convs take im2col. Other stride-1 convs to fewer channels than they read take
+    kn2row on NumPy (conv_out, 32 -> 3 channels at 32x32, batch 64: forward 13.6 -> 3.6 ms).
     CuPy keeps im2col (one GEMM for the batch).
     """
     if lowering not in LOWERINGS:
@@ -78,10 +82,11 @@ def choose_lowering(x, w, s: int, pads: tuple, lowering: str = "auto") -> str:
                          f"kernel {tuple(w.shape[2:])}, stride {s}, padding {tuple(pads)}")
     if lowering == "auto":
         wide = min(w.shape[0], w.shape[1]) >= WINOGRAD_MIN_CHANNELS
+        tiles = x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)
         if pointwise:
             return "matmul"
         if fits and wide and get_array_module(x) is np:
-            return "winograd"
+            return "winograd" if tiles >= WINOGRAD_MIN_TILES else "im2col"
         return "kn2row" if conv_kn2row.pays(x, w, s, pads) else "im2col"
     return lowering
 

@@ -157,9 +157,15 @@ def test_dx_lowering_choice():
 
 
 def test_lowering_choice_and_bad_input():
-    x = np.zeros((2, 64, 8, 8), np.float32)
+    x = np.zeros((8, 64, 8, 8), np.float32)  # 8 * 4 * 4 = 128 Winograd tiles
     w33, w11 = np.zeros((64, 64, 3, 3), np.float32), np.zeros((32, 64, 1, 1), np.float32)
     assert conv.choose_lowering(x, w33, 1, (1, 1, 1, 1)) == "winograd"  # a wide resnet conv
+    assert conv.WINOGRAD_MIN_TILES == 128
+    assert conv.choose_lowering(x[:7], w33, 1, (1, 1, 1, 1)) == "im2col"  # 112 tiles: 16 GEMMs of too few rows
+    assert conv.choose_lowering(x[:2, :, :, :7], w33, 1, (1, 1, 1, 1)) == "im2col"  # 2 * 4 * 4 (odd W rounds up)
+    assert conv.choose_lowering(np.zeros((1, 64, 31, 32)), w33, 1, (1, 1, 1, 1)) == "winograd"  # 16 * 16 tiles
+    assert conv.choose_lowering(np.zeros((4, 512, 4, 4)), np.zeros((256, 512, 3, 3)), 1,
+                                (1, 1, 1, 1)) == "im2col"  # a wide up-block conv at 4x4: not kn2row either
     assert conv.choose_lowering(x, w33, 2, (0, 1, 0, 1)) == "im2col"  # the stride-2 downsampler
     assert conv.choose_lowering(x[:, :3], np.zeros((64, 3, 3, 3)), 1, (1, 1, 1, 1)) == "im2col"  # conv_in
     assert conv.choose_lowering(x, w11, 1, (0, 0, 0, 0)) == "matmul"  # the shortcut

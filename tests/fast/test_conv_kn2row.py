@@ -79,7 +79,7 @@ def test_float32_error_like_conv2d():
 
 
 def test_lowering_choice():
-    x = np.zeros((2, 32, 8, 8))
+    x = np.zeros((8, 32, 8, 8))  # 128 Winograd tiles (conv.WINOGRAD_MIN_TILES)
     conv_out = np.zeros((3, 32, 3, 3))
     assert conv.choose_lowering(x, conv_out, 1, (1, 1, 1, 1)) == "kn2row"
     assert conv.choose_lowering(x, np.zeros((32, 32, 3, 3)), 1, (1, 1, 1, 1)) == "winograd"
