@@ -8,6 +8,10 @@ the preset (its channels at that level in and out, the image side halved per lev
     conv3x3        minidiff.fast.conv.conv2d_forward/backward (Winograd F(2x2, 3x3) at these shapes)
                    beside torch.nn.functional.conv2d (oneDNN) and its autograd backward
     groupnorm+silu minidiff.fast.norm.groupnorm_silu_forward/backward beside F.silu(F.group_norm(...))
+    gemm           np.matmul (NumPy's BLAS, OpenBLAS in the wheels) beside torch.matmul (PyTorch's BLAS) on
+                   the GEMM shapes these convs make: Winograd's (P, C) @ (C, C), one per transform entry, P the
+                   2x2 tiles of one batch chunk (fast/cpu/winograd.py's CHUNK_BYTES), and a 1x1 conv's
+                   (C, C) @ (C, S^2) per sample
 Both sides run in this process with one thread (threadpoolctl for OpenBLAS, torch.set_num_threads(1)) and
 glibc's malloc keeping freed memory (fast/cpu/allocator.py, as the CLI and the bench do), so that the
 figures say where a step's time goes (docs/performance.md, "Issue 23, second pass"); whole steps are
@@ -25,6 +29,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from minidiff.fast.conv import conv2d_backward, conv2d_forward
+from minidiff.fast.cpu import winograd
 from minidiff.fast.cpu.allocator import keep_freed_memory
 from minidiff.fast.norm import groupnorm_silu_backward, groupnorm_silu_forward
 from minidiff.model.config import get_preset
@@ -69,6 +74,19 @@ def torch_ops(torch, x, w, b, gamma, beta, dy, groups, repeats):
     return [cpu_ms(f, repeats) for f in (conv, conv_fb, norm, norm_fb)]
 
 
+def gemm_rates(torch, m: int, k: int, n: int, repeats: int) -> tuple[float, float]:
+    """GFLOP/s of one float32 (m, k) @ (k, n) product: np.matmul, and torch.matmul (nan without torch)."""
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
+    out = np.empty((m, n), np.float32)
+    flops = 2 * m * k * n / 1e9
+    ours = flops / cpu_ms(lambda: np.matmul(a, b, out=out), repeats) * 1000
+    if torch is None:
+        return ours, float("nan")
+    ta, tb, tout = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out.copy())
+    return ours, flops / cpu_ms(lambda: torch.matmul(ta, tb, out=tout), repeats) * 1000
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small", help="whose levels (channels, groups) to time")
@@ -100,6 +118,14 @@ def main(argv=None) -> int:
         names = ("conv3x3 fwd", "conv3x3 fwd+bwd", "groupnorm+silu fwd", "groupnorm+silu fwd+bwd")
         for name, m, t in zip(names, ours, theirs):
             print(f"  {name:24s} ({args.batch}, {C:3d}, {S:2d}, {S:2d}): {m:7.2f} / {t:7.2f} ({m / t:.2f}x)")
+    print("gemm (m, k) @ (k, n): np.matmul GFLOP/s / torch.matmul GFLOP/s (torch's speed-up)")
+    for level, C in enumerate(config.block_out_channels):
+        S = args.image_size >> level
+        tiles = ((S + 1) // 2) ** 2  # per sample
+        chunk = max(1, min(args.batch, winograd.CHUNK_BYTES // (16 * 2 * C * tiles * 4)))  # samples per chunk
+        for m, k, n in ((chunk * tiles, C, C), (C, C, S * S)):
+            ours, theirs = gemm_rates(torch, m, k, n, args.repeats)
+            print(f"  ({m:5d}, {k:3d}) @ ({k:3d}, {n:5d}): {ours:6.1f} / {theirs:6.1f} ({theirs / ours:.2f}x)")
     return 0
 
 
