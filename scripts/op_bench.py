@@ -10,8 +10,9 @@ the preset (its channels at that level in and out, the image side halved per lev
     groupnorm+silu minidiff.fast.norm.groupnorm_silu_forward/backward beside F.silu(F.group_norm(...))
     gemm           np.matmul (NumPy's BLAS, OpenBLAS in the wheels) beside torch.matmul (PyTorch's BLAS) on
                    the GEMM shapes these convs make: Winograd's (P, C) @ (C, C), one per transform entry, P the
-                   2x2 tiles of one batch chunk (fast/cpu/winograd.py's CHUNK_BYTES), and a 1x1 conv's
-                   (C, C) @ (C, S^2) per sample
+                   2x2 tiles of one batch chunk (fast/cpu/winograd.py's CHUNK_BYTES), or, where the conv takes
+                   im2col (fast/conv.py's choose_lowering), (C, 9 C) @ (9 C, n S^2) for a chunk of n samples;
+                   and a 1x1 conv's (C, C) @ (C, S^2) per sample
 Both sides run in this process with one thread (threadpoolctl for OpenBLAS, torch.set_num_threads(1)) and
 glibc's malloc keeping freed memory (fast/cpu/allocator.py, as the CLI and the bench do), so that the
 figures say where a step's time goes (docs/performance.md, "Issue 23, second pass"); whole steps are
@@ -28,7 +29,8 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from minidiff.fast.conv import conv2d_backward, conv2d_forward
+from minidiff.fast.conv import choose_lowering, conv2d_backward, conv2d_forward
+from minidiff.fast.cpu.conv_lowering import chunks
 from minidiff.fast.cpu import winograd
 from minidiff.fast.cpu.allocator import keep_freed_memory
 from minidiff.fast.norm import groupnorm_silu_backward, groupnorm_silu_forward
@@ -121,11 +123,17 @@ def main(argv=None) -> int:
     print("gemm (m, k) @ (k, n): np.matmul GFLOP/s / torch.matmul GFLOP/s (torch's speed-up)")
     for level, C in enumerate(config.block_out_channels):
         S = args.image_size >> level
-        tiles = ((S + 1) // 2) ** 2  # per sample
-        chunk = max(1, min(args.batch, winograd.CHUNK_BYTES // (16 * 2 * C * tiles * 4)))  # samples per chunk
-        for m, k, n in ((chunk * tiles, C, C), (C, C, S * S)):
+        x = np.zeros((args.batch, C, S, S), np.float32)
+        if choose_lowering(x, np.zeros((C, C, 3, 3), np.float32), 1, (1, 1, 1, 1)) == "winograd":
+            tiles = ((S + 1) // 2) ** 2  # per sample
+            chunk = max(1, min(args.batch, winograd.CHUNK_BYTES // (16 * 2 * C * tiles * 4)))  # samples per chunk
+            conv_gemm = (chunk * tiles, C, C)
+        else:
+            n = chunks(x, 9 * C, S * S)[0].stop  # samples per im2col chunk
+            conv_gemm = (C, 9 * C, n * S * S)
+        for m, k, n in (conv_gemm, (C, C, S * S)):
             ours, theirs = gemm_rates(torch, m, k, n, args.repeats)
-            print(f"  ({m:5d}, {k:3d}) @ ({k:3d}, {n:5d}): {ours:6.1f} / {theirs:6.1f} ({theirs / ours:.2f}x)")
+            print(f"  ({m:5d}, {k:4d}) @ ({k:4d}, {n:5d}): {ours:6.1f} / {theirs:6.1f} ({theirs / ours:.2f}x)")
     return 0
 
 
