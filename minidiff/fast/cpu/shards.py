@@ -107,7 +107,8 @@ def map_shards(fn, bounds: list) -> list:
 
 
 def _arrays(batch):
-    """The arrays in batch (a dict of arrays, dicts of arrays, dropout masks, numbers and None), depth first."""
+    """The arrays in batch (a dict of arrays, dicts of arrays, dropout masks, numbers and None), depth first;
+    the dropout masks (model/dropout.py's DropoutMasks) hold no arrays until a block reads them."""
     if isinstance(batch, dict):
         for value in batch.values():
             yield from _arrays(value)
