@@ -17,8 +17,8 @@ from .fast.cpu.allocator import keep_freed_memory
 from .backend import check_tf32, set_tf32
 from .cli_checks import (MAX_SAMPLES, MAX_TRAIN_TIMESTEPS, check_eval_flags, check_model_flags,  # noqa: F401
                          check_sample_flags, load_noise)
-from .cli_errors import (EXIT_CODES, OneLineParser, check_can_create, classify_error, os_error_line,  # noqa: F401
-                         write_atomic)
+from .cli_errors import EXIT_CODES, OneLineParser, check_can_create, classify_error, os_error_line  # noqa: F401
+from .files import write_atomic
 from .nn.ops import REFERENCE
 from .training.config import (SCHEDULER_FLAGS, SHARD_MODES, SampleConfig, TrainConfig, add_dataclass_args,
                            check_shards, dataclass_from_args, resolve_device, validate_sample_config,
@@ -130,8 +130,8 @@ def cmd_sample(args) -> int:
     stem = unused_stem(out, sample_stem(cfg, bundle.conditioning, labels))  # never overwrites a file
     given = {"labels": np.asarray(cond, np.int64)} if bundle.conditioning == "class" else {}
     given = {"prompts": np.array(labels)} if bundle.conditioning == "text" else given
-    write_atomic(out / f"{stem}.png", lambda tmp: save_grid(x, tmp, labels=labels, ncol=9))
-    write_atomic(out / f"{stem}.npz", lambda tmp: np.savez(tmp, images=to_numpy(x), **given))
+    write_atomic(out / f"{stem}.png", lambda f: save_grid(x, f, labels=labels, ncol=9))
+    write_atomic(out / f"{stem}.npz", lambda f: np.savez(f, images=to_numpy(x), **given))
     print(f"wrote {cfg.n} samples to {out / (stem + '.png')} and {out / (stem + '.npz')}")
     return 0
 

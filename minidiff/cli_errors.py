@@ -109,18 +109,3 @@ def check_can_create(folder: Path) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".minidiff-probe-", dir=probe))
     except OSError as err:
         raise type(err)(err.errno, err.strerror or str(err), str(folder)) from None
-
-
-def write_atomic(path: Path, write) -> None:
-    """write(tmp) to a temporary name beside path (same suffix), then os.replace it over path: a failed write (a
-    full disk) leaves nothing half-written, and its OSError names path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename in (None, str(tmp)):
-            raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
-        raise

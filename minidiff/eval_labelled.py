@@ -21,7 +21,7 @@ from .nn.ops import REFERENCE
 from .training.bundle import load_bundle, load_run, resolve_checkpoint
 from .training.eval_classifier import get_eval_classifier, sample_and_score
 from .training.pipelines import is_diffusers_folder
-from .cli_errors import write_atomic
+from .files import write_atomic
 from .training.report import save_grid
 from .training.trainer import IN_MEMORY
 
@@ -72,9 +72,9 @@ def evaluate_labelled(checkpoint, n_per_class: int = 10, scales=(0.0, 1.0, 3.0),
         K = len(clf.class_names)
         names = [clf.class_names[i] for i in ids[: 2 * K]]
         write_atomic(out_dir / f"eval_s{key}.png",
-                     lambda tmp: save_grid(x[: 2 * K], tmp, labels=names, ncol=min(K, 10)))
+                     lambda f: save_grid(x[: 2 * K], f, labels=names, ncol=min(K, 10)))
         log(f"guidance scale {key}: accuracy {score['accuracy']:.1%}, Frechet distance {score['frechet']:.4g} over "
             f"{len(ids)} samples ({sampler} {steps} steps, {dt:.0f}s)")
-    write_atomic(out_dir / "eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    write_atomic(out_dir / "eval.json", json.dumps(result, indent=2).encode())
     log(f"wrote {out_dir / 'eval.json'} and eval_s*.png")
     return result

@@ -19,7 +19,7 @@ from .nn.ops import REFERENCE
 from .training.bundle import load_bundle, resolve_checkpoint
 from .training.pipelines import is_diffusers_folder
 from .data import shapes
-from .cli_errors import write_atomic
+from .files import write_atomic
 from .training.report import save_grid
 from .training.generate import generate
 
@@ -54,9 +54,9 @@ def evaluate(checkpoint, n_per_class: int = 10, scales=(0.0, 1.0, 3.0), steps: i
         result["accuracy"][f"{s:g}"] = acc
         result["seconds"][f"{s:g}"] = round(dt, 1)
         write_atomic(out_dir / f"eval_s{s:g}.png",
-                     lambda tmp: save_grid(x[: 2 * shapes.NUM_CLASSES], tmp, labels=prompts, ncol=9))
+                     lambda f: save_grid(x[: 2 * shapes.NUM_CLASSES], f, labels=prompts, ncol=9))
         name = sampler + (" karras" if karras else "")
         log(f"guidance scale {s:g}: accuracy {acc:.1%} over {n} samples ({name} {steps} steps, {dt:.0f}s)")
-    write_atomic(out_dir / "eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    write_atomic(out_dir / "eval.json", json.dumps(result, indent=2).encode())
     log(f"wrote {out_dir / 'eval.json'} and eval_s*.png")
     return result

@@ -13,11 +13,11 @@ Shape legend: T = num_train_timesteps = 1000; N = 2 batch; the step inputs are (
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .files import write_atomic
 from .fixtures_likelihood import likelihood_fixtures
 from .fixtures_readme import MEANINGS
 from .fixtures_model import _rng, _scalar, nn_fixtures, unet_fixtures
@@ -215,21 +215,6 @@ def build_fixtures(groups=None) -> dict:
     return {name: GROUPS[name][0]() for name in names}
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(file object) into a temporary file beside path, then move it over path (os.replace), so a
-    failed run never leaves a half-written file; the file gets the usual permissions (umask)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename is None:  # a write (ENOSPC, EFBIG): name the file
-            raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
-        raise
-
-
 def readme_text(fixtures: dict) -> str:
     """README.md of a fixture folder: each file, what it holds, and every key (case + field) with its shape."""
     lines = ["# minidiff fixtures", "",
@@ -264,10 +249,10 @@ def write_fixtures(out_dir, groups=None) -> list:
     paths = []
     for name, arrays in fixtures.items():
         path = out / f"{name}.npz"
-        _atomic_write(path, lambda f, a=arrays: np.savez_compressed(f, **a))
+        write_atomic(path, lambda f, a=arrays: np.savez_compressed(f, **a))
         paths.append(path)
     readme = out / "README.md"
-    _atomic_write(readme, lambda f: f.write(readme_text(fixtures).encode()))
+    write_atomic(readme, lambda f: f.write(readme_text(fixtures).encode()))
     return paths + [readme]
 
 

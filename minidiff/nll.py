@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import to_numpy, xp_for
-from .cli_errors import write_atomic
+from .files import write_atomic
 from .data import load_dataset
 from .diffusion.likelihood import check_8bit
 from .diffusion.vlb import VLB_VARIANCE_TYPES, calc_bpd_loop, strided_timesteps
@@ -98,7 +98,7 @@ def evaluate_nll(checkpoint, data: str = "", n: int = 64, batch_size: int = 64, 
     out_dir = Path(out) if out else Path(checkpoint) if is_diffusers_folder(checkpoint) else \
         resolve_checkpoint(checkpoint).parent.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "nll.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    write_atomic(out_dir / "nll.json", json.dumps(summary, indent=2).encode())
     se = f" +- {summary['standard_error']:.4f}" if summary["standard_error"] is not None else ""
     log(f"bits/dim {summary['bits_per_dim']:.4f}{se} over {summary['n']} images of {dataset.name} "
         f"({variance_type}; {kind}; L_T {summary['prior_bpd']:.2e}, L_0 {summary['decoder_bpd']:.3f}); "

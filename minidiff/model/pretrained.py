@@ -8,8 +8,8 @@
                        (what UNet2DModel.save_pretrained writes and from_pretrained reads); a text model
                        (cross-attention, no UNet2DModel twin) writes _class_name TEXT_UNET_CLASS there
 
-Every file is written to a temporary file in the same folder and then moved over the target with
-os.replace, so a failed save never leaves a half-written file or corrupts an existing one.
+Every file is written to a temporary file in the same folder, fsync'ed, and then moved over the target with
+os.replace (files.write_atomic), so a failed save never leaves a half-written file or corrupts an existing one.
 
 Reading trusts no file: declared sizes are checked before anything is allocated (.npy headers against
 their zip entries: npz_file.py; the safetensors header against the file: safetensors_file.py; the config
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -32,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import to_numpy
+from ..files import write_atomic
 from .config import UNetConfig, from_diffusers_config, to_diffusers_config
 from .npz_file import npy_headers, read_member
 from .params import param_shapes
@@ -123,23 +122,6 @@ def _check_params(params, config: UNetConfig) -> dict:
     return out
 
 
-def _write_atomic(path: Path, write) -> None:
-    """write(tmp_path) into a temporary file next to path, then os.replace it onto path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        code = re.search(r"os error (\d+)", str(e))  # safetensors' Rust I/O errors carry no path: name it
-        if code and not isinstance(e, OSError):
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
-        raise
-
-
 def save_pretrained(params: dict, config: UNetConfig, path, allow_text: bool = False) -> Path:
     """Write params with their config to path (.npz, .safetensors, or a diffusers folder).
 
@@ -152,17 +134,15 @@ def save_pretrained(params: dict, config: UNetConfig, path, allow_text: bool = F
     path = Path(path)
     arrays = _check_params(params, config)
     kind = _kind(path)
+    if kind in ("npz", "safetensors"):
+        path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "npz":
         blob = dict(arrays)
         blob[CONFIG_KEY] = np.array(config.to_json())  # 0-d unicode array: no pickle needed
-
-        def write(tmp):
-            with open(tmp, "wb") as f:  # a file object, so np.savez does not append ".npz"
-                np.savez(f, **blob)
-        _write_atomic(path, write)
+        write_atomic(path, lambda f: np.savez(f, **blob))
     elif kind == "safetensors":
         stn = _safetensors_numpy()
-        _write_atomic(path, lambda tmp: stn.save_file(arrays, tmp, metadata={METADATA_KEY: config.to_json()}))
+        write_atomic(path, lambda f: f.write(stn.save(arrays, metadata={METADATA_KEY: config.to_json()})))
     else:
         if path.exists() and not path.is_dir():
             raise ValueError(f"path {str(path)!r} is a file; a diffusers model is a folder (or use .npz / "
@@ -171,8 +151,8 @@ def save_pretrained(params: dict, config: UNetConfig, path, allow_text: bool = F
                                  sort_keys=True)
         stn = _safetensors_numpy()
         path.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path / DIFFUSERS_WEIGHTS, lambda tmp: stn.save_file(arrays, tmp, metadata={"format": "pt"}))
-        _write_atomic(path / DIFFUSERS_CONFIG, lambda tmp: Path(tmp).write_text(config_json))
+        write_atomic(path / DIFFUSERS_WEIGHTS, lambda f: f.write(stn.save(arrays, metadata={"format": "pt"})))
+        write_atomic(path / DIFFUSERS_CONFIG, config_json.encode())
     return path
 
 

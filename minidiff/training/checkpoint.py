@@ -10,8 +10,8 @@ Layout of the file (np.savez, every member a plain .npy, loaded with allow_pickl
     "__meta__"                            0-d unicode array holding json.dumps(meta)
 meta holds the rest: configs, step, rng state (rng_state), tokenizer vocab, loss history, ...
 
-Atomic write: the bytes go to "<path>.tmp-<pid>" in the same folder, are flushed and fsync'ed, and
-only then os.replace(tmp, path) swaps the name, which is atomic on POSIX and Windows. A crash or
+Atomic write (files.write_atomic): the bytes go to "<path>.tmp-<pid>" in the same folder, are flushed and
+fsync'ed, and only then os.replace(tmp, path) swaps the name, which is atomic on POSIX and Windows. A crash or
 kill at any moment leaves either the old complete file or the new complete file at path.
 """
 
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import to_numpy
+from ..files import write_atomic
 from ..data.npz import MAX_DATA_BYTES, TooLarge
 
 META_KEY = "__meta__"
@@ -84,20 +85,7 @@ def save_checkpoint(path, arrays: dict, meta: dict | None = None) -> Path:
         raise ValueError(f"meta must be JSON-serializable: {err}") from None
     flat[META_KEY] = np.array(text)  # 0-d unicode array
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **flat)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)  # atomic swap: old file or new file, never half of one
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename is None:  # a write or fsync (ENOSPC): name the file
-            raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
-        raise
-    fsync_dir(path.parent)
-    return path
+    return write_atomic(path, lambda f: np.savez(f, **flat))  # files.py: fsync, os.replace, fsync folder
 
 
 STEP_FILE = re.compile(r"^step_(\d{6,})\.npz$")  # the only names keep_last_checkpoints ever deletes
@@ -118,20 +106,6 @@ def keep_last_checkpoints(latest: Path, step: int, limit: int) -> Path:
     for _, old in found[:max(0, len(found) - limit)]:
         old.unlink()
     return path
-
-
-def fsync_dir(folder: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class _NotCheckpoint(Exception):

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from ..diffusion.schedule import make_schedule
+from ..files import write_atomic
 from ..model.pretrained import TEXT_UNET_CLASS, save_pretrained
 from .bundle import bundle_from_meta, load_run
 from .pipelines import MINIDIFF_META, MODEL_INDEX, SAMPLER_FIELDS, SCHEDULE_FIELDS, SCHEDULER_CONFIG, \
@@ -64,7 +65,7 @@ def _check_out(out: Path, force: bool) -> None:
 
 def _write_json(path: Path, d: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+    write_atomic(path, (json.dumps(d, indent=2, sort_keys=True) + "\n").encode())  # fsync'ed before the folder swap
 
 
 def export_pipeline(checkpoint, out, use_ema: bool = True, force: bool = False) -> Path:

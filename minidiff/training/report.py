@@ -47,7 +47,7 @@ def save_grid(images, path, labels=None, ncol: int = 8, scale: int = 0) -> None:
         canvas.paste(tile, (x0, y0 + label_h))
         for k, line in enumerate(lines[i] if lines else ()):
             draw.text((x0 + 1, y0 + 11 * k), line, fill=(0, 0, 0))
-    canvas.save(path)
+    canvas.save(path, format="PNG")  # path may be an open file (files.write_atomic)
 
 
 def _wrap(text: str, width: int, max_lines: int = 3) -> list:

@@ -6,7 +6,7 @@
     RUN/checkpoints/latest.npz   checkpoint.py (and step_XXXXXX.npz with --checkpoints-total-limit)
     RUN/.minidiff-lock           one writer per folder (fcntl.flock), holding the writer's PID
 
-A file is rewritten through a temporary name <name>.tmp-<pid>, fsync'ed, and os.replace (write_atomic), so a
+A file is rewritten through a temporary name <name>.tmp-<pid>, fsync'ed, and os.replace (files.write_atomic), so a
 kill or a power loss leaves the old file or the new one; the next start removes such temp files (one writer per
 folder: they are a killed writer's). The ops record {"name": "reference" | "fast", "shards": N} names what
 decides a step's bits.
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import META_KEY, STEP_FILE, check_member_sizes, fsync_dir
+from ..files import write_atomic
+from .checkpoint import META_KEY, STEP_FILE, check_member_sizes
 
 LOCK_NAME = ".minidiff-lock"  # one writer per run folder: an fcntl.flock on this file, which holds its PID
 RUN_FILES = {"config.json", "log.jsonl", "loss.png", "checkpoints", "samples", LOCK_NAME}  # what a run writes
@@ -102,24 +103,6 @@ def remove_unused_run_dir(out: Path) -> None:
             folder.rmdir()  # only when empty
         except OSError:
             pass
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write data to path through path.tmp-<pid>, fsync'ed, and os.replace, then fsync the folder (as checkpoints
-    are written): a kill or a power loss at any moment leaves the old or the new file, never an empty or half one."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename is None:  # a write or fsync (ENOSPC): name the file
-            raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
-        raise
-    fsync_dir(path.parent)  # the rename itself
 
 
 def trim_log(log: Path, step: int) -> int:

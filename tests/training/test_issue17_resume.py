@@ -259,31 +259,6 @@ def test_issue17_item4_bad_classifier_metadata_is_one_line_naming_the_field(tmp_
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
-def test_write_atomic_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
-    """config.json and log.jsonl rewrites (run_folder.write_atomic) are durable like checkpoints: the temporary
-    file's bytes are fsync'ed before os.replace points the name at them, and the folder after (the rename)."""
-    import os
-    import stat
-
-    from minidiff.training.run_folder import write_atomic
-
-    events, real_fsync, real_replace = [], os.fsync, os.replace
-
-    def fsync(fd):
-        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
-        real_fsync(fd)
-
-    def replace(src, dst):
-        events.append("replace")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    write_atomic(tmp_path / "config.json", b"{}")
-    assert events == ["fsync file", "replace", "fsync folder"]
-    assert (tmp_path / "config.json").read_bytes() == b"{}" and sorted(os.listdir(tmp_path)) == ["config.json"]
-
-
 def test_config_json_records_the_latest_starts_settings_after_a_resume(tmp_path):
     """config.json is the run's settings as of its latest start, like the checkpoint's: after a --resume with other
     ops (or more steps) it names them, not the first start's (the notice said the ops differ)."""
