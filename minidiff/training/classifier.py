@@ -28,6 +28,7 @@ import numpy as np
 from ..backend import to_device, to_numpy, xp_for
 from .bundle import build_unet_config, resolve_checkpoint
 from .checkpoint import load_checkpoint, save_checkpoint
+from .run_folder import write_atomic
 from .run_meta import check_classifier_meta
 from ..model.classifier import (classifier_backward, classifier_forward, classifier_init_params,
                                 classifier_param_shapes, log_prob_grad)
@@ -107,8 +108,8 @@ def train_classifier(cfg: ClassifierTrainConfig, log=print, ops=REFERENCE) -> di
     meta = {"kind": "classifier", "model_config": config.to_dict(), "num_classes": K,
             "class_names": dataset.class_names, "train_config": dataclasses.asdict(cfg)}
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(meta, indent=2))
-    ckpt, losses, accs = out / "checkpoints" / "latest.npz", [], []
+    write_atomic(out / "config.json", json.dumps(meta, indent=2).encode())  # as the U-Net's run folder: never half
+    ckpt, losses, accs, log_lines = out / "checkpoints" / "latest.npz", [], [], []
     pending = []  # (loss, accuracy) 0-d device arrays of the steps not read yet
     flush_every = 1 if xp is np else cfg.log_every  # host reads: free on a CPU, a sync on a GPU
 
@@ -129,33 +130,32 @@ def train_classifier(cfg: ClassifierTrainConfig, log=print, ops=REFERENCE) -> di
     log(f"minidiff train-classifier: {dataset.name} ({K} classes), preset {cfg.preset}, "
         f"{sum(int(v.size) for v in params.values()):,} params, {cfg.device} {cfg.dtype}, {cfg.steps} steps")
     bar, bar_step = ProgressBar(cfg.steps), 0
-    with open(out / "log.jsonl", "w") as logf:
-        for step in range(1, cfg.steps + 1):
-            x0, labels, _ = dataset.batch(rng, cfg.batch_size)  # (B, C, S, S), (B,)
-            if cfg.hflip:
-                x0 = np.where((rng.random(cfg.batch_size) < 0.5)[:, None, None, None], x0[..., ::-1], x0)
-            t = sample_timesteps(rng, cfg.batch_size, cfg.num_train_timesteps)  # (B,) t ~ U{0..T-1}
-            noise = rng.standard_normal(x0.shape)  # eps ~ N(0, I), drawn on the host
-            x_t = add_noise(schedule, xp.asarray(x0, dtype=dtype), xp.asarray(noise, dtype=dtype), t)
-            check_indices("labels", labels, K)  # on the host, before the copy: no read back
-            y = xp.asarray(labels)
-            logits, cache = classifier_forward(params, config, x_t, t, train=True, rng=rng, ops=ops)
-            loss, ce = softmax_cross_entropy_forward(logits, y, check_labels=False)
-            pending.append((loss, (logits.argmax(axis=1) == y).mean()))  # read by flush()
-            grads, _ = classifier_backward(softmax_cross_entropy_backward(1.0, ce), cache)
-            if cfg.grad_clip > 0:
-                ops.clip_grad_norm(grads, cfg.grad_clip)
-            opt.step(params, grads, lr=warmup_lr(step - 1, cfg.lr, cfg.warmup_steps))
-            if step % flush_every == 0 or step % cfg.log_every == 0 or step % cfg.save_every == 0 \
-                    or step == cfg.steps:
-                flush(step)
-                bar.update(step, cfg.batch_size * (step - bar_step), loss=losses[-1], acc=accs[-1])
-                bar_step = step
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                logf.write(json.dumps({"step": step, "loss": losses[-1], "accuracy": accs[-1]}) + "\n")
-                logf.flush()
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                save_checkpoint(ckpt, {"params": params}, meta | {"step": step, "losses": losses, "accuracies": accs})
+    for step in range(1, cfg.steps + 1):
+        x0, labels, _ = dataset.batch(rng, cfg.batch_size)  # (B, C, S, S), (B,)
+        if cfg.hflip:
+            x0 = np.where((rng.random(cfg.batch_size) < 0.5)[:, None, None, None], x0[..., ::-1], x0)
+        t = sample_timesteps(rng, cfg.batch_size, cfg.num_train_timesteps)  # (B,) t ~ U{0..T-1}
+        noise = rng.standard_normal(x0.shape)  # eps ~ N(0, I), drawn on the host
+        x_t = add_noise(schedule, xp.asarray(x0, dtype=dtype), xp.asarray(noise, dtype=dtype), t)
+        check_indices("labels", labels, K)  # on the host, before the copy: no read back
+        y = xp.asarray(labels)
+        logits, cache = classifier_forward(params, config, x_t, t, train=True, rng=rng, ops=ops)
+        loss, ce = softmax_cross_entropy_forward(logits, y, check_labels=False)
+        pending.append((loss, (logits.argmax(axis=1) == y).mean()))  # read by flush()
+        grads, _ = classifier_backward(softmax_cross_entropy_backward(1.0, ce), cache)
+        if cfg.grad_clip > 0:
+            ops.clip_grad_norm(grads, cfg.grad_clip)
+        opt.step(params, grads, lr=warmup_lr(step - 1, cfg.lr, cfg.warmup_steps))
+        if step % flush_every == 0 or step % cfg.log_every == 0 or step % cfg.save_every == 0 \
+                or step == cfg.steps:
+            flush(step)
+            bar.update(step, cfg.batch_size * (step - bar_step), loss=losses[-1], acc=accs[-1])
+            bar_step = step
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log_lines.append(json.dumps({"step": step, "loss": losses[-1], "accuracy": accs[-1]}) + "\n")
+            write_atomic(out / "log.jsonl", "".join(log_lines).encode())  # whole lines only, even when killed
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(ckpt, {"params": params}, meta | {"step": step, "losses": losses, "accuracies": accs})
     bar.close()
     k = max(1, min(50, len(losses) // 5))
     log(f"done: {cfg.steps} steps, loss {np.mean(losses[-k:]):.4f}, accuracy {np.mean(accs[-k:]):.3f} (mean of the "

@@ -13,6 +13,7 @@ import dataclasses
 import io
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,6 +249,31 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeyp
         _quiet(train_classifier, cfg)
     _, meta = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.npz")
     assert meta["step"] == 2 and all(math.isfinite(v) for v in meta["losses"])
+
+
+def test_config_json_and_log_jsonl_are_written_through_a_temporary_file_and_rename(tmp_path, monkeypatch):
+    """config.json and log.jsonl go through the run folder's atomic writer (files.write_atomic: <name>.tmp-<pid>,
+    fsync, os.replace), as the U-Net trainer's do: a kill in the middle of a write leaves the old file or the
+    new one, never a half-written config.json. Every rewrite of log.jsonl holds whole JSON lines only."""
+    import os
+
+    data, _ = _two_colors(tmp_path, n=8)
+    out, renamed, real_replace = tmp_path / "run", [], os.replace
+
+    def replace(src, dst):
+        assert Path(src).name == f"{Path(dst).name}.tmp-{os.getpid()}"
+        real_replace(src, dst)
+        if Path(dst).suffix in (".json", ".jsonl"):
+            renamed.append((Path(dst).name, Path(dst).read_text()))
+
+    monkeypatch.setattr(os, "replace", replace)
+    cfg = ClassifierTrainConfig(data=data, out=str(out), preset="tiny", steps=5, batch_size=2, log_every=2)
+    _quiet(train_classifier, cfg)
+    names = [name for name, _ in renamed]
+    assert names[0] == "config.json" and json.loads(renamed[0][1])["kind"] == "classifier"
+    logs = [text for name, text in renamed if name == "log.jsonl"]
+    assert [[json.loads(line)["step"] for line in text.splitlines()] for text in logs] == [[2], [2, 4], [2, 4, 5]]
+    assert (out / "log.jsonl").read_text() == logs[-1] and not [p for p in out.rglob("*") if ".tmp" in p.name]
 
 
 @pytest.mark.gpu
