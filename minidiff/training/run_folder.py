@@ -8,8 +8,8 @@
 
 A file is rewritten through a temporary name <name>.tmp-<pid>, fsync'ed, and os.replace (files.write_atomic), so a
 kill or a power loss leaves the old file or the new one; the next start removes such temp files (one writer per
-folder: they are a killed writer's). The ops record {"name": "reference" | "fast", "shards": N} names what
-decides a step's bits.
+folder: they are a killed writer's). The ops record {"name": "reference" | "fast", "shards": N, "device": "cpu" |
+"gpu"} names what decides a step's bits (a record without "device", from before it was recorded, is a CPU run's).
 """
 
 from __future__ import annotations
@@ -130,12 +130,13 @@ def _step_of(line: bytes) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
-def ops_record(ops) -> dict:
-    """{"name": ops.name ("reference" or "fast"), "shards": N}: what decides the bits of a step. N is the number
-    of CPU shards the fast table's map_batch splits a batch into (its owner's `workers`: fast/cpu/shards.py's
-    Shards, read by duck typing as training/ never imports fast/); 1 for a table that runs the batch whole."""
-    shards = getattr(getattr(ops.map_batch, "__self__", None), "workers", 1)
-    return {"name": str(getattr(ops, "name", "custom")), "shards": int(shards)}
+def ops_record(ops, gpu: bool = False) -> dict:
+    """{"name": ops.name ("reference" or "fast"), "shards": N, "device": "cpu" | "gpu"}: what decides the bits of a
+    step. N is the number of CPU shards the fast table's map_batch splits a batch into (its owner's `workers`:
+    fast/cpu/shards.py's Shards, read by duck typing as training/ never imports fast/); 1 for a table that runs the
+    batch whole, and on a GPU (gpu=True), which runs it whole."""
+    shards = 1 if gpu else getattr(getattr(ops.map_batch, "__self__", None), "workers", 1)
+    return {"name": str(getattr(ops, "name", "custom")), "shards": int(shards), "device": "gpu" if gpu else "cpu"}
 
 
 def recorded_ops(out) -> dict | None:
@@ -152,29 +153,44 @@ def recorded_ops(out) -> dict | None:
 
 
 def recorded_shards(out) -> int:
-    """--threads for a resume left at 0 (auto): the recorded shard count of a fast run, else 0 (auto)."""
-    record = recorded_ops(out) or {}
+    """--threads for a resume left at 0 (auto): the recorded shard count of a fast CPU run, else 0 (auto)."""
+    record = {"device": "cpu", **(recorded_ops(out) or {})}  # a record without a device is a CPU run's
     shards = record.get("shards")
-    return shards if record.get("name") == "fast" and isinstance(shards, int) and 1 <= shards <= 1024 else 0
+    fast_cpu = record.get("name") == "fast" and record["device"] == "cpu"  # a GPU's count was no choice
+    return shards if fast_cpu and isinstance(shards, int) and 1 <= shards <= 1024 else 0
 
 
-def ops_notice(recorded: dict | None, current: dict, gpu: bool = False) -> str | None:
-    """One line when a resume runs other ops than the checkpoint recorded (None: the same, or none recorded). Its
-    advice fits the device: --threads splits a batch over CPU cores and does nothing on a GPU (gpu=True)."""
-    if not recorded or recorded == current:
+def ops_notice(recorded: dict | None, current: dict) -> str | None:
+    """One line when a resume runs other ops than the checkpoint recorded (None: the same, or none recorded): other
+    ops, another CPU shard count, or another device (a record without a device is a CPU run's). Its advice fits the
+    device: --threads splits a batch over CPU cores and does nothing on a GPU."""
+    if not recorded:
         return None
-    if recorded["name"] == "reference":
+    recorded, current = {"device": "cpu", **recorded}, {"device": "cpu", **current}
+    if recorded == current:
+        return None
+    moved = recorded["device"] != current["device"]
+    if moved:  # the same device first; then the same ops on it
+        keep = f"resume with --device {recorded['device']}"
+        if recorded["device"] == "cpu" and recorded["name"] == "fast":
+            keep += f" --threads {recorded['shards']}"
+            if current["device"] == "gpu" and recorded["shards"] > 1:  # only the CPU can split the batch again
+                keep = f"--threads does nothing on a GPU, which runs the batch whole: {keep}"
+        if recorded["name"] != current["name"]:
+            keep += " --reference" if recorded["name"] == "reference" else " and without --reference"
+    elif recorded["name"] == "reference":
         keep = "pass --reference"
-    elif gpu and recorded["shards"] > 1:  # the GPU runs the batch whole: only the CPU can split it again
-        keep = (f"--threads does nothing on a GPU, which runs the batch whole: resume on the CPU with --device cpu "
-                f"--threads {recorded['shards']}{'' if current['name'] == 'fast' else ' and without --reference'}")
     else:
         keep = f"pass --threads {recorded['shards']}" if current["name"] == "fast" else "drop --reference"
-    return (f"note: the checkpoint was trained with {_describe(recorded)} and this resume runs "
-            f"{_describe(current, gpu)}: the continuation will not be bit-exact with the recorded setting ({keep} to "
-            "keep it)")
+    return (f"note: the checkpoint was trained with {_describe(recorded, moved)} and this resume runs "
+            f"{_describe(current, moved)}: the continuation will not be bit-exact with the recorded setting ({keep} "
+            "to keep it)")
 
 
-def _describe(record: dict, gpu: bool = False) -> str:
-    where = "on the GPU" if gpu else "" if record["name"] == "reference" else f"in {record['shards']} CPU shard(s)"
+def _describe(record: dict, moved: bool) -> str:
+    """'the fast ops in 2 CPU shard(s)', 'the reference ops', '... on the GPU'; '... on the CPU' when moved."""
+    if record["device"] == "gpu":
+        where = "on the GPU"
+    else:
+        where = f"in {record['shards']} CPU shard(s)" if record["name"] != "reference" else "on the CPU" if moved else ""
     return f"the {record['name']} ops {where}".rstrip()

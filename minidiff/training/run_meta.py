@@ -153,10 +153,12 @@ def check_resume_meta(meta: dict, path) -> np.random.Generator:
     for name in ("ema_num_updates", "opt_step"):
         if not (_is_int(meta.get(name)) and meta[name] >= 0):
             raise BadMeta(path, name, f"must be an int >= 0, got {meta.get(name, '<missing>')!r:.80}")
-    ops = meta.get("ops")  # older checkpoints have none
-    if ops is not None and not (isinstance(ops, dict) and set(ops) == {"name", "shards"} and
-                                isinstance(ops["name"], str) and _is_int(ops["shards"]) and ops["shards"] >= 1):
-        raise BadMeta(path, "ops", f"must be {{'name': str, 'shards': int >= 1}}, got {ops!r:.80}")
+    ops = meta.get("ops")  # older checkpoints have none, or none with a device (a CPU run's)
+    if ops is not None and not (isinstance(ops, dict) and set(ops) - {"device"} == {"name", "shards"} and
+                                isinstance(ops["name"], str) and _is_int(ops["shards"]) and ops["shards"] >= 1 and
+                                ops.get("device", "cpu") in ("cpu", "gpu")):
+        raise BadMeta(path, "ops", f"must be {{'name': str, 'shards': int >= 1, 'device': 'cpu' | 'gpu'}}, got "
+                                   f"{ops!r:.80}")
     if "rng" not in meta:
         raise BadMeta(path, "rng", "is missing (the training generator's state)")
     try:

@@ -98,6 +98,6 @@ def restore_state(trainer, path: Path) -> None:
     trainer.rng = rng
     trainer.step, trainer.losses = meta["step"], list(meta["losses"])
     trim_log(trainer.out / "log.jsonl", trainer.step)  # the log matches the weights
-    notice = ops_notice(meta.get("ops"), ops_record(trainer.ops), gpu=trainer.xp is not np)
+    notice = ops_notice(meta.get("ops"), ops_record(trainer.ops, gpu=trainer.xp is not np))
     if notice:
         trainer.log(notice)

@@ -126,11 +126,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> dict:
         """JSON metadata of the run: both configs, conditioning, classes, the tokenizer, and the ops record
-        (run_folder.ops_record: the ops table's name and CPU shard count, which decide the bits of a step)."""
+        (run_folder.ops_record: the ops table's name, CPU shard count and device, which decide a step's bits)."""
         return {"train_config": dataclasses.asdict(self.cfg), "model_config": self.model_config.to_dict(),
                 "conditioning": self.conditioning, "num_classes": self.dataset.num_classes,
                 "class_names": self.dataset.class_names,
-                "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None, "ops": ops_record(self.ops)}
+                "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None, "ops": ops_record(self.ops, gpu=self.xp is not np)}
 
     def save(self) -> Path:
         """Write checkpoints/latest.npz atomically, never weights that are not finite (run_state.save_state)."""

@@ -92,6 +92,7 @@ CASES = [
     ("no_ema_num_updates", lambda a, m: remove(m, "ema_num_updates"), "ema_num_updates", False),
     ("opt_step_a_float", lambda a, m: m.update(opt_step=2.5), "opt_step", False),
     ("ops_malformed", lambda a, m: m.update(ops={"name": "fast"}), "ops", False),
+    ("ops_unknown_device", lambda a, m: m.update(ops={"name": "fast", "shards": 1, "device": "tpu"}), "ops", False),
     ("no_adam_moments", lambda a, m: a.pop("opt"), "opt/exp_avg", False),
 ]
 
@@ -195,10 +196,10 @@ def test_issue17_item9_the_ops_and_shard_count_are_recorded(tmp_path):
     out = tmp_path / "fast"
     train(tiny_cfg(out, steps=2), ops=fast_ops(3, "threads"), log=quiet)
     _, meta = load_checkpoint(out / "checkpoints" / "latest.npz")
-    assert meta["ops"] == {"name": "fast", "shards": 3}
-    assert json.loads((out / "config.json").read_text())["ops"] == {"name": "fast", "shards": 3}
+    assert meta["ops"] == {"name": "fast", "shards": 3, "device": "cpu"}
+    assert json.loads((out / "config.json").read_text())["ops"] == {"name": "fast", "shards": 3, "device": "cpu"}
     assert recorded_shards(out) == 3
-    assert ops_record(REFERENCE) == {"name": "reference", "shards": 1}
+    assert ops_record(REFERENCE) == {"name": "reference", "shards": 1, "device": "cpu"}
     assert recorded_shards(tmp_path / "nothing") == 0
 
 
@@ -229,7 +230,7 @@ def test_issue17_item9_cli_resume_with_threads_0_keeps_the_recorded_shard_count(
     assert "bit-exact" not in capsys.readouterr().out
     a, meta_a = load_checkpoint(whole / "checkpoints" / "latest.npz")
     b, meta_b = load_checkpoint(out / "checkpoints" / "latest.npz")
-    assert meta_b["ops"] == {"name": "fast", "shards": 3} and meta_b["losses"] == meta_a["losses"]
+    assert meta_b["ops"] == {"name": "fast", "shards": 3, "device": "cpu"} and meta_b["losses"] == meta_a["losses"]
     for k in a["params"]:
         np.testing.assert_array_equal(b["params"][k], a["params"][k])
     assert main(["train", *common, "--steps", "5", "--resume", "--threads", "1", "--out", str(out)]) == 0
@@ -264,11 +265,11 @@ def test_config_json_records_the_latest_starts_settings_after_a_resume(tmp_path)
     ops (or more steps) it names them, not the first start's (the notice said the ops differ)."""
     out = tmp_path / "run"
     train(tiny_cfg(out, steps=4), stop_after=2, ops=fast_ops(3, "threads"), log=quiet)
-    assert json.loads((out / "config.json").read_text())["ops"] == {"name": "fast", "shards": 3}
+    assert json.loads((out / "config.json").read_text())["ops"] == {"name": "fast", "shards": 3, "device": "cpu"}
     train(tiny_cfg(out, steps=5, resume=True), stop_after=1, ops=fast_ops(1, "threads"), log=quiet)
     saved = json.loads((out / "config.json").read_text())
     _, meta = load_checkpoint(out / "checkpoints" / "latest.npz")
-    assert saved["ops"] == meta["ops"] == {"name": "fast", "shards": 1}
+    assert saved["ops"] == meta["ops"] == {"name": "fast", "shards": 1, "device": "cpu"}
     assert saved["train_config"]["steps"] == 5 and saved["train_config"] == meta["train_config"]
     assert sorted(p.name for p in out.iterdir() if ".tmp-" in p.name) == []
 
