@@ -16,7 +16,7 @@ import numpy as np
 from .fast.cpu.allocator import keep_freed_memory
 from .backend import check_tf32, set_tf32
 from .cli_checks import (MAX_SAMPLES, MAX_TRAIN_TIMESTEPS, check_eval_flags, check_model_flags,  # noqa: F401
-                         check_sample_flags, load_noise)
+                         check_sample_flags, finite_float, load_noise)
 from .cli_errors import EXIT_CODES, OneLineParser, check_can_create, classify_error, os_error_line  # noqa: F401
 from .files import write_atomic
 from .nn.ops import REFERENCE
@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--checkpoint", required=True, help="a run directory, a checkpoint .npz or a diffusers folder")
     e.add_argument("--n-per-class", type=int, default=10, help="samples per class at each guidance scale")
-    e.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 3.0], help="guidance scales s to evaluate")
+    e.add_argument("--scales", type=finite_float, nargs="+", default=[0.0, 1.0, 3.0], help="guidance scales s to evaluate")
     e.add_argument("--steps", type=int, default=50, help="number of inference steps")
     from .diffusion.sampler import SAMPLERS
 

@@ -116,15 +116,32 @@ FLAG_CASES = [
     (["train", "--ema-decay", "1.5"], "--ema-decay must be in [0, 1)"),
     (["train", "--dropout", "inf"], "--dropout must be a finite number"),
     (["train-classifier", "--lr", "nan"], "--lr must be a finite number"),
-    (["eval", "--checkpoint", "c", "--scales", "1", "nan"], "--scales must be a finite number"),
+    (["eval", "--checkpoint", "c", "--scales", "1", "nan"], "--scales: must be a finite number"),
 ]
+
+
+def exit_status(argv) -> int:
+    """main(argv)'s exit status, also where argparse's own check (a type= function) exits at parse time."""
+    try:
+        return main(argv)
+    except SystemExit as done:
+        return done.code
 
 
 @pytest.mark.parametrize("argv,words", FLAG_CASES, ids=[" ".join(a[0:1] + a[-2:]) for a, _ in FLAG_CASES])
 def test_issue17_every_float_flag_is_finite_and_in_range(tmp_path, capsys, argv, words):
     argv = argv + (["--out", str(tmp_path / "o")] if argv[0] != "eval" else [])
-    assert main(argv) == 2
+    assert exit_status(argv) == 2
     assert words in one_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("typed", ["1e400", "-1e400", "nan"])
+def test_eval_scales_that_are_not_finite_are_echoed_as_typed(tmp_path, capsys, typed):
+    """--scales 1e400 reads as inf: the error names what was typed ("got 1e400", not "got inf")."""
+    assert exit_status(["eval", "--checkpoint", "c", "--scales", "1", typed, "--out", str(tmp_path / "o")]) == 2
+    line = one_line(capsys)
+    assert "--scales" in line and f"must be a finite number, got {typed} " in line, line
     assert not (tmp_path / "o").exists()
 
 
