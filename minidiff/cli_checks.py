@@ -56,7 +56,10 @@ def check_sample_flags(cfg) -> None:
 def finite_float(text: str) -> float:
     """float(text), refused unless finite, naming what was typed: "1e400" overflows to inf, and "got inf" would not
     say which value it was (argparse prints "argument --scales: must be a finite number, got 1e400")."""
-    value = float(text)  # ValueError: argparse's "invalid finite_float value: 'x'"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value

@@ -145,6 +145,13 @@ def test_eval_scales_that_are_not_finite_are_echoed_as_typed(tmp_path, capsys, t
     assert not (tmp_path / "o").exists()
 
 
+def test_eval_scales_that_are_not_numbers_say_what_is_allowed(tmp_path, capsys):
+    """Not "invalid finite_float value" (the type function's name): the flag, what is allowed, what was typed."""
+    assert exit_status(["eval", "--checkpoint", "c", "--scales", "abc", "--out", str(tmp_path / "o")]) == 2
+    line = one_line(capsys)
+    assert "--scales: must be a finite number, got 'abc'" in line and "finite_float" not in line, line
+
+
 def test_issue17_class_must_be_a_class_of_the_model(tmp_path, capsys):
     from minidiff.training.config import TrainConfig
     from minidiff.training.trainer import train
