@@ -39,33 +39,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
+from .bench_sides import LR, T_PREV, T_SAMPLE, MinidiffSide, load_torch_side, make_inputs  # noqa: F401  (re-exported)
 from .fast.cpu.allocator import keep_freed_memory
 from .bench_flops import gemm_limited, gemm_lines
 from .bench_timing import COLUMNS, alternating_ms, cpu_peak_mb, format_rows, row, set_blas_threads  # noqa: F401
-from .backend import BackendError, check_tf32, set_tf32, synchronize, to_device, to_numpy, xp_for
-from .training.bundle import model_output
-from .training.optim import AdamW
-from .training.trainer import loss_and_grads
+from .backend import BackendError, check_tf32, set_tf32, to_numpy, xp_for
 from .training.config import SHARD_MODES, check_shards
 from .fast.cpu.shards import resolve_workers
-from .fast.ops import fast_ops
-from .model.dropout import draw_dropout_masks
-from .nn.ops import REFERENCE
-from .diffusion.schedule import add_noise, make_schedule
+from .diffusion.schedule import make_schedule
 from .model.unet import count_params, init_params, unet_forward
 from .model.config import PRESETS, get_preset
 
-T_SAMPLE, T_PREV = 500, 480  # one step of 50-step DDIM with "leading" spacing (timesteps 980, 960, ..., 0)
-LR = 2e-4  # AdamW learning rate of the timed step (weight decay 0.01 on both sides, PyTorch's default)
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -110,91 +101,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default="", metavar="PATH", help="also write the rows (and the settings) here")
 
 
-# ----------------------------------------------------------------------------- the two sides
-
-
-class MinidiffSide:
-    """minidiff's params, AdamW state and inputs on the chosen device, and its two steps, run by the ops
-    table of `minidiff train`: fast (the batch in `workers` shards in `shards`) or, with reference, REFERENCE."""
-
-    def __init__(self, config, host_params, inputs, device, schedule, workers=1, shards="threads", reference=False):
-        self.config, self.device, self.schedule = config, device, schedule
-        self.workers, self.shards, self.reference = workers, shards, reference
-        self.ops = self._ops(shards)
-        self.xp = xp_for(device)
-        self.params = self.ops.arrange_params(to_device(host_params, device))  # as the Trainer's
-        self.opt = AdamW(self.params, lr=LR, ops=self.ops)
-        self.x0, self.noise, self.x_s = (to_device(inputs[k], device) for k in ("x0", "noise", "x_s"))
-        self.t = inputs["t"]  # (N,) on the host, as Trainer keeps it: the checks read t, a sync on a device
-        self.t_s = self.xp.full((self.x0.shape[0],), T_SAMPLE, dtype=np.int64)
-        self.rng = np.random.default_rng(0)  # network dropout (ddpm-cifar10 has dropout 0.1)
-
-    def _ops(self, shards):
-        return REFERENCE if self.reference else fast_ops(self.workers, shards)
-
-    def sync(self):
-        synchronize()
-
-    def train_step(self):  # what Trainer.train_step does, on fixed inputs
-        masks = None
-        if self.config.dropout > 0:
-            masks = draw_dropout_masks(self.config, self.rng, self.x0.shape, self.xp)
-        batch = dict(x0=self.x0, eps=self.noise, t=self.t, class_labels=None, context=None, dropout_masks=masks)
-        loss, grads = self.ops.map_batch(loss_and_grads, batch, params=self.params, config=self.config,
-                                         schedule=self.schedule, ops=self.ops)
-        self.opt.step(self.params, grads)
-        return loss
-
-    def sample_step(self):
-        batch = dict(x=self.x_s, t=self.t_s, class_labels=None, context=None)
-        eps = self.ops.map_forward(model_output, batch, params=self.params, config=self.config, ops=self.ops)
-        return self.ops.ddim_step(self.schedule, eps, T_SAMPLE, T_PREV, self.x_s)[0]
-
-    def peak_mb(self, fn) -> float | None:
-        if self.device == "cpu":  # tracemalloc sees this process only: worker processes' shards run here for it
-            ops, self.ops = self.ops, self._ops("threads")
-            try:
-                return cpu_peak_mb(fn)
-            finally:
-                self.ops = ops
-        pool = self.xp.get_default_memory_pool()
-        self.sync()
-        pool.free_all_blocks()  # the pool then grows exactly to the step's high-water mark
-        base = pool.used_bytes()
-        fn()
-        self.sync()
-        return (pool.total_bytes() - base) / 2**20
-
-
-def load_torch_side():
-    """The PyTorch side of the comparison, scripts/bench_torch.py, loaded from the source checkout.
-
-    minidiff/ never imports torch: the diffusers twin lives in scripts/ beside the other optional
-    cross-checks. Returns its make_torch_side(config, host_params, inputs, device, dtype, note)
-    function, or None when this is not a source checkout (then only minidiff's numbers are printed).
-    """
-    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_torch.py"
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("minidiff_bench_torch", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_torch_side
-
-
 # ----------------------------------------------------------------------------- the run
-
-
-def make_inputs(config, batch: int, size: int, dtype, seed: int, schedule) -> dict:
-    """Host inputs shared by both sides: x0, noise, x_t (N, C, S, S), t (N,), the sampler's x_s."""
-    rng = np.random.default_rng(seed)
-    shape = (batch, config.in_channels, size, size)
-    x0 = rng.uniform(-1, 1, shape).astype(dtype)
-    noise = rng.standard_normal(shape).astype(dtype)
-    t = rng.integers(0, schedule.num_train_timesteps, batch).astype(np.int64)
-    x_t = to_numpy(add_noise(schedule, x0, noise, t)).astype(dtype)
-    x_s = rng.standard_normal(shape).astype(dtype)
-    return dict(x0=x0, noise=noise, t=t, x_t=x_t, x_s=x_s)
 
 
 def run_bench(preset="small", batch=64, image_size=None, device="cpu", dtype="float32", repeats=5, warmup=2,
