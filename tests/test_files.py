@@ -19,7 +19,11 @@ def _writers(tmp_path):
     from minidiff.model.pretrained import save_pretrained
     from minidiff.model.unet import init_params
     from minidiff.training.checkpoint import save_checkpoint
+    from minidiff.training.previews import save_loss_png
     from minidiff.training.run_folder import write_atomic as run_file
+
+    class Run:  # what save_loss_png reads of a Trainer
+        out, losses = tmp_path, [0.5, 0.3, 0.2]
 
     cfg = get_preset("tiny")
     params = init_params(cfg, seed=0)
@@ -31,11 +35,12 @@ def _writers(tmp_path):
         "pretrained.safetensors": lambda: save_pretrained(params, cfg, tmp_path / "w.safetensors"),
         "pretrained.diffusers": lambda: save_pretrained(params, cfg, tmp_path / "folder"),
         "fixtures": lambda: fixtures.write_fixtures(tmp_path / "fx", groups=["schedules"]),
+        "previews.save_loss_png": lambda: save_loss_png(Run),
     }
 
 
 WRITERS = ["files.write_atomic", "run_folder.write_atomic", "checkpoint.save_checkpoint", "pretrained.npz",
-           "pretrained.safetensors", "pretrained.diffusers", "fixtures"]
+           "pretrained.safetensors", "pretrained.diffusers", "fixtures", "previews.save_loss_png"]
 
 
 @pytest.mark.parametrize("name", WRITERS)

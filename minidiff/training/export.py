@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from ..diffusion.schedule import make_schedule
-from ..files import write_atomic
+from ..files import fsync_dir, write_atomic
 from ..model.pretrained import TEXT_UNET_CLASS, save_pretrained
 from .bundle import bundle_from_meta, load_run
 from .pipelines import MINIDIFF_META, MODEL_INDEX, SAMPLER_FIELDS, SCHEDULE_FIELDS, SCHEDULER_CONFIG, \
@@ -107,4 +107,5 @@ def export_pipeline(checkpoint, out, use_ema: bool = True, force: bool = False) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(out.parent)  # the folder's rename itself reaches the disk (its files were fsync'ed as written)
     return out

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import write_atomic
 from .bundle import Bundle
 from .generate import generate
 from .report import save_grid, save_loss_curve
@@ -34,6 +35,13 @@ def preview_grid(tr, n: int = 18) -> Path:
                  device=tr.cfg.device, dtype=tr.cfg.dtype)
     path = tr.out / "samples" / f"step_{tr.step:06d}.png"
     names = b.class_names or [str(i) for i in range(b.num_classes)]
-    save_grid(x, path, labels=[names[i] if b.conditioning == "class" else str(i) for i in labels], ncol=9)
-    save_loss_curve(np.arange(1, len(tr.losses) + 1), tr.losses, tr.out / "loss.png")
+    captions = [names[i] if b.conditioning == "class" else str(i) for i in labels]
+    write_atomic(path, lambda f: save_grid(x, f, labels=captions, ncol=9))
+    save_loss_png(tr)
     return path
+
+
+def save_loss_png(tr) -> Path:
+    """Redraw RUN/loss.png from Trainer tr's losses (through a temporary file: a kill leaves the old picture)."""
+    path = tr.out / "loss.png"
+    return write_atomic(path, lambda f: save_loss_curve(np.arange(1, len(tr.losses) + 1), tr.losses, f))

@@ -91,7 +91,7 @@ def save_loss_curve(steps, losses, path, width: int = 480, height: int = 240) ->
         draw.text((m, height - m + 4), f"step {int(s[0])}", fill=(0, 0, 0))
         draw.text((width - 80, height - m + 4), f"step {int(s[-1])}", fill=(0, 0, 0))
     draw.text((m + 5, height - 14), "training loss (log axis)", fill=(0, 0, 0))
-    img.save(path)
+    img.save(path, format="PNG")  # path may be an open file (files.write_atomic)
 
 
 def _fmt_time(seconds: float) -> str:

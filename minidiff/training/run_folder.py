@@ -26,7 +26,7 @@ from .checkpoint import META_KEY, STEP_FILE, check_member_sizes
 
 LOCK_NAME = ".minidiff-lock"  # one writer per run folder: an fcntl.flock on this file, which holds its PID
 RUN_FILES = {"config.json", "log.jsonl", "loss.png", "checkpoints", "samples", LOCK_NAME}  # what a run writes
-TEMP = re.compile(r"^(config\.json|log\.jsonl)\.tmp-\d+$")  # a killed rewrite of a run file (write_atomic)
+TEMP = re.compile(r"^(config\.json|log\.jsonl|loss\.png)\.tmp-\d+$")  # a killed rewrite of a run file (write_atomic)
 
 
 def has_checkpoint(out: Path) -> bool:
@@ -81,14 +81,16 @@ def prepare_run_dir(cfg) -> Path:
 
     A folder with only a run's own files and no checkpoint (a run stopped or failed before its first
     save) is started again: its log and loss curve are removed. Stale temp files (latest.npz.tmp-<pid>
-    from a killed save, log.jsonl.tmp-<pid> from a killed trim) are removed; call it with the lock held."""
+    from a killed save, log.jsonl.tmp-<pid> from a killed trim, loss.png.tmp-<pid> and samples/*.tmp-<pid> from
+    a killed picture) are removed; call it with the lock held."""
     out = check_run_dir(cfg)
     if not cfg.resume and out.exists():  # a run that never saved: start it again
         for name in ("log.jsonl", "loss.png"):
             (out / name).unlink(missing_ok=True)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out / "samples").mkdir(exist_ok=True)
-    stale = [*(out / "checkpoints").glob("*.tmp-*"), *(p for p in out.iterdir() if TEMP.match(p.name))]
+    stale = [*(out / "checkpoints").glob("*.tmp-*"), *(out / "samples").glob("*.tmp-*"),
+             *(p for p in out.iterdir() if TEMP.match(p.name))]
     for tmp in stale:  # one writer per folder: any temp file is stale
         tmp.unlink(missing_ok=True)
     return out

@@ -15,10 +15,9 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
-
 from .eval_classifier import eval_during_training
-from .report import ProgressBar, save_loss_curve
+from .previews import save_loss_png
+from .report import ProgressBar
 from ..model.unet import count_params
 
 
@@ -54,6 +53,6 @@ def run_loop(trainer, stop_after: int | None = None) -> dict:
                 logf.write(json.dumps({"step": tr.step, **eval_during_training(tr)}) + "\n")
                 logf.flush()
     bar.close()
-    save_loss_curve(np.arange(1, len(tr.losses) + 1), tr.losses, tr.out / "loss.png")
+    save_loss_png(tr)
     elapsed = time.perf_counter() - t0
     return {"steps": tr.step, "seconds": elapsed, "final_loss": tr.losses[-1] if tr.losses else None}

@@ -180,6 +180,21 @@ def test_issue17_item6_resume_trims_the_log_to_the_checkpoint_step(tmp_path):
     assert not list(tmp_path.glob("killed/*.tmp-*"))
 
 
+def test_killed_picture_writes_are_removed_at_the_next_start(tmp_path):
+    """loss.png and the preview grids are written through a temporary file too: a kill during one leaves
+    loss.png.tmp-<pid> or samples/step_XXXXXX.png.tmp-<pid>, which the next start (a resume, or a new start of a
+    folder that never saved) removes, and which does not make the folder look foreign."""
+    resumed, fresh = tmp_path / "resumed", tmp_path / "fresh"
+    train(tiny_cfg(resumed, steps=4), stop_after=2, log=quiet)  # a checkpoint at step 2
+    (fresh / "samples").mkdir(parents=True)  # a folder whose run was killed before its first save
+    for out, resume in ((resumed, True), (fresh, False)):
+        planted = [out / "loss.png.tmp-999999", out / "samples" / "step_000003.png.tmp-999999"]
+        for p in planted:
+            p.write_bytes(b"a killed picture")
+        train(tiny_cfg(out, steps=4, resume=resume), log=quiet)
+        assert not any(p.exists() for p in planted) and (out / "loss.png").exists(), out
+
+
 def test_issue17_item6_trim_log_is_atomic_and_keeps_a_matching_log_untouched(tmp_path):
     log = tmp_path / "log.jsonl"
     lines = b'{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 2, "eval_accuracy": 0.5}\n'

@@ -207,6 +207,20 @@ def test_export_loads_in_diffusers_and_reproduces_minidiff(tmp_path, tiny_run):
                                                    dtype="float64", use_clipped_model_output=False), ours)
 
 
+def test_export_fsyncs_the_folder_after_its_rename(tmp_path, tiny_run, monkeypatch):
+    """The export folder is renamed into place, then its parent folder is fsync'ed (the rename itself reaches the
+    disk; the files in it were fsync'ed as they were written)."""
+    from minidiff.training import export
+
+    run = tiny_run("none")
+    out = tmp_path / "exports" / "pipe"
+    calls = []
+    real = export.fsync_dir
+    monkeypatch.setattr(export, "fsync_dir", lambda folder: (calls.append((folder, out.exists())), real(folder)))
+    export.export_pipeline(run, out)
+    assert (out.parent, True) in calls, calls
+
+
 def test_text_export_is_read_back_by_minidiff_and_refused_by_diffusers(tmp_path, tiny_run):
     from minidiff.training.export import export_pipeline
 
