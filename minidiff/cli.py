@@ -16,12 +16,12 @@ import numpy as np
 from .fast.cpu.allocator import keep_freed_memory
 from .backend import check_tf32, set_tf32
 from .cli_checks import (MAX_SAMPLES, MAX_TRAIN_TIMESTEPS, check_eval_flags, check_model_flags,  # noqa: F401
-                         check_sample_flags, finite_float, load_noise)
+                         check_sample_flags, load_noise)
 from .cli_errors import EXIT_CODES, OneLineParser, check_can_create, classify_error, os_error_line  # noqa: F401
 from .files import write_atomic
 from .nn.ops import REFERENCE
 from .training.config import (SCHEDULER_FLAGS, SHARD_MODES, SampleConfig, TrainConfig, add_dataclass_args,
-                           check_shards, dataclass_from_args, resolve_device, validate_sample_config,
+                           check_shards, dataclass_from_args, finite_float, resolve_device, validate_sample_config,
                            validate_train_config)
 
 

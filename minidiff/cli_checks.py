@@ -3,7 +3,6 @@
     check_model_flags(cfg)    --preset, --beta-schedule, --prediction-type, --dropout, --warmup-steps, T
     check_sample_flags(cfg)   sample's --n, --steps, --dtype, --checkpoint
     check_eval_flags(args)    eval's --scales and counts (--n-per-class, --steps, --n, --batch-size, ...)
-    finite_float(text)        argparse type of eval's --scales: a finite float, refused as typed (1e400, not inf)
     load_noise(path)          a --noise .npy file: one finite float array, read without pickle
 
 The bounds (cli.MAX_SAMPLES, cli.MAX_TRAIN_TIMESTEPS) are named in the error lines; cli.py re-exports them.
@@ -12,8 +11,6 @@ Shape legend: none (flags and files).
 
 from __future__ import annotations
 
-import argparse
-import math
 from pathlib import Path
 
 import numpy as np
@@ -51,18 +48,6 @@ def check_sample_flags(cfg) -> None:
         raise ValueError(f"--dtype must be float32 or float64, got {cfg.dtype!r}")
     if not cfg.checkpoint:
         raise ValueError("--checkpoint is required: a run directory, a checkpoint .npz or a diffusers folder")
-
-
-def finite_float(text: str) -> float:
-    """float(text), refused unless finite, naming what was typed: "1e400" overflows to inf, and "got inf" would not
-    say which value it was (argparse prints "argument --scales: must be a finite number, got 1e400")."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
 
 
 def check_eval_flags(args) -> None:

@@ -101,21 +101,21 @@ def test_issue17_disk_full_during_a_checkpoint_is_one_line_and_leaves_no_temp(tm
 
 
 FLAG_CASES = [
-    (["sample", "--checkpoint", "c", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
-    (["sample", "--checkpoint", "c", "--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
-    (["sample", "--checkpoint", "c", "--classifier-scale", "inf"], "--classifier-scale must be a finite"),
-    (["sample", "--checkpoint", "c", "--eta", "nan"], "--eta must be a finite number"),
+    (["sample", "--checkpoint", "c", "--guidance-scale", "nan"], "--guidance-scale: must be a finite number"),
+    (["sample", "--checkpoint", "c", "--guidance-scale", "inf"], "--guidance-scale: must be a finite number"),
+    (["sample", "--checkpoint", "c", "--classifier-scale", "inf"], "--classifier-scale: must be a finite"),
+    (["sample", "--checkpoint", "c", "--eta", "nan"], "--eta: must be a finite number"),
     (["sample", "--checkpoint", "c", "--eta", "-1"], "--eta must be >= 0.0"),
     (["sample", "--checkpoint", "c", "--guidance-rescale", "2"], "--guidance-rescale must be in [0.0, 1.0]"),
     (["sample", "--checkpoint", "c", "--class", "-5"], "--class must be -1"),
-    (["train", "--grad-clip", "nan"], "--grad-clip must be a finite number"),
+    (["train", "--grad-clip", "nan"], "--grad-clip: must be a finite number"),
     (["train", "--grad-clip", "-1"], "--grad-clip must be >= 0.0"),
-    (["train", "--lr", "nan"], "--lr must be a finite number"),
-    (["train", "--lr", "inf"], "--lr must be a finite number"),
-    (["train", "--ema-decay", "nan"], "--ema-decay must be a finite number"),
+    (["train", "--lr", "nan"], "--lr: must be a finite number"),
+    (["train", "--lr", "inf"], "--lr: must be a finite number"),
+    (["train", "--ema-decay", "nan"], "--ema-decay: must be a finite number"),
     (["train", "--ema-decay", "1.5"], "--ema-decay must be in [0, 1)"),
-    (["train", "--dropout", "inf"], "--dropout must be a finite number"),
-    (["train-classifier", "--lr", "nan"], "--lr must be a finite number"),
+    (["train", "--dropout", "inf"], "--dropout: must be a finite number"),
+    (["train-classifier", "--lr", "nan"], "--lr: must be a finite number"),
     (["eval", "--checkpoint", "c", "--scales", "1", "nan"], "--scales: must be a finite number"),
 ]
 
@@ -142,6 +142,16 @@ def test_eval_scales_that_are_not_finite_are_echoed_as_typed(tmp_path, capsys, t
     assert exit_status(["eval", "--checkpoint", "c", "--scales", "1", typed, "--out", str(tmp_path / "o")]) == 2
     line = one_line(capsys)
     assert "--scales" in line and f"must be a finite number, got {typed} " in line, line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv", [["train", "--lr", "1e400"], ["train", "--lr", "-1e400"],
+                                  ["sample", "--checkpoint", "c", "--guidance-scale", "1e999"]])
+def test_every_float_flag_that_is_not_finite_is_echoed_as_typed(tmp_path, capsys, argv):
+    """Every float flag made from a config field (training/config.py add_dataclass_args) says what was typed."""
+    assert exit_status(argv + ["--out", str(tmp_path / "o")]) == 2
+    line = one_line(capsys)
+    assert f"{argv[-2]}: must be a finite number, got {argv[-1]} " in line, line
     assert not (tmp_path / "o").exists()
 
 

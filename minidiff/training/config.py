@@ -151,9 +151,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, exclude=(), renames
         elif typ is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, type=typ, default=f.default, metavar=typ.__name__.upper(),
-                                help=help_text)
+        else:  # a float flag is refused as typed when not finite (finite_float); dataclass_from_args checks again
+            parser.add_argument(flag, dest=f.name, type=finite_float if typ is float else typ, default=f.default,
+                                metavar=typ.__name__.upper(), help=help_text)
 
 
 def dataclass_from_args(cls, args: argparse.Namespace):
@@ -164,6 +164,18 @@ def dataclass_from_args(cls, args: argparse.Namespace):
         if isinstance(v, float):
             check_finite(f"--{k.replace('_', '-')}", v)
     return cls(**values)
+
+
+def finite_float(text: str) -> float:
+    """float(text), refused unless finite, naming what was typed: "1e400" overflows to inf, and "got inf" would not
+    say which value it was (argparse prints "argument --lr: must be a finite number, got 1e400")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def check_finite(flag: str, value, low: float | None = None, high: float | None = None) -> None:
