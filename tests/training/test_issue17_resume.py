@@ -18,15 +18,11 @@ from minidiff.training.config import TrainConfig
 from minidiff.training.run_folder import ops_record, recorded_shards, trim_log
 from minidiff.training.trainer import Trainer, train
 
+from tiny_runs import quiet, tiny_config
+
 
 def tiny_cfg(out, **kw):
-    base = dict(out=str(out), preset="tiny", steps=4, batch_size=2, save_every=2, sample_every=0, sample_steps=1,
-                log_every=1, warmup_steps=2, lr=1e-3)
-    return TrainConfig(**(base | kw))
-
-
-def quiet(*a, **k):
-    pass
+    return tiny_config(out, **(dict(steps=4, batch_size=2, save_every=2, sample_steps=1, warmup_steps=2) | kw))
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,12 @@ from minidiff.nn.ops import REFERENCE
 from minidiff.training.config import TrainConfig, validate_train_config
 from minidiff.training.trainer import Trainer, learned_variance_args, train
 
+from tiny_runs import quiet, tiny_config
+
 
 def tiny_cfg(out, **kw):
-    base = dict(out=str(out), preset="tiny", steps=3, batch_size=4, save_every=3, sample_every=0, sample_steps=2,
-                log_every=1, warmup_steps=1, lr=1e-3, num_train_timesteps=50, variance_type="learned_range")
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def quiet(*a, **k):
-    pass
+    return tiny_config(out, **(dict(steps=3, batch_size=4, save_every=3, sample_steps=2, warmup_steps=1,
+                                    num_train_timesteps=50, variance_type="learned_range") | kw))
 
 
 def test_the_default_training_call_is_unchanged():

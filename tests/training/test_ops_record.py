@@ -10,15 +10,14 @@ import pytest
 from minidiff.fast.ops import fast_ops
 from minidiff.nn.ops import REFERENCE
 from minidiff.training.checkpoint import load_checkpoint, save_checkpoint
-from minidiff.training.config import TrainConfig
 from minidiff.training.run_folder import ops_notice, ops_record, recorded_shards
 from minidiff.training.trainer import train
 
+from tiny_runs import tiny_config
+
 
 def tiny_cfg(out, **kw):
-    base = dict(out=str(out), preset="tiny", steps=6, batch_size=2, save_every=2, sample_every=0, sample_steps=1,
-                log_every=1, warmup_steps=2, lr=1e-3)
-    return TrainConfig(**(base | kw))
+    return tiny_config(out, **(dict(steps=6, batch_size=2, save_every=2, sample_steps=1, warmup_steps=2) | kw))
 
 
 def notices(out, ops, **kw) -> list:

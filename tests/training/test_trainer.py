@@ -10,19 +10,13 @@ from minidiff.cli import main
 from minidiff.fast.ops import fast_ops
 from minidiff.nn.ops import REFERENCE
 from minidiff.training import trainer as trainer_mod
-from minidiff.training.config import TrainConfig
 from minidiff.training.trainer import Trainer, TrainingDiverged, train
+
+from tiny_runs import quiet, tiny_config
 
 
 def tiny_cfg(out, **kw):
-    base = dict(out=str(out), preset="tiny", steps=6, batch_size=4, save_every=2, sample_every=0, sample_steps=2,
-                log_every=1, warmup_steps=2, lr=1e-3)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def quiet(*a, **k):
-    pass
+    return tiny_config(out, **(dict(steps=6, batch_size=4, save_every=2, sample_steps=2, warmup_steps=2) | kw))
 
 
 @pytest.mark.parametrize("conditioning", ["text", "class"])

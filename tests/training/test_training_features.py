@@ -11,19 +11,14 @@ from minidiff.cli import main
 from minidiff.nn.ops import REFERENCE
 from minidiff.training import previews
 from minidiff.training.checkpoint import load_checkpoint
-from minidiff.training.config import TrainConfig
 from minidiff.training.optim import lr_at, warmup_lr
 from minidiff.training.trainer import Trainer, train
 
+from tiny_runs import quiet, tiny_config
+
 
 def tiny(out, **kw):
-    base = dict(out=str(out), preset="tiny", steps=3, batch_size=4, save_every=3, sample_every=0, sample_steps=2,
-                log_every=1, warmup_steps=1, lr=1e-3)
-    return TrainConfig(**(base | kw))
-
-
-def quiet(*a, **k):
-    pass
+    return tiny_config(out, **(dict(steps=3, batch_size=4, save_every=3, sample_steps=2, warmup_steps=1) | kw))
 
 
 @pytest.mark.parametrize("conditioning, dropout", [("class", 0.0), ("text", 0.1)])
